@@ -1,0 +1,3 @@
+from zsq.cli import main
+
+raise SystemExit(main())

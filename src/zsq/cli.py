@@ -1,0 +1,229 @@
+"""Command line: parse, build a config, call the library, print the result. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from zsq.errors import ZsqError
+
+log = logging.getLogger("zsq")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher")
+    g.add_argument("--model", required=True, help="resnet20/32/44/56, a torchvision name, or pkg.mod:fn")
+    g.add_argument("--weights", help=".safetensors/.pt/.pth/.th; a <stem>.json sidecar is read")
+    g.add_argument("--num-classes", type=int, help="class count (default: sidecar, else 10)")
+    g.add_argument("--in-channels", type=int, help="input channels (default: sidecar, else 3)")
+    g.add_argument("--mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=_floats, help="normalisation std, e.g. 0.229,0.224,0.225")
+    g.add_argument("--image-size", type=int, help="input height=width (default: model's usual)")
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow an unsafe pickle checkpoint (only for files you trust)",
+    )
+
+
+def _add_quant_args(p: argparse.ArgumentParser, default_bits: str | None) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--wbits", default=default_bits, help="weight bits 2..8 or 'off'")
+    g.add_argument("--abits", default=default_bits, help="activation bits 2..8 or 'off'")
+    g.add_argument("--per-tensor", action="store_true", help="one weight range per tensor")
+    g.add_argument("--symmetric", action="store_true", help="symmetric weight quantization")
+    g.add_argument(
+        "--act-placement",
+        choices=("input", "reference"),
+        default="input",
+        help="quantize each layer's input (default) or every ReLU output (official code)",
+    )
+    g.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="PATTERN=W[/A]",
+        help="per-layer override by glob over module names, e.g. conv1=8 or 'linear=off/off'",
+    )
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def _quant_spec(args: argparse.Namespace):
+    from zsq.quant import QuantSpec, parse_bits, parse_override
+
+    overrides = dict(parse_override(text) for text in args.layer)
+    return QuantSpec(
+        wbits=parse_bits(args.wbits),
+        abits=parse_bits(args.abits),
+        per_channel=not args.per_tensor,
+        w_symmetric=args.symmetric,
+        act_placement=args.act_placement,
+        overrides=overrides,
+    )
+
+
+def _teacher_config(args: argparse.Namespace):
+    from zsq.pipeline import TeacherConfig
+
+    return TeacherConfig(
+        model=args.model,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+        normalize_mean=args.mean,
+        normalize_std=args.std,
+        image_size=args.image_size,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from zsq.pipeline import QuantizeConfig, build_context, run_minmax
+
+    started = time.perf_counter()
+    spec = _quant_spec(args)
+    cfg = QuantizeConfig(
+        teacher=_teacher_config(args),
+        out=Path("."),
+        eval_data=args.data,
+        eval_limit=args.limit,
+        quant=spec,
+        calib=args.calib,
+        calib_size=args.calib_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    ctx = build_context(cfg, work_dir=Path("."))
+    quantized = spec.wbits is not None or spec.abits is not None
+    model = run_minmax(ctx).student if quantized else ctx.teacher
+    from zsq.evaluate import evaluate
+
+    result = evaluate(model, ctx.eval_set, device=ctx.device, progress=not args.quiet)
+    out = {
+        "model": args.model,
+        "weights": args.weights,
+        "data": args.data,
+        "wbits": spec.wbits,
+        "abits": spec.abits,
+        "calibration": args.calib if quantized else None,
+        "top1": round(result.top1, 2),
+        "top5": round(result.top5, 2),
+        "n": result.n,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        bits = f"W{spec.wbits or 32}A{spec.abits or 32}"
+        print(f"{args.model} {bits} on {args.data}: top-1 {out['top1']:.2f}  "
+              f"top-5 {out['top5']:.2f}  ({result.n} images)")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from zsq.pipeline import QuantizeConfig, run_quantize
+
+    cfg = QuantizeConfig(
+        teacher=_teacher_config(args),
+        out=Path(args.out),
+        method=args.method,
+        quant=_quant_spec(args),
+        eval_data=args.eval_data,
+        eval_limit=args.eval_limit,
+        calib=args.calib,
+        calib_size=args.calib_size,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    report = run_quantize(cfg)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        from zsq.pipeline import report_markdown
+
+        print(report_markdown(report), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from zsq.demo import run_demo
+
+    print(run_demo(seed=args.seed, device=args.device, progress=not args.quiet))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zsq", description="Zero-shot (data-free) quantization of PyTorch classifiers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a full-precision or fake-quantized model")
+    _add_model_args(p)
+    _add_quant_args(p, default_bits="off")
+    p.add_argument("--data", required=True, help="dataset spec, e.g. npz:FILE, cifar10-jpeg:DIR")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--calib", default="gaussian", help="'gaussian' or a dataset spec (real data)")
+    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a teacher and write the student")
+    _add_model_args(p)
+    _add_quant_args(p, default_bits="4")
+    p.add_argument("--method", default="minmax", help="minmax (more methods: see docs)")
+    p.add_argument("--out", required=True, help="output directory (created atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--eval-data", help="dataset spec to measure accuracy on (never trained on)")
+    p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")
+    p.add_argument(
+        "--calib",
+        default="gaussian",
+        help="activation calibration: 'gaussian' (data-free, default) or a dataset spec (real "
+        "training images; the report says so)",
+    )
+    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_common(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("demo", help="train a digits CNN in seconds and quantize it (no files)")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ZsqError as err:
+        print(f"zsq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zsq: interrupted", file=sys.stderr)
+        return 130
