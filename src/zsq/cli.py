@@ -18,12 +18,16 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("teacher")
-    g.add_argument("--model", required=True, help="resnet20/32/44/56, a torchvision name, or pkg.mod:fn")
+    g.add_argument(
+        "--model", required=True, help="resnet20/32/44/56, a torchvision name, or pkg.mod:fn"
+    )
     g.add_argument("--weights", help=".safetensors/.pt/.pth/.th; a <stem>.json sidecar is read")
     g.add_argument("--num-classes", type=int, help="class count (default: sidecar, else 10)")
     g.add_argument("--in-channels", type=int, help="input channels (default: sidecar, else 3)")
@@ -131,17 +135,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         bits = f"W{spec.wbits or 32}A{spec.abits or 32}"
-        print(f"{args.model} {bits} on {args.data}: top-1 {out['top1']:.2f}  "
-              f"top-5 {out['top5']:.2f}  ({result.n} images)")
+        print(
+            f"{args.model} {bits} on {args.data}: top-1 {out['top1']:.2f}  "
+            f"top-5 {out['top5']:.2f}  ({result.n} images)"
+        )
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from zsq.pipeline import QuantizeConfig, run_quantize
 
+    if bool(args.out) == bool(args.resume):
+        raise ZsqError("give exactly one of --out DIR (new run) or --resume DIR (continue a run)")
     cfg = QuantizeConfig(
         teacher=_teacher_config(args),
-        out=Path(args.out),
+        out=Path(args.out or args.resume),
+        resume=bool(args.resume),
+        method_options=_method_options(args),
         method=args.method,
         quant=_quant_spec(args),
         eval_data=args.eval_data,
@@ -161,6 +171,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         print(report_markdown(report), end="")
     return 0
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """Recipe name, AIT switch and explicit overrides (flags, then --set), as the API takes them."""
+    from zsq.recipes import parse_overrides
+
+    flags = ("loss", "gi", "optimizer", "lr_mult")
+    overrides = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
+    overrides.update(parse_overrides(args.set))
+    return {"recipe": args.recipe, "ait": args.ait, "overrides": overrides}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -190,8 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a teacher and write the student")
     _add_model_args(p)
     _add_quant_args(p, default_bits="4")
-    p.add_argument("--method", default="minmax", help="minmax (more methods: see docs)")
-    p.add_argument("--out", required=True, help="output directory (created atomically)")
+    p.add_argument("--method", default="minmax", help="minmax, gdfq (see README)")
+    p.add_argument("--out", help="output directory (created atomically)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run writing to DIR")
+    g = p.add_argument_group("distillation (generator methods)")
+    g.add_argument(
+        "--recipe", default="paper-cifar", help="paper-cifar, paper-imagenet, short, demo"
+    )
+    g.add_argument("--ait", action="store_true", help="AIT: KL-only loss + gradient inundation")
+    g.add_argument("--loss", choices=("ce+kl", "kl", "ce"), help="student loss (Table 2 rows)")
+    g.add_argument("--gi", dest="gi", action="store_true", default=None, help="gradient inundation")
+    g.add_argument("--no-gi", dest="gi", action="store_false", help="no gradient inundation")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "rmsprop"), help="student optimiser")
+    g.add_argument("--lr-mult", type=float, help="multiply the student lr (Table 2 'high lr': 100)")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any recipe field, e.g. --set epochs=10 --set rho=1e-3",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--eval-data", help="dataset spec to measure accuracy on (never trained on)")
     p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")

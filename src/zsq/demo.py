@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from zsq.api import zero_shot_quantize
 from zsq.data import load_dataset
 from zsq.evaluate import evaluate
 from zsq.ptq import calibrate_activations, gaussian_batches
@@ -45,7 +46,7 @@ def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
 
 
 def train_teacher(
-    train_set: Dataset, *, epochs: int = 30, device: torch.device, seed: int = 0
+    train_set: Dataset, *, epochs: int = 15, device: torch.device, seed: int = 0
 ) -> nn.Module:
     """Train the digits teacher with Adam (a few seconds on a CPU)."""
     seed_everything(seed)
@@ -76,11 +77,28 @@ def _minmax(teacher: nn.Module, bits: int, device: torch.device, seed: int) -> n
     return student
 
 
+def _distilled(teacher: nn.Module, device: torch.device, seed: int, **options) -> nn.Module:
+    student, _ = zero_shot_quantize(
+        teacher,
+        image_shape=IMAGE_SHAPE,
+        num_classes=10,
+        wbits=4,
+        abits=4,
+        recipe="demo",
+        device=device,
+        progress=False,
+        **options,
+    )
+    return student
+
+
 def demo_methods() -> dict[str, Callable[[nn.Module, torch.device, int], nn.Module]]:
     """Rows of the demo table after FP32: name -> function(teacher, device, seed) -> student."""
     return {
         "minmax W8A8": lambda t, d, s: _minmax(t, 8, d, s),
         "minmax W4A4": lambda t, d, s: _minmax(t, 4, d, s),
+        "GDFQ W4A4": lambda t, d, s: _distilled(t, d, s, method="gdfq"),
+        "GDFQ+AIT W4A4": lambda t, d, s: _distilled(t, d, s, method="gdfq", ait=True),
     }
 
 
@@ -93,14 +111,26 @@ def run_demo(seed: int = 0, device: str = "auto", progress: bool = True) -> str:
 
     started = time.perf_counter()
     teacher = train_teacher(train_set, device=dev, seed=seed)
-    rows = [DemoRow("FP32 teacher", _top1(teacher, test_set, dev), time.perf_counter() - started,
-                    "trained on digits train split")]
+    rows = [
+        DemoRow(
+            "FP32 teacher",
+            _top1(teacher, test_set, dev),
+            time.perf_counter() - started,
+            "trained on digits train split",
+        )
+    ]
     for name, method in demo_methods().items():
         started = time.perf_counter()
         seed_everything(seed)
         student = method(teacher, dev, seed)
-        rows.append(DemoRow(name, _top1(student, test_set, dev), time.perf_counter() - started,
-                            "none (data-free)"))
+        rows.append(
+            DemoRow(
+                name,
+                _top1(student, test_set, dev),
+                time.perf_counter() - started,
+                "none (data-free)",
+            )
+        )
     return format_table(rows, len(test_set), dev)
 
 

@@ -41,7 +41,9 @@ def check_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False
 
 
 @contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out: Path, *, overwrite: bool = False, resume: bool = False
+) -> Iterator[Path]:
     """Yield a working folder that becomes ``out`` only if the block succeeds.
 
     On failure the working folder is removed, unless it holds a checkpoint a run can resume.
@@ -95,7 +97,9 @@ def torch_save(obj: Any, path: Path) -> None:
     _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+def save_safetensors(
+    state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
+) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}

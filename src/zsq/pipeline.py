@@ -47,7 +47,10 @@ class TeacherConfig:
 
 @dataclass
 class QuantizeConfig:
-    """One ``zsq quantize`` run. ``calib`` is 'gaussian' (data-free) or a dataset spec (real data)."""
+    """One ``zsq quantize`` run.
+
+    ``calib`` is 'gaussian' (data-free) or a dataset spec (real training images, not zero-shot).
+    """
 
     teacher: TeacherConfig
     out: Path
@@ -254,8 +257,14 @@ def report_markdown(report: dict[str, Any]) -> str:
         ("weights", report["weights"]),
         ("eval data", report["eval_data"]),
         ("images evaluated", report["n_eval"]),
-        ("teacher top-1 / top-5", f"{_fmt(report['teacher_top1'])} / {_fmt(report['teacher_top5'])}"),
-        ("student top-1 / top-5", f"{_fmt(report['student_top1'])} / {_fmt(report['student_top5'])}"),
+        (
+            "teacher top-1 / top-5",
+            f"{_fmt(report['teacher_top1'])} / {_fmt(report['teacher_top5'])}",
+        ),
+        (
+            "student top-1 / top-5",
+            f"{_fmt(report['student_top1'])} / {_fmt(report['student_top5'])}",
+        ),
         ("calibration", report["calibration"]),
         ("seed", report["seed"]),
         ("device", report["device"]),
@@ -270,3 +279,50 @@ def config_to_dict(cfg: QuantizeConfig) -> dict[str, Any]:
     data = asdict(cfg)
     data["out"] = str(cfg.out)
     return data
+
+
+def run_distillation(ctx: Context) -> MethodResult:
+    """A generator-based method (``--method gdfq [--ait]``) via :func:`zero_shot_quantize`."""
+    from zsq.api import resolve_recipe, zero_shot_quantize
+
+    cfg, opts = ctx.config, ctx.config.method_options
+    recipe = resolve_recipe(
+        opts.get("recipe", "paper-cifar"),
+        ait=opts.get("ait", False),
+        overrides=opts.get("overrides"),
+    )
+    evaluate_fn = None
+    if ctx.eval_set is not None:
+
+        def evaluate_fn(student: nn.Module) -> float:
+            return evaluate(student, ctx.eval_set, device=ctx.device, progress=False).top1
+
+    student, history = zero_shot_quantize(
+        ctx.teacher,
+        image_shape=ctx.image_shape,
+        num_classes=ctx.meta.num_classes,
+        method=cfg.method,
+        spec=cfg.quant,
+        recipe=recipe,
+        device=ctx.device,
+        work_dir=ctx.work_dir,
+        resume=cfg.resume,
+        evaluate=evaluate_fn,
+        progress=cfg.progress,
+    )
+    last = history[-1] if history else {}
+    report = {
+        "method": cfg.method + ("+ait" if opts.get("ait") else ""),
+        "recipe": recipe.to_dict(),
+        "calibration": (
+            f"EMA of synthetic batches over the first {recipe.act_calib_epochs} epochs (data-free)"
+        ),
+        "final_probe_kl": last.get("probe_kl"),
+        "epochs_run": len(history),
+        "metrics": "metrics.jsonl",
+    }
+    return MethodResult(student, report)
+
+
+for _name in ("gdfq",):
+    register_method(_name)(run_distillation)

@@ -58,7 +58,9 @@ def _swap_layers(module: nn.Module, spec: QuantSpec, prefix: str) -> int:
     count = 0
     for child_name, child in list(module.named_children()):
         name = f"{prefix}{child_name}"
-        if isinstance(child, nn.Conv2d | nn.Linear) and not isinstance(child, QuantConv2d | QuantLinear):
+        if isinstance(child, nn.Conv2d | nn.Linear) and not isinstance(
+            child, QuantConv2d | QuantLinear
+        ):
             setattr(module, child_name, _quant_layer(child, name, spec))
             count += 1
         else:

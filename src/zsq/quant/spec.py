@@ -43,8 +43,8 @@ class QuantSpec:
     channel (the paper's choice) or one per tensor. ``act_placement``: ``input`` quantizes the input
     of every quantized layer (works on any model); ``reference`` quantizes the output of every
     ReLU/ReLU6 module, as the official GDFQ/AIT code does (a ReLU module called at several
-    places, like torchvision's per-block ``relu``, then shares one range). ``overrides`` maps glob patterns over
-    module names to ``{"wbits": ..., "abits": ...}``; later patterns win, e.g.
+    places, like torchvision's per-block ``relu``, then shares one range). ``overrides`` maps
+    glob patterns over module names to ``{"wbits": ..., "abits": ...}``; later patterns win, e.g.
     ``{"conv1": {"wbits": 8}, "linear": {"wbits": None, "abits": None}}``.
     """
 
@@ -91,7 +91,7 @@ class QuantSpec:
 
 
 def parse_override(text: str) -> tuple[str, dict[str, int | None]]:
-    """Parse a CLI override ``PATTERN=W[/A]`` e.g. ``conv1=8``, ``linear=off/off``, ``layer1.*=4/8``."""
+    """Parse a CLI override ``PATTERN=W[/A]``: ``conv1=8``, ``linear=off/off``, ``layer1.*=4/8``."""
     pattern, sep, bits = text.partition("=")
     if not sep or not pattern:
         raise ZsqError(

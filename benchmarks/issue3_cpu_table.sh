@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# W4A4 table on CPU with the `short` recipe: FP32 (teacher), minmax, GDFQ, GDFQ+AIT, KL-only (no GI)
+# for the two shared ResNet-20 teachers. Outputs under runs/issue3/<data>/<row>/ (report.json,
+# metrics.jsonl); summarise with `python benchmarks/summarize_runs.py runs/issue3`.
+set -euo pipefail
+SHARED=${ZSQ_SHARED_DATA:-../shared/data}
+OUT=${OUT:-runs/issue3}
+SEED=${SEED:-0}
+RECIPE=${RECIPE:-short}
+ROWS=${ROWS:-"minmax gdfq gdfq+ait kl-only"}
+mkdir -p "$OUT"
+
+run_row() {  # data-name weights eval-spec image-size row
+  local name=$1 weights=$2 data=$3 size=$4 row=$5
+  local dir="$OUT/$name/$row"
+  [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; return; }
+  local args=(--model resnet20 --weights "$weights" --image-size "$size" --wbits 4 --abits 4
+              --eval-data "$data" --seed "$SEED" --device cpu --quiet --json)
+  local resume=(--out "$dir")
+  [ -d "$dir.partial/checkpoint" ] && resume=(--resume "$dir")
+  case $row in
+    minmax)  zsq quantize "${args[@]}" "${resume[@]}" --method minmax ;;
+    gdfq)    zsq quantize "${args[@]}" "${resume[@]}" --method gdfq --recipe "$RECIPE" ;;
+    gdfq+ait) zsq quantize "${args[@]}" "${resume[@]}" --method gdfq --ait --recipe "$RECIPE" ;;
+    kl-only) zsq quantize "${args[@]}" "${resume[@]}" --method gdfq --loss kl --no-gi --recipe "$RECIPE" ;;
+  esac > "$OUT/$name.$row.json" 2> "$OUT/$name.$row.log"
+  echo "done $dir"
+}
+
+for row in $ROWS; do
+  run_row fashion-mnist "$SHARED/weights/resnet20_fashionmnist.pt" "fashion-mnist:$SHARED/fashion-mnist" 28 "$row"
+  run_row cifar10-jpeg "$SHARED/weights/resnet20_cifar10jpeg.pt" "cifar10-jpeg:$SHARED/cifar10-jpeg" 32 "$row"
+done

@@ -1,0 +1,333 @@
+"""Generator + student distillation, the GDFQ schedule with AIT's switches.
+
+One epoch is ``iters_per_epoch`` iterations; each draws a synthetic batch (updating a trainable
+source once against the teacher) and, after the generator warm-up, takes one student step on the
+same batch. During the first ``act_calib_epochs`` the student's activation ranges follow an EMA of
+batch min/max; then they are frozen. All learning rates (and rho) are multiplied by ``lr_gamma`` at
+``lr_milestones``. Everything the schedule needs is derived from the epoch number, so a checkpoint
+of (models, optimisers, RNG, probe batch, epoch) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from zsq.distill.inundation import CrossingMeter, GradientInundation, InundationStats
+from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
+from zsq.errors import ZsqError
+from zsq.io import CHECKPOINT_DIRNAME, torch_save, write_text
+from zsq.quant import quant_layers, set_observing
+from zsq.recipes import DistillRecipe
+from zsq.runtime import rng_state, set_rng_state
+from zsq.synth import SampleSource, SynthBatch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "last.pt"
+METRICS_FILE = "metrics.jsonl"
+Evaluator = Callable[[nn.Module], float]
+
+
+def build_optimizer(params: list[nn.Parameter], recipe: DistillRecipe) -> torch.optim.Optimizer:
+    lr = recipe.student_lr * recipe.lr_mult
+    wd = recipe.weight_decay
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=recipe.momentum, nesterov=True, weight_decay=wd
+        )
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if recipe.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
+    raise ZsqError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+@dataclass
+class _EpochTotals:
+    """Sums kept on the device during an epoch; read once at its end (one host sync)."""
+
+    terms: dict[str, Tensor]
+    fraction: Tensor | None = None
+    kappa: Tensor | None = None
+    student_steps: int = 0
+    source_steps: int = 0
+
+    def add_terms(self, terms: dict[str, Tensor]) -> None:
+        for key, value in terms.items():
+            value = value.detach().float()
+            self.terms[key] = self.terms[key] + value if key in self.terms else value
+
+
+class Distiller:
+    """Trains ``student`` to match ``teacher`` on samples from ``source`` as ``recipe`` says.
+
+    ``work_dir`` receives ``metrics.jsonl`` and ``checkpoint/last.pt`` every epoch; ``evaluate``
+    (optional) scores the student on real data for the log only, never to select or train.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        source: SampleSource,
+        recipe: DistillRecipe,
+        *,
+        device: torch.device,
+        work_dir: Path | None = None,
+        evaluate: Evaluator | None = None,
+        progress: bool = True,
+    ) -> None:
+        if recipe.act_calib_epochs < 1:
+            raise ZsqError("act_calib_epochs must be >= 1: activation ranges need observing")
+        self.teacher = teacher.eval()
+        self.student = student
+        self.source = source
+        self.recipe = recipe
+        self.device = device
+        self.work_dir = work_dir
+        self.evaluate = evaluate
+        self.progress = progress
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        for p in self.student.parameters():  # the student may be a copy of a frozen teacher
+            p.requires_grad_(True)
+
+        self.layers = list(quant_layers(student))
+        self.optimizer = build_optimizer(list(student.parameters()), recipe)
+        self.gi = (
+            GradientInundation(
+                self.optimizer, self.layers, rho=recipe.rho, max_kappa=recipe.max_kappa
+            )
+            if recipe.gi
+            else None
+        )
+        self.crossings = CrossingMeter(self.layers)
+        self.layer_names = [n for n, m in self.layers if m.wbits is not None]
+        self.optimizers = [self.optimizer]
+        if source.optimizer is not None:
+            self.optimizers.append(source.optimizer)
+        self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
+        self.epoch = 0
+        self.probe: SynthBatch | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # --- schedule, derived from the epoch number --------------------------------------------
+    def decay_at(self, epoch: int) -> float:
+        """Factor on every learning rate and on rho: gamma per milestone reached."""
+        passed = sum(1 for m in self.recipe.lr_milestones if epoch >= m)
+        return self.recipe.lr_gamma**passed
+
+    def apply_schedule(self, epoch: int) -> None:
+        decay = self.decay_at(epoch)
+        for opt, base in zip(self.optimizers, self.base_lrs, strict=True):
+            for group, lr in zip(opt.param_groups, base, strict=True):
+                group["lr"] = lr * decay
+        set_observing(self.student, epoch < self.recipe.act_calib_epochs)
+        if self.gi is not None:
+            self.gi.rho = self.recipe.rho * decay
+            self.gi.warmup = self.in_gi_warmup(epoch)
+
+    def in_gi_warmup(self, epoch: int) -> bool:
+        start = self.recipe.gen_warmup_epochs
+        return start <= epoch < start + self.recipe.gi_warmup_epochs
+
+    def trains_student(self, epoch: int) -> bool:
+        return epoch >= self.recipe.gen_warmup_epochs
+
+    # --- the loop --------------------------------------------------------------------------
+    def fit(self, max_epochs: int | None = None) -> list[dict[str, Any]]:
+        """Run (or continue) training to ``recipe.epochs``; returns the per-epoch metrics.
+
+        ``max_epochs`` stops after that many more epochs (a time-sliced job; resume later).
+        """
+        stop = (
+            self.recipe.epochs
+            if max_epochs is None
+            else min(self.recipe.epochs, self.epoch + max_epochs)
+        )
+        while self.epoch < stop:
+            started = time.perf_counter()
+            metrics = self.train_epoch(self.epoch)
+            metrics["seconds"] = round(time.perf_counter() - started, 3)
+            self.history.append(metrics)
+            self.epoch += 1
+            self._log_epoch(metrics)
+            self.save_checkpoint()
+        if self.epoch >= self.recipe.act_calib_epochs:
+            set_observing(self.student, False)
+        return self.history
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        self.student.eval()  # BN uses the teacher's running statistics, as in the reference
+        self.apply_schedule(epoch)
+        if self.trains_student(epoch) and self.probe is None:
+            self.probe = self.source.sample(self.recipe.probe_batch_size)
+        totals = _EpochTotals(terms={})
+        bar = tqdm(
+            range(self.recipe.iters_per_epoch),
+            desc=f"epoch {epoch + 1}/{self.recipe.epochs}",
+            disable=not self.progress,
+            leave=False,
+        )
+        for _ in bar:
+            batch, source_terms = self.source.step(self.recipe.batch_size)
+            totals.add_terms(source_terms)
+            totals.source_steps += 1
+            if self.trains_student(epoch):
+                terms, fraction, kappa = self.student_step(batch)
+                totals.add_terms(terms)
+                totals.fraction = (
+                    fraction if totals.fraction is None else totals.fraction + fraction
+                )
+                if kappa is not None:
+                    totals.kappa = kappa if totals.kappa is None else totals.kappa + kappa
+                totals.student_steps += 1
+            else:
+                with torch.no_grad():
+                    self.student(batch.images)  # observe activation ranges only
+        return self._epoch_metrics(epoch, totals)
+
+    def student_step(self, batch: SynthBatch) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+        """One optimiser step of the student on ``batch``. Returns loss terms, per-layer share
+        of weight levels changed, and per-layer kappa (GI only); all device tensors."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(batch.images)
+        student_logits = self.student(batch.images)
+        terms: dict[str, Tensor] = {}
+        if "kl" in self.recipe.loss:
+            terms["student_kl"] = kl_to_teacher(
+                student_logits, teacher_logits, self.recipe.temperature, self.recipe.kl_reduction
+            )
+        if "ce" in self.recipe.loss:
+            terms["student_ce"] = soft_cross_entropy(student_logits, batch.targets)
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.gi is not None:
+            stats: InundationStats = self.gi.step()
+            return terms, stats.fraction, stats.kappa
+        self.crossings.before()
+        self.optimizer.step()
+        return terms, self.crossings.after(), None
+
+    # --- measurement -----------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_metrics(self) -> dict[str, float]:
+        """True KL(teacher || student) (T=1, per sample) and top-1 agreement on the fixed batch."""
+        if self.probe is None:
+            return {}
+        x = self.probe.images
+        t, s = self.teacher(x), self.student(x)
+        kl = kl_to_teacher(s, t, temperature=1.0, reduction="batchmean")
+        agree = (t.argmax(1) == s.argmax(1)).float().mean() * 100
+        return {"probe_kl": float(kl), "probe_agreement": float(agree)}
+
+    def _epoch_metrics(self, epoch: int, totals: _EpochTotals) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        for key, value in totals.terms.items():
+            steps = totals.student_steps if key.startswith("student") else totals.source_steps
+            metrics[key] = float(value) / max(steps, 1)
+        if totals.fraction is not None:
+            share = (totals.fraction / totals.student_steps).tolist()
+            metrics["crossing_fraction"] = dict(zip(self.layer_names, share, strict=True))
+        if totals.kappa is not None:
+            kappa = (totals.kappa / totals.student_steps).tolist()
+            metrics["kappa"] = dict(zip(self.layer_names, kappa, strict=True))
+            metrics["rho"] = self.gi.rho
+        if self.trains_student(epoch):
+            set_observing(self.student, False)  # measuring must not move ranges; reset per epoch
+            metrics.update(self.probe_metrics())
+            last = epoch + 1 == self.recipe.epochs
+            if self.evaluate is not None and ((epoch + 1) % self.recipe.eval_every == 0 or last):
+                metrics["eval_top1"] = self.evaluate(self.student)
+        return metrics
+
+    def _log_epoch(self, m: dict[str, Any]) -> None:
+        parts = [f"epoch {m['epoch']}/{self.recipe.epochs}"]
+        for key in ("gen_loss", "student_kl", "student_ce", "probe_kl", "eval_top1"):
+            if key in m and not math.isnan(m[key]):
+                parts.append(f"{key} {m[key]:.4g}")
+        if "crossing_fraction" in m:
+            values = list(m["crossing_fraction"].values())
+            parts.append(f"crossing mean {sum(values) / len(values):.2e}")
+        parts.append(f"{m['seconds']:.1f}s")
+        log.info("  ".join(parts))
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def _checkpoint_path(self) -> Path | None:
+        return (
+            None if self.work_dir is None else self.work_dir / CHECKPOINT_DIRNAME / CHECKPOINT_FILE
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "student": self.student.state_dict(),
+            "source": self.source.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "source_optimizer": (
+                None if self.source.optimizer is None else self.source.optimizer.state_dict()
+            ),
+            "gi": None if self.gi is None else self.gi.state_dict(),
+            "probe": None if self.probe is None else vars(self.probe),
+            "history": json.dumps(self.history),
+            "recipe": json.dumps(self.recipe.to_dict()),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.student.load_state_dict(state["student"])
+        self.source.load_state_dict(state["source"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.source.optimizer is not None:
+            self.source.optimizer.load_state_dict(state["source_optimizer"])
+        if self.gi is not None:
+            self.gi.load_state_dict(state["gi"])
+        self.probe = (
+            None if state["probe"] is None else SynthBatch(**state["probe"]).to(self.device)
+        )
+        self.history = json.loads(state["history"])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        torch_save(self.state_dict(), path)
+        lines = "".join(json.dumps(m) + "\n" for m in self.history)
+        write_text(self.work_dir / METRICS_FILE, lines)
+
+    def resume(self) -> bool:
+        """Load ``checkpoint/last.pt`` if present (returns whether it did)."""
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a torn or foreign file: say which and what to do
+            raise ZsqError(
+                f"cannot read checkpoint {path} ({err}); remove it or start again"
+            ) from None
+        saved = json.loads(state["recipe"])
+        current = json.loads(json.dumps(self.recipe.to_dict()))  # tuples read back as lists
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            raise ZsqError(
+                f"checkpoint {path} was made with a different recipe (fields {changed}); resume "
+                "with the same options"
+            )
+        self.load_state_dict(state)
+        log.info("resumed from %s at epoch %d/%d", path, self.epoch, self.recipe.epochs)
+        return True

@@ -1,0 +1,301 @@
+"""Loading teacher weights safely, and the metadata (classes, channels, normalisation) beside them.
+
+Weights come from ``.safetensors`` or from ``torch.load(weights_only=True)``; a full pickle
+(which can run arbitrary code) is read only when the caller passes ``trust_checkpoint=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zsq.errors import ZsqError
+from zsq.models.registry import create_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelMeta", "load_state_dict", "load_teacher", "load_weights", "read_sidecar"]
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+PREFIXES_TO_STRIP = ("module.",)
+MAX_LISTED_KEYS = 10
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a teacher expects: class count, input channels and input normalisation.
+
+    Fields are ``None`` when unknown (a sidecar may leave some out); ``load_teacher`` returns a
+    fully resolved one.
+    """
+
+    num_classes: int | None = None
+    in_channels: int | None = None
+    normalize_mean: tuple[float, ...] | None = None
+    normalize_std: tuple[float, ...] | None = None
+
+
+def load_weights(model: nn.Module, path: str | Path, trust_checkpoint: bool = False) -> None:
+    """Load a checkpoint into ``model`` strictly, with errors that say which tensors disagree."""
+    state = load_state_dict(path, trust_checkpoint=trust_checkpoint)
+    _check_compatible(model, state, Path(path))
+    model.load_state_dict(state, strict=False)  # strictness checked above, modulo BN counters
+    logger.info("loaded %d tensors from %s", len(state), path)
+
+
+def load_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``name -> tensor`` dict (``module.`` prefix removed)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ZsqError(f"weights file {path} not found; check the path (got {str(path)!r})")
+    if path.suffix == ".safetensors":
+        obj: Any = _read_safetensors(path)
+    else:
+        obj = _read_torch_file(path, trust_checkpoint)
+    return _strip_prefixes(_extract_state_dict(obj, path))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ZsqError(
+            f"cannot read weights file {path}: not a valid safetensors file ({exc}); re-export it "
+            "or check the download is complete"
+        ) from exc
+
+
+def _read_torch_file(path: Path, trust_checkpoint: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as exc:
+        if not trust_checkpoint and "global" in str(exc).lower():
+            raise ZsqError(
+                f"weights file {path} is a pickle that needs arbitrary classes to load "
+                f"({_unsupported_global(exc)}), which can run code; pass --trust-checkpoint "
+                "(trust_checkpoint=True) only if you trust where it came from, or re-save it as "
+                "a state_dict or .safetensors"
+            ) from exc
+        raise _corrupt_file_error(path, exc) from exc
+    except ImportError as exc:  # only reachable when trusted: the pickle names a missing module
+        raise ZsqError(
+            f"weights file {path} needs {exc.name or 'a module'!r} to unpickle ({exc}); install it "
+            "or put it on PYTHONPATH, or re-save the checkpoint as a state_dict"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+        raise _corrupt_file_error(path, exc) from exc
+
+
+def _unsupported_global(exc: Exception) -> str:
+    for line in str(exc).splitlines():
+        if "global" in line.lower():
+            return line.strip().split(" was not")[0].replace("WeightsUnpickler error: ", "")
+    return "unsupported global"
+
+
+def _corrupt_file_error(path: Path, exc: Exception) -> ZsqError:
+    return ZsqError(
+        f"cannot read weights file {path}: not a valid torch checkpoint ({_short_reason(exc)}); "
+        "check the file is complete, or use a .safetensors / .pt / .pth / .th file"
+    )
+
+
+def _short_reason(exc: Exception) -> str:
+    """One line of why torch.load failed, without its multi-paragraph weights_only preamble."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [line for line in lines if line.startswith("Unsupported")]
+    if specific:
+        return specific[0][:200]
+    if lines and not lines[0].startswith("Weights only load failed"):
+        return lines[0][:200]
+    return type(exc).__name__
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Find the tensors in what was saved: a state_dict, a wrapper dict, or a whole module."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if key in obj and isinstance(obj[key], (Mapping, nn.Module)):
+                return _extract_state_dict(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return dict(tensors)
+        raise ZsqError(
+            f"weights file {path} holds a dict without a state_dict (keys: "
+            f"{_preview(list(obj))}); save model.state_dict() or a dict with a 'state_dict' key"
+        )
+    raise ZsqError(
+        f"weights file {path} holds a {type(obj).__name__}, not a state_dict; save "
+        "model.state_dict() instead"
+    )
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` that DataParallel/DistributedDataParallel put before every name."""
+    for prefix in PREFIXES_TO_STRIP:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    # Old checkpoints predate BatchNorm's num_batches_tracked counter; it does not affect eval.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ZsqError(
+            f"weights file {path} does not match the model: missing keys {_preview(missing)}, "
+            f"unexpected keys {_preview(unexpected)}; check the model name (and --num-classes / "
+            "--in-channels) matches the checkpoint"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ZsqError(
+                f"weights file {path}: tensor {key!r} has shape {tuple(tensor.shape)} in the file "
+                f"but {tuple(expected[key].shape)} in the model; pass the checkpoint's "
+                "--num-classes / --in-channels (or fix the model name)"
+            )
+
+
+def _preview(keys: Sequence[str]) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = f" ... (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else ""
+    return f"[{shown}{more}]"
+
+
+def sidecar_path(weights_path: str | Path) -> Path:
+    """``dir/name.pt`` -> ``dir/name.json``: where a checkpoint's metadata lives."""
+    return Path(weights_path).expanduser().with_suffix(".json")
+
+
+def read_sidecar(weights_path: str | Path) -> ModelMeta | None:
+    """Read the JSON beside a checkpoint (num_classes, in_channels, normalize_mean/std), if any."""
+    path = sidecar_path(weights_path)
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZsqError(f"cannot read model sidecar {path}: {exc}; fix or delete the file") from exc
+    if not isinstance(raw, dict):
+        raise ZsqError(f"model sidecar {path} must hold a JSON object; fix or delete the file")
+    return ModelMeta(
+        num_classes=_optional_int(raw, "num_classes", path),
+        in_channels=_optional_int(raw, "in_channels", path),
+        normalize_mean=_optional_floats(raw, "normalize_mean", path),
+        normalize_std=_optional_floats(raw, "normalize_std", path),
+    )
+
+
+def _optional_int(raw: Mapping[str, Any], key: str, path: Path) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ZsqError(f"model sidecar {path}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _optional_floats(raw: Mapping[str, Any], key: str, path: Path) -> tuple[float, ...] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(_is_number(v) for v in value):
+        raise ZsqError(f"model sidecar {path}: {key!r} must be a list of numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_teacher(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    normalize_mean: Sequence[float] | None = None,
+    normalize_std: Sequence[float] | None = None,
+    trust_checkpoint: bool = False,
+) -> tuple[nn.Module, ModelMeta]:
+    """Build ``name``, load ``weights`` and return it in eval mode with its resolved metadata.
+
+    Explicit arguments override the sidecar JSON next to the weights; what neither gives falls
+    back to 10 classes, 3 channels and no normalisation (mean 0, std 1), with a warning for the
+    latter because a wrong normalisation silently costs accuracy.
+    """
+    sidecar = read_sidecar(weights) if weights is not None else None
+    meta = resolve_meta(
+        ModelMeta(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            normalize_mean=_as_tuple(normalize_mean),
+            normalize_std=_as_tuple(normalize_std),
+        ),
+        sidecar or ModelMeta(),
+    )
+    model = create_model(name, num_classes=meta.num_classes, in_channels=meta.in_channels)
+    if weights is None:
+        logger.warning("no weights given for teacher %r: it is randomly initialised", name)
+    else:
+        load_weights(model, weights, trust_checkpoint=trust_checkpoint)
+    model.eval()
+    return model, meta
+
+
+def resolve_meta(explicit: ModelMeta, sidecar: ModelMeta) -> ModelMeta:
+    """Merge explicit values over the sidecar's, fill defaults and check the lengths agree."""
+    num_classes = _first(explicit.num_classes, sidecar.num_classes, 10)
+    in_channels = _first(explicit.in_channels, sidecar.in_channels, 3)
+    mean = _first(explicit.normalize_mean, sidecar.normalize_mean, None)
+    std = _first(explicit.normalize_std, sidecar.normalize_std, None)
+    if mean is None or std is None:
+        logger.warning(
+            "no input normalisation given (%s missing): using mean 0, std 1; pass "
+            "--normalize-mean/--normalize-std or add them to the checkpoint's .json sidecar",
+            "mean and std" if mean is None and std is None else ("mean" if mean is None else "std"),
+        )
+    mean = _per_channel(mean or (0.0,), in_channels, "normalize_mean")
+    std = _per_channel(std or (1.0,), in_channels, "normalize_std")
+    if any(s <= 0 for s in std):
+        raise ZsqError(f"normalize_std must be positive, got {std}; fix --normalize-std")
+    return ModelMeta(num_classes, in_channels, mean, std)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _as_tuple(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+def _per_channel(values: tuple[float, ...], channels: int, what: str) -> tuple[float, ...]:
+    """One value per channel; a single value is repeated (e.g. ``--normalize-mean 0.5``)."""
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    raise ZsqError(
+        f"{what} has {len(values)} values but the model has {channels} input channels; give one "
+        "value per channel (or a single value for all)"
+    )

@@ -1,0 +1,95 @@
+"""Synthetic-sample sources: where a zero-shot method's training images come from.
+
+``build_source(name, teacher, num_classes=..., image_shape=...)`` is the one entry point; methods
+register a factory under a name with ``register_source`` (Qimera, ARC and ZeroQ do so when they
+land).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from zsq.errors import ZsqError
+from zsq.synth.base import SampleSource, SynthBatch, freeze_teacher
+from zsq.synth.bns import BatchNormStatsLoss, batch_mean_var, batchnorm_layers
+from zsq.synth.gdfq import (
+    ConditionalBatchNorm2d,
+    GdfqGenerator,
+    GdfqSource,
+    build_gdfq_generator,
+)
+from zsq.synth.noise import GaussianSource
+
+SourceFactory = Callable[..., SampleSource]
+
+_SOURCES: dict[str, SourceFactory] = {}
+
+
+def register_source(name: str, factory: SourceFactory, *, overwrite: bool = False) -> None:
+    """Make ``factory(teacher, *, num_classes, image_shape, **kwargs)`` buildable by name."""
+    key = name.strip().lower()
+    if key in _SOURCES and not overwrite and _SOURCES[key] is not factory:
+        raise ValueError(f"sample source {key!r} is already registered")
+    _SOURCES[key] = factory
+
+
+def available_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def build_source(
+    name: str,
+    teacher: nn.Module,
+    *,
+    num_classes: int,
+    image_shape: Sequence[int],
+    **kwargs: Any,
+) -> SampleSource:
+    """The sample source registered as ``name``, built for ``teacher``."""
+    key = name.strip().lower()
+    if key not in _SOURCES:
+        raise ZsqError(
+            f"unknown sample source {name!r}; choose one of: {', '.join(available_sources())}"
+        )
+    factory = _SOURCES[key]
+    _check_options(key, factory, kwargs)
+    return factory(teacher, num_classes=num_classes, image_shape=image_shape, **kwargs)
+
+
+def _check_options(name: str, factory: SourceFactory, kwargs: dict[str, Any]) -> None:
+    """A misspelt option should say which options exist, not raise a bare TypeError."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n in params if n not in ("self", "teacher", "num_classes", "image_shape")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ZsqError(
+            f"sample source {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(accepted) or 'no options'}"
+        )
+
+
+register_source("gdfq", GdfqSource)
+register_source("gaussian", GaussianSource)
+
+__all__ = [
+    "BatchNormStatsLoss",
+    "ConditionalBatchNorm2d",
+    "GaussianSource",
+    "GdfqGenerator",
+    "GdfqSource",
+    "SampleSource",
+    "SynthBatch",
+    "available_sources",
+    "batch_mean_var",
+    "batchnorm_layers",
+    "build_gdfq_generator",
+    "build_source",
+    "freeze_teacher",
+    "register_source",
+]

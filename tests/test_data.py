@@ -1,0 +1,305 @@
+"""Dataset specs: parsers on tiny synthetic files, then the shared real data when present."""
+
+import gzip
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zsq.data import head, load_dataset, read_idx, spec_kinds, subset
+from zsq.errors import ZsqError
+from zsq.paths import shared_data_dir
+
+SHARED = shared_data_dir()
+
+
+def shared_path(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"shared data {path} not found (set ZSQ_SHARED_DATA)")
+    return path
+
+
+def test_spec_kinds():
+    assert set(spec_kinds()) == {
+        "cifar10",
+        "cifar100",
+        "cifar10-jpeg",
+        "npz",
+        "fashion-mnist",
+        "imagefolder",
+        "digits",
+    }
+
+
+def test_unknown_scheme_lists_kinds():
+    with pytest.raises(ZsqError) as info:
+        load_dataset("mnist:/data")
+    assert all(kind in str(info.value) for kind in spec_kinds())
+
+
+@pytest.mark.parametrize(
+    "kind", ["cifar10", "cifar100", "cifar10-jpeg", "fashion-mnist", "imagefolder", "npz"]
+)
+def test_missing_path_says_not_found(tmp_path, kind):
+    with pytest.raises(ZsqError, match="not found"):
+        load_dataset(f"{kind}:{tmp_path / 'absent'}")
+
+
+def test_spec_without_path():
+    with pytest.raises(ZsqError, match="needs a path"):
+        load_dataset("npz")
+
+
+def test_unknown_split():
+    with pytest.raises(ZsqError, match="split"):
+        load_dataset("digits", split="dev")
+
+
+def test_cifar10_empty_folder_suggests_download(tmp_path):
+    with pytest.raises(ZsqError, match="--download"):
+        load_dataset(f"cifar10:{tmp_path}")
+
+
+# --- npz ------------------------------------------------------------------------------------------
+
+
+def test_npz_rgb_pipeline(tmp_path):
+    x = np.zeros((4, 5, 6, 3), dtype=np.uint8)
+    x[1, :, :, 0] = 255
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([3, 1, 4, 1]))
+    ds = load_dataset(
+        f"npz:{tmp_path / 'd.npz'}", normalize_mean=(0.5, 0.0, 0.0), normalize_std=(0.25, 1.0, 1.0)
+    )
+    assert len(ds) == 4
+    image, label = ds[1]
+    assert image.shape == (3, 5, 6) and image.dtype == torch.float32 and label == 1
+    assert isinstance(label, int)
+    assert torch.allclose(image[0], torch.full((5, 6), 2.0))  # (1 - 0.5) / 0.25
+    assert torch.allclose(ds[0][0][0], torch.full((5, 6), -2.0))
+    assert image[1:].abs().sum() == 0
+
+
+def test_npz_grayscale_and_defaults(tmp_path):
+    x = np.full((2, 3, 3), 51, dtype=np.uint8)
+    np.savez(tmp_path / "g.npz", x=x, y=np.array([0, 1]))
+    image, _ = load_dataset(f"npz:{tmp_path / 'g.npz'}")[0]
+    assert image.shape == (1, 3, 3)
+    assert torch.allclose(image, torch.full((1, 3, 3), 0.2))
+
+
+def test_npz_errors(tmp_path):
+    np.savez(tmp_path / "f.npz", x=np.zeros((2, 3, 3), np.float32), y=np.zeros(2))
+    with pytest.raises(ZsqError, match="uint8"):
+        load_dataset(f"npz:{tmp_path / 'f.npz'}")
+    np.savez(tmp_path / "k.npz", images=np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(ZsqError, match="lacks arrays"):
+        load_dataset(f"npz:{tmp_path / 'k.npz'}")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ZsqError, match="bad.npz"):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+
+
+def test_normalisation_length_must_match_channels(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((1, 2, 2, 3), np.uint8), y=np.zeros(1))
+    with pytest.raises(ZsqError, match="channels"):
+        load_dataset(f"npz:{tmp_path / 'd.npz'}", normalize_mean=(0.1, 0.2))
+    with pytest.raises(ZsqError, match="positive"):
+        load_dataset(f"npz:{tmp_path / 'd.npz'}", normalize_std=(0.0,))
+
+
+# --- cifar10-jpeg ---------------------------------------------------------------------------------
+
+
+def _write_jpeg_npz(path: Path, colours: list[tuple[int, int, int]]) -> None:
+    blobs = []
+    for colour in colours:
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buffer, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    labels = np.arange(len(colours), dtype=np.int64)
+    np.savez(path, jpeg=np.concatenate(blobs), offsets=offsets, labels=labels)
+
+
+def test_cifar10_jpeg_synthetic(tmp_path):
+    _write_jpeg_npz(tmp_path / "test.npz", [(255, 0, 0), (0, 0, 255)])
+    _write_jpeg_npz(tmp_path / "train.npz", [(0, 255, 0)] * 3)
+    test = load_dataset(f"cifar10-jpeg:{tmp_path}")
+    train = load_dataset(f"cifar10-jpeg:{tmp_path}", split="train")
+    assert len(test) == 2 and len(train) == 3
+    image, label = test[1]
+    assert image.shape == (3, 32, 32) and label == 1
+    assert image[2].mean() > 0.95 and image[0].mean() < 0.05  # blue, JPEG-approximately
+
+
+def test_cifar10_jpeg_missing_split_file(tmp_path):
+    _write_jpeg_npz(tmp_path / "test.npz", [(0, 0, 0)])
+    with pytest.raises(ZsqError, match="train.npz"):
+        load_dataset(f"cifar10-jpeg:{tmp_path}", split="train")
+
+
+def test_jpeg_subset_decodes_only_the_chosen_images(tmp_path):
+    _write_jpeg_npz(tmp_path / "train.npz", [(i, i, i) for i in range(0, 200, 2)])
+    train = load_dataset(f"cifar10-jpeg:{tmp_path}", split="train")
+    chosen = subset(train, 8, seed=1)
+    _ = [chosen[i] for i in range(len(chosen))]
+    assert len(train._cache) == 8
+
+
+def test_shared_cifar10_jpeg_matches_exact_test_images():
+    exact = np.load(shared_path("cifar10-exact/test_first846.npz"))
+    ds = load_dataset(f"cifar10-jpeg:{shared_path('cifar10-jpeg')}")
+    assert len(ds) == 10_000
+    assert np.array_equal(ds.labels[:846], exact["y"])
+    decoded = torch.stack([ds[i][0] for i in range(20)])
+    reference = torch.from_numpy(exact["x"][:20]).permute(0, 3, 1, 2).float() / 255
+    assert decoded.shape == (20, 3, 32, 32)
+    assert (decoded - reference).abs().mean() < 10 / 255  # lossy copy: ~5.8/255 on average
+
+
+# --- fashion-mnist (idx.gz) -----------------------------------------------------------------------
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write_fashion(folder: Path, n_train: int = 3, n_test: int = 2) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
+    for name, array in arrays.items():
+        (folder / f"{name}.gz").write_bytes(gzip.compress(_idx_bytes(array)))
+    return arrays
+
+
+def test_fashion_mnist_synthetic(tmp_path):
+    arrays = _write_fashion(tmp_path)
+    test = load_dataset(f"fashion-mnist:{tmp_path}", normalize_mean=(0.5,), normalize_std=(0.5,))
+    train = load_dataset(f"fashion-mnist:{tmp_path}", split="train")
+    assert len(test) == 2 and len(train) == 3
+    image, label = test[1]
+    assert image.shape == (1, 28, 28) and label == arrays["t10k-labels-idx1-ubyte"][1]
+    expected = (arrays["t10k-images-idx3-ubyte"][1] / 255 - 0.5) / 0.5
+    assert torch.allclose(image[0], torch.from_numpy(expected).float(), atol=1e-6)
+
+
+def test_fashion_mnist_torchvision_layout(tmp_path):
+    _write_fashion(tmp_path / "FashionMNIST" / "raw")
+    assert len(load_dataset(f"fashion-mnist:{tmp_path}")) == 2
+
+
+def test_read_idx_rejects_garbage(tmp_path):
+    (tmp_path / "x.gz").write_bytes(gzip.compress(b"\x01\x02\x03\x04garbage"))
+    with pytest.raises(ZsqError, match="IDX"):
+        read_idx(tmp_path / "x.gz")
+    (tmp_path / "y.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ZsqError, match="y.gz"):
+        read_idx(tmp_path / "y.gz")
+    truncated = _idx_bytes(np.zeros((2, 3, 3)))[:-4]
+    (tmp_path / "z").write_bytes(truncated)
+    with pytest.raises(ZsqError, match="re-download"):
+        read_idx(tmp_path / "z")
+
+
+def test_shared_fashion_mnist():
+    folder = shared_path("fashion-mnist")
+    test = load_dataset(f"fashion-mnist:{folder}", normalize_mean=(0.286,), normalize_std=(0.353,))
+    assert len(test) == 10_000
+    image, label = test[0]
+    assert image.shape == (1, 28, 28) and 0 <= label < 10
+    raw = read_idx(folder / "t10k-images-idx3-ubyte.gz")[0]
+    assert torch.allclose(image[0], (torch.from_numpy(raw).float() / 255 - 0.286) / 0.353)
+
+
+# --- imagefolder ----------------------------------------------------------------------------------
+
+
+def _write_imagefolder(root: Path) -> None:
+    for cls, colour in [("cat", (255, 0, 0)), ("dog", (0, 255, 0))]:
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), colour).save(root / cls / f"{i}.png")
+
+
+def test_imagefolder(tmp_path):
+    _write_imagefolder(tmp_path)
+    ds = load_dataset(
+        f"imagefolder:{tmp_path}", image_size=16, normalize_mean=(0.5,), normalize_std=(0.5,)
+    )
+    assert len(ds) == 4
+    image, label = ds[2]
+    assert image.shape == (3, 16, 16) and label == 1
+    assert torch.allclose(image[1], torch.ones(16, 16))  # green: (1 - 0.5) / 0.5
+    assert torch.allclose(image[0], -torch.ones(16, 16))
+
+
+def test_imagefolder_uses_split_subfolder(tmp_path):
+    _write_imagefolder(tmp_path / "val")
+    (tmp_path / "train").mkdir()
+    assert len(load_dataset(f"imagefolder:{tmp_path}", image_size=8)) == 4
+
+
+def test_imagefolder_without_images(tmp_path):
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(ZsqError, match="no images"):
+        load_dataset(f"imagefolder:{tmp_path}")
+
+
+# --- digits ---------------------------------------------------------------------------------------
+
+
+def test_digits_split_sizes_and_range():
+    train = load_dataset("digits", split="train")
+    test = load_dataset("digits")
+    assert len(train) == 1257 and len(test) == 540
+    image, label = test[0]
+    assert image.shape == (1, 8, 8) and 0 <= label < 10
+    pixels = torch.stack([train[i][0] for i in range(len(train))])
+    assert pixels.min() == 0 and pixels.max() == 1
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    from sklearn.datasets import load_digits
+
+    train, test = load_dataset("digits", split="train"), load_dataset("digits")
+    again = load_dataset("digits")
+    assert np.array_equal(test.images, again.images)
+    everything = np.concatenate([train.images, test.images]).reshape(1797, -1)
+    full = (load_digits().images / 16).reshape(1797, -1)
+    assert np.allclose(np.sort(everything.sum(1)), np.sort(full.sum(1)))
+
+
+# --- subset / head --------------------------------------------------------------------------------
+
+
+def test_subset_is_deterministic_and_seeded():
+    ds = load_dataset("digits", split="train")
+    a, b, c = subset(ds, 512, seed=0), subset(ds, 512, seed=0), subset(ds, 512, seed=1)
+    assert len(a) == 512 and a.indices == b.indices and a.indices != c.indices
+    assert len(set(a.indices)) == 512
+
+
+def test_subset_edge_cases():
+    ds = load_dataset("digits")
+    assert subset(ds, 10_000, seed=0) is ds
+    with pytest.raises(ZsqError):
+        subset(ds, 0, seed=0)
+
+
+def test_head():
+    ds = load_dataset("digits")
+    first = head(ds, 3)
+    assert len(first) == 3 and torch.equal(first[2][0], ds[2][0])
+    assert head(ds, 10_000) is ds

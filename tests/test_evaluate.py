@@ -1,0 +1,114 @@
+"""evaluate(): exact counts on hand-made logits, then the shared teachers' known accuracies."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from zsq.data import head, load_dataset
+from zsq.errors import ZsqError
+from zsq.evaluate import EvalResult, evaluate
+from zsq.models import load_teacher
+from zsq.paths import shared_data_dir
+
+SHARED = shared_data_dir()
+
+
+def shared_path(relative: str):
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"shared data {path} not found (set ZSQ_SHARED_DATA)")
+    return path
+
+
+class NearestClass(nn.Module):
+    """Predicts the class in x[:, 0]; ranks the others by distance to it (a known top-k)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        classes = torch.arange(self.num_classes, dtype=torch.float32)
+        # tiny class-dependent offset breaks ties between the neighbours below and above
+        return -(classes - x[:, :1]).abs() - 1e-3 * classes
+
+
+def _dataset(predicted: list[int], labels: list[int]) -> TensorDataset:
+    return TensorDataset(
+        torch.tensor(predicted, dtype=torch.float32)[:, None], torch.tensor(labels)
+    )
+
+
+def test_counts_top1_and_top5():
+    # predicting 5: top-5 is {3, 4, 5, 6, 7}; labels: 6 exact, 2 near (in top-5), 2 far
+    ds = _dataset([5] * 10, [5] * 6 + [3, 7] + [0, 9])
+    result = evaluate(NearestClass(10), ds, batch_size=3, device="cpu", progress=False)
+    assert result == EvalResult(top1=60.0, top5=80.0, n=10)
+
+
+def test_top5_with_fewer_than_five_classes():
+    result = evaluate(NearestClass(3), _dataset([0, 1, 2, 0], [0, 2, 0, 1]), progress=False)
+    assert result.top1 == 25.0 and result.top5 == 100.0 and result.n == 4
+
+
+def test_restores_training_mode_and_runs_without_grad():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 4))
+    model.train()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((m.training, o.requires_grad)))
+    evaluate(model, _dataset([0, 1], [0, 1]), progress=False)
+    assert seen == [(False, False)] and model.training
+
+
+def test_tuple_output_uses_first_element():
+    class TupleModel(NearestClass):
+        def forward(self, x):
+            return super().forward(x), torch.zeros(1)
+
+    result = evaluate(TupleModel(10), _dataset([1, 2], [1, 3]), progress=False)
+    assert result.top1 == 50.0
+
+
+def test_errors():
+    with pytest.raises(ZsqError, match="empty"):
+        evaluate(NearestClass(3), _dataset([], []), progress=False)
+    with pytest.raises(ZsqError, match="logits"):
+        evaluate(nn.Sequential(nn.Flatten(), _Dict()), _dataset([0], [0]), progress=False)
+
+
+class _Dict(nn.Module):
+    def forward(self, x):
+        return {"out": x}
+
+
+def test_progress_bar_runs(capsys):
+    evaluate(NearestClass(3), _dataset([0, 1], [0, 1]), progress=True)
+    assert "eval" in capsys.readouterr().err
+
+
+# --- shared teachers ------------------------------------------------------------------------------
+
+
+def _teacher_accuracy(weights: str, spec: str, limit: int | None = None) -> EvalResult:
+    model, meta = load_teacher("resnet20", shared_path(weights))
+    ds = load_dataset(spec, normalize_mean=meta.normalize_mean, normalize_std=meta.normalize_std)
+    return evaluate(model, head(ds, limit) if limit else ds, device="cpu", progress=False)
+
+
+def test_akamaster_resnet20_exact_cifar10_subset():
+    data = shared_path("cifar10-exact/test_first846.npz")
+    result = _teacher_accuracy("weights/resnet20_cifar10_akamaster.th", f"npz:{data}")
+    assert result.n == 846 and round(result.top1, 2) == 91.73  # 776 / 846
+
+
+def test_fashion_mnist_teacher():
+    data = shared_path("fashion-mnist")
+    result = _teacher_accuracy("weights/resnet20_fashionmnist.pt", f"fashion-mnist:{data}", 1000)
+    assert result.n == 1000 and result.top1 > 90
+
+
+def test_cifar10_jpeg_teacher():
+    data = shared_path("cifar10-jpeg")
+    result = _teacher_accuracy("weights/resnet20_cifar10jpeg.pt", f"cifar10-jpeg:{data}", 1000)
+    assert result.n == 1000 and result.top1 > 80
