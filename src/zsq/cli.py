@@ -31,8 +31,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help=".safetensors/.pt/.pth/.th; a <stem>.json sidecar is read")
     g.add_argument("--num-classes", type=int, help="class count (default: sidecar, else 10)")
     g.add_argument("--in-channels", type=int, help="input channels (default: sidecar, else 3)")
-    g.add_argument("--mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406")
-    g.add_argument("--std", type=_floats, help="normalisation std, e.g. 0.229,0.224,0.225")
+    g.add_argument(
+        "--normalize-mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406"
+    )
+    g.add_argument(
+        "--normalize-std", type=_floats, help="normalisation std, e.g. 0.229,0.224,0.225"
+    )
     g.add_argument("--image-size", type=int, help="input height=width (default: model's usual)")
     g.add_argument(
         "--trust-checkpoint",
@@ -90,8 +94,8 @@ def _teacher_config(args: argparse.Namespace):
         weights=args.weights,
         num_classes=args.num_classes,
         in_channels=args.in_channels,
-        normalize_mean=args.mean,
-        normalize_std=args.std,
+        normalize_mean=args.normalize_mean,
+        normalize_std=args.normalize_std,
         image_size=args.image_size,
         trust_checkpoint=args.trust_checkpoint,
     )

@@ -36,8 +36,12 @@ def check_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ZsqError(f"cannot write to {parent}; choose an output directory you can write to")
+    try:  # a real probe: permission bits say nothing for root or for special filesystems
+        Path(tempfile.mkdtemp(dir=parent, prefix=".zsq-probe-")).rmdir()
+    except OSError:
+        raise ZsqError(
+            f"cannot write to {parent}; choose an output directory you can write to"
+        ) from None
 
 
 @contextmanager

@@ -51,11 +51,16 @@ def load_weights(model: nn.Module, path: str | Path, trust_checkpoint: bool = Fa
     logger.info("loaded %d tensors from %s", len(state), path)
 
 
-def load_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``name -> tensor`` dict (``module.`` prefix removed)."""
+def _existing_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ZsqError(f"weights file {path} not found; check the path (got {str(path)!r})")
+        raise ZsqError(f"weights file {path} not found; check the path")
+    return path
+
+
+def load_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``name -> tensor`` dict (``module.`` prefix removed)."""
+    path = _existing_file(path)
     if path.suffix == ".safetensors":
         obj: Any = _read_safetensors(path)
     else:
@@ -243,6 +248,8 @@ def load_teacher(
     back to 10 classes, 3 channels and no normalisation (mean 0, std 1), with a warning for the
     latter because a wrong normalisation silently costs accuracy.
     """
+    if weights is not None:
+        weights = _existing_file(weights)  # fail on a bad path before anything else is said
     sidecar = read_sidecar(weights) if weights is not None else None
     meta = resolve_meta(
         ModelMeta(
@@ -258,6 +265,15 @@ def load_teacher(
         logger.warning("no weights given for teacher %r: it is randomly initialised", name)
     else:
         load_weights(model, weights, trust_checkpoint=trust_checkpoint)
+    if (
+        normalize_mean is None
+        and normalize_std is None
+        and not (sidecar and sidecar.normalize_mean)
+    ):
+        logger.warning(
+            "no input normalisation given: using mean 0, std 1; pass --normalize-mean/"
+            "--normalize-std or add them to the checkpoint's .json sidecar"
+        )
     model.eval()
     return model, meta
 
@@ -268,12 +284,6 @@ def resolve_meta(explicit: ModelMeta, sidecar: ModelMeta) -> ModelMeta:
     in_channels = _first(explicit.in_channels, sidecar.in_channels, 3)
     mean = _first(explicit.normalize_mean, sidecar.normalize_mean, None)
     std = _first(explicit.normalize_std, sidecar.normalize_std, None)
-    if mean is None or std is None:
-        logger.warning(
-            "no input normalisation given (%s missing): using mean 0, std 1; pass "
-            "--normalize-mean/--normalize-std or add them to the checkpoint's .json sidecar",
-            "mean and std" if mean is None and std is None else ("mean" if mean is None else "std"),
-        )
     mean = _per_channel(mean or (0.0,), in_channels, "normalize_mean")
     std = _per_channel(std or (1.0,), in_channels, "normalize_std")
     if any(s <= 0 for s in std):

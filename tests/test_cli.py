@@ -1,0 +1,193 @@
+"""The command line: real runs on the shared checkpoints, and every bad input exits 2 cleanly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zsq.cli import main
+
+
+def run_cli(*args):
+    """Run ``python -m zsq ARGS`` in a subprocess (the real entry point, exit code included)."""
+    return subprocess.run(
+        [sys.executable, "-m", "zsq", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture
+def akamaster(shared_data):
+    return shared_data / "weights" / "resnet20_cifar10_akamaster.th"
+
+
+def test_eval_reproduces_the_public_checkpoint(shared_data, akamaster):
+    data = f"npz:{shared_data / 'cifar10-exact/test_first846.npz'}"
+    result = run_cli(
+        "eval",
+        "--model",
+        "resnet20",
+        "--weights",
+        akamaster,
+        "--data",
+        data,
+        "--json",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["top1"] == 91.73 and report["n"] == 846
+
+
+def test_quantize_minmax_writes_every_output(tmp_path, shared_data, akamaster, capsys):
+    out = tmp_path / "w8a8"
+    data = f"npz:{shared_data / 'cifar10-exact/test_first846.npz'}"
+    code = main(
+        [
+            "quantize",
+            "--model",
+            "resnet20",
+            "--weights",
+            str(akamaster),
+            "--wbits",
+            "8",
+            "--abits",
+            "8",
+            "--method",
+            "minmax",
+            "--out",
+            str(out),
+            "--eval-data",
+            data,
+            "--eval-limit",
+            "200",
+            "--calib-size",
+            "64",
+            "--quiet",
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in (
+        "method",
+        "wbits",
+        "abits",
+        "teacher_top1",
+        "student_top1",
+        "n_eval",
+        "seconds",
+        "device",
+        "seed",
+        "calibration",
+    ):
+        assert key in report
+    assert report["n_eval"] == 200 and "data-free" in report["calibration"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "quant.json",
+        "report.json",
+        "report.md",
+        "student.safetensors",
+    ]
+    quant = json.loads((out / "quant.json").read_text())
+    assert quant["layers"]["conv1"]["wbits"] == 8 and len(quant["layers"]) == 20
+    from safetensors.torch import load_file
+
+    state = load_file(out / "student.safetensors")
+    assert state["linear.weight"].shape == (10, 64)
+    assert not (tmp_path / "w8a8.partial").exists()
+
+
+def test_gdfq_ait_cli_run_and_resume(tmp_path, shared_data):
+    weights = shared_data / "weights" / "resnet20_fashionmnist.pt"
+    args = [
+        "quantize",
+        "--model",
+        "resnet20",
+        "--weights",
+        str(weights),
+        "--image-size",
+        "28",
+        "--method",
+        "gdfq",
+        "--ait",
+        "--recipe",
+        "demo",
+        "--set",
+        "epochs=3",
+        "--set",
+        "iters_per_epoch=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "gen_warmup_epochs=1",
+        "--set",
+        "act_calib_epochs=1",
+        "--set",
+        "probe_batch_size=8",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    out = tmp_path / "ait"
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "gdfq+ait" and report["recipe"]["gi"] is True
+    assert report["recipe"]["loss"] == "kl" and report["epochs_run"] == 3
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and "kappa" in metrics[-1]
+    assert not (out / "checkpoint").exists()  # checkpoints are dropped once the run completes
+    # --resume on a finished run is refused with a clear message
+    assert main([*args, "--resume", str(out)]) == 2
+
+
+def _bad(tmp_path, *extra, model="resnet20"):
+    out = tmp_path / "out"
+    result = run_cli(
+        "quantize", "--model", model, "--out", out, "--device", "cpu", "--quiet", *extra
+    )
+    assert result.returncode == 2, result.stderr
+    # warnings (e.g. "no weights given") may precede it; the error itself is one line
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("WARNING")]
+    assert len(lines) == 1 and lines[0].startswith("zsq: error:"), result.stderr
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    return lines[0]
+
+
+def test_missing_weights_file(tmp_path):
+    assert "not found" in _bad(tmp_path, "--weights", tmp_path / "nope.pt")
+
+
+def test_corrupt_weights_file(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    assert "bad.pt" in _bad(tmp_path, "--weights", bad)
+
+
+def test_wrong_class_count(tmp_path):
+    weights = tmp_path / "r20.pt"
+    from zsq.models import create_model
+
+    torch.save(create_model("resnet20", num_classes=10).state_dict(), weights)
+    assert "num-classes" in _bad(tmp_path, "--weights", weights, "--num-classes", "100")
+
+
+def test_unknown_model_bad_bits_missing_data_and_unwritable_output(tmp_path):
+    assert "unknown model" in _bad(tmp_path, model="resnet21").lower()
+    assert "out of range" in _bad(tmp_path, "--wbits", "9")
+    assert "not found" in _bad(tmp_path, "--eval-data", f"npz:{tmp_path / 'missing.npz'}")
+    result = run_cli("quantize", "--model", "resnet20", "--out", "/proc/zsq-out", "--quiet")
+    assert result.returncode == 2 and "cannot write" in result.stderr
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = run_cli("quantize", "--model", "resnet20", "--out", tmp_path / "out", "--quiet")
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
