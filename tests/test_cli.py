@@ -191,3 +191,67 @@ def test_existing_output_dir_is_not_overwritten(tmp_path):
     result = run_cli("quantize", "--model", "resnet20", "--out", tmp_path / "out", "--quiet")
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, shared_data):
+    """Ctrl-C after the first checkpoint, then --resume: same student as an uninterrupted run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    weights = shared_data / "weights" / "resnet20_fashionmnist.pt"
+    args = [
+        "quantize",
+        "--model",
+        "resnet20",
+        "--weights",
+        weights,
+        "--image-size",
+        "28",
+        "--method",
+        "gdfq",
+        "--ait",
+        "--recipe",
+        "demo",
+        "--set",
+        "epochs=6",
+        "--set",
+        "iters_per_epoch=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "gen_warmup_epochs=1",
+        "--set",
+        "act_calib_epochs=1",
+        "--set",
+        "probe_batch_size=8",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+    ]
+    assert run_cli(*args, "--out", tmp_path / "full").returncode == 0
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zsq", *map(str, args), "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoint = tmp_path / "cut.partial" / "checkpoint" / "last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, proc.stderr.read()
+    assert checkpoint.exists() and not out.exists()
+
+    resumed = run_cli(*args, "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    full = load_file(tmp_path / "full" / "student.safetensors")
+    cut = load_file(out / "student.safetensors")
+    assert full.keys() == cut.keys()
+    for key in full:
+        assert torch.equal(full[key], cut[key]), key

@@ -74,14 +74,14 @@ def test_update_is_kappa_times_the_optimizer_update_and_momentum_keeps_raw_grad(
     assert (stats.kappa > 1).all()
 
 
-def test_real_layer_of_the_shared_resnet20(shared_data):
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_real_layer_of_the_shared_resnet20(shared_data, name):
     from zsq.models import load_teacher
 
     teacher, _ = load_teacher("resnet20", str(shared_data / "weights/resnet20_cifar10jpeg.pt"))
     student = quantize_model(teacher, QuantSpec(wbits=4, abits=None))
     layers = [(n, m) for n, m in quant_layers(student) if n == "layer2.0.conv1"]
-    opt = torch.optim.SGD([layers[0][1].weight], lr=1e-4, momentum=0.9, nesterov=True)
-    gi = GradientInundation(opt, layers, rho=1e-3)
+    gi = GradientInundation(OPTIMIZERS[name]([layers[0][1].weight]), layers, rho=1e-3)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         target = teacher(x).softmax(1)
@@ -132,3 +132,20 @@ def test_rejects_bad_rho_and_foreign_layers():
     other = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1e-4)
     with pytest.raises(ZsqError, match="not optimised"):
         GradientInundation(other, list(quant_layers(student)), rho=1e-3)
+
+
+@pytest.mark.gpu
+def test_gi_step_makes_no_host_sync_on_cuda():
+    student = _student().cuda()
+    opt = torch.optim.SGD(list(student.parameters()), lr=1e-4, momentum=0.9, nesterov=True)
+    gi = GradientInundation(opt, list(quant_layers(student)), rho=1e-2)
+    x = torch.randn(32, 256, device="cuda")
+    student(x).pow(2).mean().backward()
+    gi.step()  # warm-up (lazy optimiser state)
+    student(x).pow(2).mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gi.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -91,7 +91,7 @@ def search_kappa(
     fractions = code_change_fraction(layer, old, delta, old_codes, ladder)
     reached = fractions >= rho
     first = torch.where(
-        reached.any(), reached.float().argmax(), torch.tensor(n_doublings, device=old.device)
+        reached.any(), reached.float().argmax(), torch.full((), n_doublings, device=old.device)
     )
     hi = ladder[first]
     # Eq. 10: keep the evaluated kappa whose fraction is closest to rho (the doubling steps the
