@@ -155,3 +155,27 @@ def test_resume_with_other_recipe_is_refused(tmp_path):
     _setup(tmp_path, gi=False).fit(max_epochs=1)
     with pytest.raises(ZsqError, match="different recipe"):
         _setup(tmp_path, gi=True).resume()
+
+
+@pytest.mark.parametrize("method", ["gdfq", "qimera", "arc"])
+@pytest.mark.parametrize("ait", [False, True])
+def test_every_method_runs_end_to_end(method, ait):
+    from zsq.api import zero_shot_quantize
+
+    torch.manual_seed(0)
+    teacher = digits_cnn().eval()
+    tiny = {**TINY, "epochs": 2, "iters_per_epoch": 2, "lr_milestones": ()}
+    student, history = zero_shot_quantize(
+        teacher,
+        image_shape=(1, 8, 8),
+        num_classes=10,
+        method=method,
+        ait=ait,
+        recipe="demo",
+        overrides=tiny,
+        device="cpu",
+        progress=False,
+    )
+    assert len(history) == 2 and "probe_kl" in history[-1]
+    assert ("kappa" in history[-1]) == ait
+    assert student(torch.randn(2, 1, 8, 8)).shape == (2, 10)

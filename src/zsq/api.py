@@ -22,7 +22,7 @@ from zsq.recipes import AIT_CHANGES, DistillRecipe, apply_overrides, get_recipe
 from zsq.runtime import resolve_device
 from zsq.synth import available_sources, build_source
 
-GENERATOR_METHODS = ("gdfq",)
+GENERATOR_METHODS = ("gdfq", "qimera", "arc")
 
 
 def resolve_recipe(

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a teacher and write the student")
     _add_model_args(p)
     _add_quant_args(p, default_bits="4")
-    p.add_argument("--method", default="minmax", help="minmax, gdfq (see README)")
+    p.add_argument("--method", default="minmax", help="minmax, gdfq, qimera, arc (see README)")
     p.add_argument("--out", help="output directory (created atomically)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run writing to DIR")
     g = p.add_argument_group("distillation (generator methods)")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import zsq
+from zsq.api import GENERATOR_METHODS
 from zsq.data import load_dataset, subset
 from zsq.errors import ZsqError
 from zsq.evaluate import EvalResult, evaluate
@@ -324,5 +325,5 @@ def run_distillation(ctx: Context) -> MethodResult:
     return MethodResult(student, report)
 
 
-for _name in ("gdfq",):
+for _name in GENERATOR_METHODS:
     register_method(_name)(run_distillation)

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from zsq.errors import ZsqError
+from zsq.synth.arc import GENOTYPES, ArcGenerator, ArcSource, CellGenotype
 from zsq.synth.base import SampleSource, SynthBatch, freeze_teacher
 from zsq.synth.bns import BatchNormStatsLoss, batch_mean_var, batchnorm_layers
 from zsq.synth.gdfq import (
@@ -23,6 +24,7 @@ from zsq.synth.gdfq import (
     build_gdfq_generator,
 )
 from zsq.synth.noise import GaussianSource
+from zsq.synth.qimera import QimeraSource
 
 SourceFactory = Callable[..., SampleSource]
 
@@ -76,13 +78,20 @@ def _check_options(name: str, factory: SourceFactory, kwargs: dict[str, Any]) ->
 
 register_source("gdfq", GdfqSource)
 register_source("gaussian", GaussianSource)
+register_source("qimera", QimeraSource)
+register_source("arc", ArcSource)
 
 __all__ = [
+    "ArcGenerator",
+    "ArcSource",
     "BatchNormStatsLoss",
+    "CellGenotype",
     "ConditionalBatchNorm2d",
+    "GENOTYPES",
     "GaussianSource",
     "GdfqGenerator",
     "GdfqSource",
+    "QimeraSource",
     "SampleSource",
     "SynthBatch",
     "available_sources",
