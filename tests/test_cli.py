@@ -18,6 +18,21 @@ def run_cli(*args):
 
 
 @pytest.fixture
+def small_teacher(tmp_path):
+    """The demo's digits CNN (random init: the mechanics do not need accuracy) with a sidecar."""
+    from safetensors.torch import save_file
+
+    from zsq.demo import digits_cnn
+
+    torch.manual_seed(0)
+    weights = tmp_path / "digits.safetensors"
+    save_file(digits_cnn().state_dict(), weights)
+    sidecar = {"num_classes": 10, "in_channels": 1, "normalize_mean": [0.3], "normalize_std": [0.4]}
+    (tmp_path / "digits.json").write_text(json.dumps(sidecar))
+    return ["--model", "zsq.demo:digits_cnn", "--weights", str(weights), "--image-size", "8"]
+
+
+@pytest.fixture
 def akamaster(shared_data):
     return shared_data / "weights" / "resnet20_cifar10_akamaster.th"
 
@@ -103,16 +118,10 @@ def test_quantize_minmax_writes_every_output(tmp_path, shared_data, akamaster, c
     assert not (tmp_path / "w8a8.partial").exists()
 
 
-def test_gdfq_ait_cli_run_and_resume(tmp_path, shared_data):
-    weights = shared_data / "weights" / "resnet20_fashionmnist.pt"
+def test_gdfq_ait_cli_run_and_resume(tmp_path, small_teacher):
     args = [
         "quantize",
-        "--model",
-        "resnet20",
-        "--weights",
-        str(weights),
-        "--image-size",
-        "28",
+        *small_teacher,
         "--method",
         "gdfq",
         "--ait",
@@ -193,22 +202,16 @@ def test_existing_output_dir_is_not_overwritten(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, shared_data):
+def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, small_teacher):
     """Ctrl-C after the first checkpoint, then --resume: same student as an uninterrupted run."""
     import signal
     import time
 
     from safetensors.torch import load_file
 
-    weights = shared_data / "weights" / "resnet20_fashionmnist.pt"
     args = [
         "quantize",
-        "--model",
-        "resnet20",
-        "--weights",
-        weights,
-        "--image-size",
-        "28",
+        *small_teacher,
         "--method",
         "gdfq",
         "--ait",
