@@ -32,6 +32,31 @@ def small_teacher(tmp_path):
     return ["--model", "zsq.demo:digits_cnn", "--weights", str(weights), "--image-size", "8"]
 
 
+def tiny_distill_args(teacher_args, epochs):
+    """A GDFQ+AIT run of a few seconds on the small teacher."""
+    sets = [
+        f"epochs={epochs}",
+        "iters_per_epoch=2",
+        "batch_size=4",
+        "gen_warmup_epochs=1",
+        "act_calib_epochs=1",
+        "probe_batch_size=8",
+    ]
+    return [
+        "quantize",
+        *teacher_args,
+        "--method",
+        "gdfq",
+        "--ait",
+        "--recipe",
+        "demo",
+        *[arg for item in sets for arg in ("--set", item)],
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+
+
 @pytest.fixture
 def akamaster(shared_data):
     return shared_data / "weights" / "resnet20_cifar10_akamaster.th"
@@ -119,30 +144,7 @@ def test_quantize_minmax_writes_every_output(tmp_path, shared_data, akamaster, c
 
 
 def test_gdfq_ait_cli_run_and_resume(tmp_path, small_teacher):
-    args = [
-        "quantize",
-        *small_teacher,
-        "--method",
-        "gdfq",
-        "--ait",
-        "--recipe",
-        "demo",
-        "--set",
-        "epochs=3",
-        "--set",
-        "iters_per_epoch=2",
-        "--set",
-        "batch_size=4",
-        "--set",
-        "gen_warmup_epochs=1",
-        "--set",
-        "act_calib_epochs=1",
-        "--set",
-        "probe_batch_size=8",
-        "--quiet",
-        "--device",
-        "cpu",
-    ]
+    args = tiny_distill_args(small_teacher, epochs=3)
     out = tmp_path / "ait"
     assert main([*args, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -209,32 +211,7 @@ def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, small_teache
 
     from safetensors.torch import load_file
 
-    args = [
-        "quantize",
-        *small_teacher,
-        "--method",
-        "gdfq",
-        "--ait",
-        "--recipe",
-        "demo",
-        "--set",
-        "epochs=6",
-        "--set",
-        "iters_per_epoch=2",
-        "--set",
-        "batch_size=4",
-        "--set",
-        "gen_warmup_epochs=1",
-        "--set",
-        "act_calib_epochs=1",
-        "--set",
-        "probe_batch_size=8",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--seed",
-        "3",
-    ]
+    args = [*tiny_distill_args(small_teacher, epochs=6), "--seed", "3"]
     assert run_cli(*args, "--out", tmp_path / "full").returncode == 0
 
     out = tmp_path / "cut"

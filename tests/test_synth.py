@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _teachers import tiny_teacher
 from zsq.errors import ZsqError
 from zsq.synth import (
     BatchNormStatsLoss,
@@ -20,27 +21,6 @@ from zsq.synth import (
     build_gdfq_generator,
     build_source,
 )
-
-
-def tiny_teacher(channels: int = 3, num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """A small CNN with BN whose running stats come from shifted, scaled noise (not 0/1)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(channels, 8, 3, padding=1),
-        nn.BatchNorm2d(8, momentum=None),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.BatchNorm2d(16, momentum=None),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, num_classes),
-    )
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(32, channels, 8, 8) * 1.5 + 0.3)
-    return model.eval()
 
 
 def make_gdfq(teacher: nn.Module | None = None, **kwargs) -> GdfqSource:
