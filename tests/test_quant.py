@@ -139,6 +139,7 @@ def _count(model):
     [
         (lambda: torchvision.models.resnet18(), 21, 9),
         (lambda: torchvision.models.mobilenet_v2(), 53, 35),
+        (lambda: torchvision.models.resnet50(), 54, 17),
     ],
 )
 def test_module_swap_counts_torchvision(factory, n_layers, n_relu):
