@@ -12,9 +12,12 @@ The search (per layer, all on the device, no host synchronisation):
    smallest kappa with f >= rho is taken (kappa = 1 when f(1) >= rho already, the cap if none);
 2. binary search between kappa/2 and kappa, at most ``search_steps`` steps, stopping early once
    |f - rho| < rho * tolerance;
-3. of all kappas evaluated, the one with f closest to rho is used (Eq. 10's argmin). f jumps when
-   a channel's extreme weight moves (its range, hence every code in it, changes), so the last
-   bisection point is not always the best.
+3. of the kappas evaluated whose f still reaches rho, the one with the smallest f is used: the
+   paper's goal is to *guarantee* that a share rho changes (Eq. 10's argmin, taken from above).
+   The target is rounded to a whole number of weights, at least one: a layer with
+   rho * numel < 1 still changes one weight per step. f is a step
+   function that jumps when a channel's extreme weight moves, so the last bisection point is
+   not always the best.
 The cap is ``warmup_cap`` (128) during the GI warm-up and ``max_kappa`` always: a zero gradient
 cannot loop. Non-finite gradient entries are zeroed before the optimiser sees them, so NaN/Inf
 never reach the weights or the optimiser state.
@@ -86,35 +89,35 @@ def search_kappa(
 ) -> tuple[Tensor, Tensor]:
     """Kappa for one layer (a 0-d device tensor) and the code-change fraction it gives."""
     old_codes = layer_codes(layer, old)
+    # the share that "reaches rho": the nearest whole number of weights, at least one
+    numel = old.numel()
+    target = max(1, round(rho * numel)) / numel
+    slack = 0.5 / numel  # fractions are multiples of 1/numel: compare with half a weight to spare
+    tolerance = max(target * tolerance, slack)
     n_doublings = int(math.floor(math.log2(cap)))
     ladder = 2.0 ** torch.arange(n_doublings + 1, device=old.device, dtype=old.dtype)
     fractions = code_change_fraction(layer, old, delta, old_codes, ladder)
-    reached = fractions >= rho
+    reached = fractions >= target - slack
     first = torch.where(
         reached.any(), reached.float().argmax(), torch.full((), n_doublings, device=old.device)
     )
     hi = ladder[first]
-    # Eq. 10: keep the evaluated kappa whose fraction is closest to rho (the doubling steps the
-    # reference would have visited, then every bisection point); ties go to the smaller kappa.
-    visited = torch.arange(n_doublings + 1, device=old.device) <= first
-    errors = torch.where(visited, (fractions - rho).abs(), torch.full_like(fractions, math.inf))
-    # if even the cap does not reach rho, use the cap (as the reference's doubling would)
-    best = torch.where(reached.any(), errors.argmin(), first)
-    kappa, fraction, best_error = ladder[best], fractions[best], errors[best]
-    # no bisection when kappa = 1 suffices or even the cap does not reach rho
-    done = (first == 0) | ~reached.any() | (best_error < rho * tolerance)
+    # start from the first doubling that reaches rho (or the cap if none does); kappa = 1 needs
+    # no search, nor does a cap that falls short
+    kappa, fraction = hi, fractions[first]
+    done = (first == 0) | ~reached.any() | ((fraction - target).abs() < tolerance)
     lo = hi / 2
     for _ in range(search_steps):
         mid = (lo + hi) / 2
         f_mid = code_change_fraction(layer, old, delta, old_codes, mid.view(1))[0]
         active = ~done
-        error = (f_mid - rho).abs()
-        better = active & (error < best_error)
+        close = (f_mid - target).abs() < tolerance
+        # a candidate must still reach the target; keep the one nearest to it
+        better = active & (f_mid >= target - slack) & (f_mid <= fraction)
         kappa = torch.where(better, mid, kappa)
         fraction = torch.where(better, f_mid, fraction)
-        best_error = torch.where(better, error, best_error)
-        done = done | (error < rho * tolerance)
-        above = f_mid > rho
+        done = done | close
+        above = f_mid >= target - slack
         hi = torch.where(active & above, mid, hi)
         lo = torch.where(active & ~above, mid, lo)
     still = delta.abs().amax() == 0  # nothing to scale: report kappa 1
