@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# W4A4 table on CPU with the `short` recipe: FP32 (teacher), minmax, GDFQ, GDFQ+AIT, KL-only (no GI)
-# for the two shared ResNet-20 teachers. Outputs under runs/issue3/<data>/<row>/ (report.json,
+# W4A4 table on CPU with the `short` recipe for the two shared ResNet-20 teachers. Rows (ROWS=...):
+# minmax gdfq gdfq+ait kl-only (issue 3, the default) and qimera qimera+ait arc arc+ait ait-adam
+# ait-rmsprop (issue 4); DATASETS="fashion-mnist cifar10-jpeg" by default. Outputs under runs/issue3/<data>/<row>/ (report.json,
 # metrics.jsonl); summarise with `python benchmarks/summarize_runs.py runs/issue3`.
 set -euo pipefail
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
@@ -23,11 +24,20 @@ run_row() {  # data-name weights eval-spec image-size row
     gdfq)    zsq quantize "${args[@]}" "${resume[@]}" --method gdfq --recipe "$RECIPE" ;;
     gdfq+ait) zsq quantize "${args[@]}" "${resume[@]}" --method gdfq --ait --recipe "$RECIPE" ;;
     kl-only) zsq quantize "${args[@]}" "${resume[@]}" --method gdfq --loss kl --no-gi --recipe "$RECIPE" ;;
+    qimera|arc) zsq quantize "${args[@]}" "${resume[@]}" --method "$row" --recipe "$RECIPE" ;;
+    qimera+ait|arc+ait) zsq quantize "${args[@]}" "${resume[@]}" --method "${row%+ait}" --ait --recipe "$RECIPE" ;;
+    ait-adam|ait-rmsprop) zsq quantize "${args[@]}" "${resume[@]}" --method gdfq --ait --optimizer "${row#ait-}" --recipe "$RECIPE" ;;
+    *) echo "unknown row $row" >&2; exit 2 ;;
   esac > "$OUT/$name.$row.json" 2> "$OUT/$name.$row.log"
   echo "done $dir"
 }
 
+DATASETS=${DATASETS:-"fashion-mnist cifar10-jpeg"}
 for row in $ROWS; do
-  run_row fashion-mnist "$SHARED/weights/resnet20_fashionmnist.pt" "fashion-mnist:$SHARED/fashion-mnist" 28 "$row"
-  run_row cifar10-jpeg "$SHARED/weights/resnet20_cifar10jpeg.pt" "cifar10-jpeg:$SHARED/cifar10-jpeg" 32 "$row"
+  for data in $DATASETS; do
+    case $data in
+      fashion-mnist) run_row fashion-mnist "$SHARED/weights/resnet20_fashionmnist.pt" "fashion-mnist:$SHARED/fashion-mnist" 28 "$row" ;;
+      cifar10-jpeg) run_row cifar10-jpeg "$SHARED/weights/resnet20_cifar10jpeg.pt" "cifar10-jpeg:$SHARED/cifar10-jpeg" 32 "$row" ;;
+    esac
+  done
 done

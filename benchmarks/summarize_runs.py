@@ -13,12 +13,29 @@ import argparse
 import json
 from pathlib import Path
 
-ROW_ORDER = ["minmax", "gdfq", "gdfq+ait", "kl-only"]
+ROW_ORDER = [
+    "minmax",
+    "gdfq",
+    "gdfq+ait",
+    "kl-only",
+    "qimera",
+    "qimera+ait",
+    "arc",
+    "arc+ait",
+    "ait-adam",
+    "ait-rmsprop",
+]
 ROW_NAMES = {
     "minmax": "minmax (Gaussian calibration)",
     "gdfq": "GDFQ",
     "gdfq+ait": "GDFQ+AIT",
     "kl-only": "KL-only, no GI",
+    "qimera": "Qimera",
+    "qimera+ait": "Qimera+AIT",
+    "arc": "ARC",
+    "arc+ait": "ARC+AIT",
+    "ait-adam": "GDFQ+AIT, Adam",
+    "ait-rmsprop": "GDFQ+AIT, RMSProp",
 }
 
 
