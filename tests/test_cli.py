@@ -143,7 +143,7 @@ def test_quantize_minmax_writes_every_output(tmp_path, shared_data, akamaster, c
     assert not (tmp_path / "w8a8.partial").exists()
 
 
-def test_gdfq_ait_cli_run_and_resume(tmp_path, small_teacher):
+def test_gdfq_ait_cli_run_and_resume(tmp_path, small_teacher, capsys):
     args = tiny_distill_args(small_teacher, epochs=3)
     out = tmp_path / "ait"
     assert main([*args, "--out", str(out)]) == 0
@@ -155,6 +155,7 @@ def test_gdfq_ait_cli_run_and_resume(tmp_path, small_teacher):
     assert not (out / "checkpoint").exists()  # checkpoints are dropped once the run completes
     # --resume on a finished run is refused with a clear message
     assert main([*args, "--resume", str(out)]) == 2
+    assert "already finished" in capsys.readouterr().err
 
 
 def _bad(tmp_path, *extra, model="resnet20"):

@@ -26,6 +26,8 @@ def partial_dir(out: Path) -> Path:
 
 def check_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
     """Fail early, before any work, if ``out`` cannot be created as a fresh result folder."""
+    if resume and out.exists() and not partial_dir(out).exists():
+        raise ZsqError(f"the run in {out} already finished; there is nothing to resume")
     if out.exists() and not overwrite:
         raise ZsqError(f"output directory {out} already exists; pass --overwrite or choose another")
     if partial_dir(out).exists() and not (resume or overwrite):
