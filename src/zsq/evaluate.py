@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from zsq.errors import ZsqError
+from zsq.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def evaluate(
         raise ZsqError("cannot evaluate on an empty dataset; check the dataset spec and split")
     if batch_size < 1:
         raise ZsqError(f"batch_size must be >= 1, got {batch_size}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -67,12 +68,6 @@ def evaluate(
     result = EvalResult(100.0 * hits1 / seen, 100.0 * hits5 / seen, seen)
     logger.info("evaluated %s in %.1fs on %s", result, time.perf_counter() - start, device)
     return result
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()
