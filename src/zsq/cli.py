@@ -102,6 +102,7 @@ def _teacher_config(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from zsq.evaluate import evaluate
     from zsq.pipeline import QuantizeConfig, build_context, run_minmax
 
     started = time.perf_counter()
@@ -120,8 +121,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ctx = build_context(cfg, work_dir=Path("."))
     quantized = spec.wbits is not None or spec.abits is not None
     model = run_minmax(ctx).student if quantized else ctx.teacher
-    from zsq.evaluate import evaluate
-
     result = evaluate(model, ctx.eval_set, device=ctx.device, progress=not args.quiet)
     out = {
         "model": args.model,

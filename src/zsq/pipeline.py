@@ -10,7 +10,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -274,12 +274,6 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = ["# zsq quantize report", "", "| field | value |", "|---|---|"]
     lines += [f"| {key} | {_fmt(value)} |" for key, value in rows]
     return "\n".join(lines) + "\n"
-
-
-def config_to_dict(cfg: QuantizeConfig) -> dict[str, Any]:
-    data = asdict(cfg)
-    data["out"] = str(cfg.out)
-    return data
 
 
 def run_distillation(ctx: Context) -> MethodResult:

@@ -163,10 +163,6 @@ class GradientInundation:
         self.tolerance = tolerance
 
     @property
-    def names(self) -> list[str]:
-        return [n for n, _ in self.layers]
-
-    @property
     def cap(self) -> float:
         return min(self.warmup_cap, self.max_kappa) if self.warmup else self.max_kappa
 

@@ -88,8 +88,6 @@ class Distiller:
         evaluate: Evaluator | None = None,
         progress: bool = True,
     ) -> None:
-        if recipe.act_calib_epochs < 1:
-            raise ZsqError("act_calib_epochs must be >= 1: activation ranges need observing")
         self.teacher = teacher.eval()
         self.student = student
         self.source = source
@@ -113,7 +111,7 @@ class Distiller:
             else None
         )
         self.crossings = CrossingMeter(self.layers)
-        self.layer_names = [n for n, m in self.layers if m.wbits is not None]
+        self.layer_names = [n for n, _ in self.crossings.layers]  # the layers GI and counts see
         self.optimizers = [self.optimizer]
         if source.optimizer is not None:
             self.optimizers.append(source.optimizer)

@@ -56,6 +56,8 @@ class DistillRecipe:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ZsqError(f"recipe field {name}={getattr(self, name)} must be >= 1")
+        if self.act_calib_epochs < 1:
+            raise ZsqError("act_calib_epochs must be >= 1: activation ranges need observing")
         if self.gen_warmup_epochs >= self.epochs:
             raise ZsqError(
                 f"gen_warmup_epochs={self.gen_warmup_epochs} leaves no student epochs out of "
