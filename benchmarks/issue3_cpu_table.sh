@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# W4A4 table on CPU with the `short` recipe for the two shared ResNet-20 teachers. Rows (ROWS=...):
+# W<BITS>A<BITS> table (BITS=4 by default) on CPU with the `short` recipe for the two shared
+# ResNet-20 teachers. Rows (ROWS=...):
 # minmax gdfq gdfq+ait kl-only (issue 3, the default) and qimera qimera+ait arc arc+ait ait-adam
 # ait-rmsprop (issue 4); DATASETS="fashion-mnist cifar10-jpeg" by default. Outputs under runs/issue3/<data>/<row>/ (report.json,
 # metrics.jsonl); summarise with `python benchmarks/summarize_runs.py runs/issue3`.
 set -euo pipefail
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
+BITS=${BITS:-4}
 OUT=${OUT:-runs/issue3}
 SEED=${SEED:-0}
 RECIPE=${RECIPE:-short}
@@ -15,7 +17,7 @@ run_row() {  # data-name weights eval-spec image-size row
   local name=$1 weights=$2 data=$3 size=$4 row=$5
   local dir="$OUT/$name/$row"
   [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; return; }
-  local args=(--model resnet20 --weights "$weights" --image-size "$size" --wbits 4 --abits 4
+  local args=(--model resnet20 --weights "$weights" --image-size "$size" --wbits "$BITS" --abits "$BITS"
               --eval-data "$data" --seed "$SEED" --device cpu --quiet --json)
   local resume=(--out "$dir")
   [ -d "$dir.partial/checkpoint" ] && resume=(--resume "$dir")

@@ -151,3 +151,44 @@ def test_gi_step_makes_no_host_sync_on_cuda():
         gi.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_stacked_search_matches_the_per_layer_search_in_layer_order():
+    """Same-shaped layers are searched as one stack; results must equal one search per layer and
+    come back in the model's layer order (shapes interleaved on purpose)."""
+    from zsq.distill import search_kappa
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+    )
+    student = quantize_model(model, QuantSpec(wbits=4, abits=None))
+    layers = list(quant_layers(student))
+    opt = torch.optim.SGD(list(student.parameters()), lr=1e-4, momentum=0.9, nesterov=True)
+    gi = GradientInundation(opt, layers, rho=1e-2)
+    assert sorted(len(s.weights) for s in gi.stacks) == [1, 1, 3]
+    student(torch.randn(16, 64)).pow(2).mean().backward()
+    old = [m.weight.detach().reshape(m.weight.shape[0], -1).clone() for _, m in layers]
+    reference = copy.deepcopy(opt.state_dict())
+    stats = gi.step()
+    # replay the plain optimiser update on a copy to get each layer's delta
+    replay = copy.deepcopy(student)
+    for (_, m), w0 in zip(quant_layers(replay), old, strict=True):
+        m.weight.data.copy_(w0.view_as(m.weight))
+    replay_opt = torch.optim.SGD(list(replay.parameters()), lr=1e-4, momentum=0.9, nesterov=True)
+    replay_opt.load_state_dict(reference)
+    for p, q in zip(replay.parameters(), student.parameters(), strict=True):
+        p.grad = q.grad.clone()
+    replay_opt.step()
+    for i, ((_, m), w0) in enumerate(zip(quant_layers(replay), old, strict=True)):
+        delta = m.weight.detach().reshape(m.weight.shape[0], -1) - w0
+        kappa, fraction = search_kappa(m, w0, delta, rho=1e-2, cap=gi.cap)
+        assert kappa == stats.kappa[i] and fraction == stats.fraction[i], i
