@@ -17,6 +17,7 @@ from torch import nn
 from zsq.distill import Distiller
 from zsq.distill.trainer import Evaluator
 from zsq.errors import ZsqError
+from zsq.execution import Execution
 from zsq.quant import QuantSpec, quantize_model
 from zsq.recipes import AIT_CHANGES, DistillRecipe, apply_overrides, get_recipe
 from zsq.runtime import resolve_device
@@ -55,12 +56,14 @@ def zero_shot_quantize(
     resume: bool = False,
     evaluate: Evaluator | None = None,
     progress: bool = True,
+    execution: Execution | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Distill a fake-quantized student from ``teacher`` on synthetic samples of ``method``.
 
     ``ait=True`` applies AIT (KL-only loss, gradient inundation, no weight decay). ``work_dir``
     receives per-epoch checkpoints and ``metrics.jsonl``; ``resume=True`` continues from them.
-    ``evaluate(student) -> top1`` is called on schedule for the log only.
+    ``evaluate(student) -> top1`` is called on schedule for the log only. ``execution`` picks
+    precision and ``torch.compile`` (:class:`zsq.execution.Execution`; default fp32, eager).
     """
     if method not in available_sources():
         raise ZsqError(f"unknown method {method!r}; choose one of {available_sources()}")
@@ -75,6 +78,7 @@ def zero_shot_quantize(
     source = build_source(
         method, teacher, num_classes=num_classes, image_shape=image_shape, **source_options
     ).to(dev)
+    trainer = None
     try:
         trainer = Distiller(
             teacher,
@@ -85,10 +89,13 @@ def zero_shot_quantize(
             work_dir=work_dir,
             evaluate=evaluate,
             progress=progress,
+            execution=execution,
         )
         if resume and not trainer.resume():
             raise ZsqError(f"no checkpoint to resume in {work_dir}; start without --resume")
         history = trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.close()
         source.close()
     return student, history

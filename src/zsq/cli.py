@@ -178,12 +178,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _method_options(args: argparse.Namespace) -> dict:
     """Recipe name, AIT switch and explicit overrides (flags, then --set), as the API takes them."""
+    from zsq.execution import Execution
     from zsq.recipes import parse_overrides
 
     flags = ("loss", "gi", "optimizer", "lr_mult")
     overrides = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
     overrides.update(parse_overrides(args.set))
-    return {"recipe": args.recipe, "ait": args.ait, "overrides": overrides}
+    compile_mode = None if args.compile == "off" else args.compile
+    return {
+        "recipe": args.recipe,
+        "ait": args.ait,
+        "overrides": overrides,
+        "execution": Execution(precision=args.precision, compile=compile_mode),
+    }
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -232,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=VALUE",
         help="override any recipe field, e.g. --set epochs=10 --set rho=1e-3",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        default="fp32",
+        help="fp32 (exact), tf32 (GPU tensor cores), bf16 (tf32 + bfloat16 teacher/generator)",
+    )
+    g.add_argument(
+        "--compile",
+        choices=("off", "default", "reduce-overhead", "max-autotune"),
+        default="off",
+        help="torch.compile teacher, student, generator and the GI search "
+        "(reduce-overhead = CUDA graphs)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--eval-data", help="dataset spec to measure accuracy on (never trained on)")

@@ -23,6 +23,7 @@ from zsq.api import GENERATOR_METHODS
 from zsq.data import load_dataset, subset
 from zsq.errors import ZsqError
 from zsq.evaluate import EvalResult, evaluate
+from zsq.execution import Execution
 from zsq.io import atomic_output_dir, check_output_dir, save_safetensors, write_json, write_text
 from zsq.models import ModelMeta, load_teacher
 from zsq.ptq import calibrate_activations, gaussian_batches
@@ -304,6 +305,7 @@ def run_distillation(ctx: Context) -> MethodResult:
         resume=cfg.resume,
         evaluate=evaluate_fn,
         progress=cfg.progress,
+        execution=opts.get("execution"),
     )
     last = history[-1] if history else {}
     report = {
@@ -312,6 +314,7 @@ def run_distillation(ctx: Context) -> MethodResult:
         "calibration": (
             f"EMA of synthetic batches over the first {recipe.act_calib_epochs} epochs (data-free)"
         ),
+        "execution": vars(opts.get("execution") or Execution()),
         "final_probe_kl": last.get("probe_kl"),
         "epochs_run": len(history),
         "metrics": "metrics.jsonl",

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from zsq.errors import ZsqError
+from zsq.execution import compiled_function
 from zsq.quant.modules import QuantConv2d, QuantLinear
 from zsq.quant.quantizer import qparams_from_range, quantize_codes
 
@@ -250,8 +251,8 @@ class GradientInundation:
 
     ``layers`` are the (name, QuantConv2d/QuantLinear) pairs whose weights get GI; their weights
     must be parameters of ``optimizer``. Other parameters (biases, BN, ...) update normally.
-    ``compile=True`` runs the search through ``torch.compile`` (one fused program per layer
-    shape; worth it on a GPU, where the eager search is launch-bound).
+    ``compile_mode`` (a ``torch.compile`` mode) compiles the search: one fused program per layer
+    shape, worth it on a GPU, where the eager search is bound by kernel launches.
     """
 
     def __init__(
@@ -265,7 +266,7 @@ class GradientInundation:
         max_kappa: float = MAX_KAPPA,
         search_steps: int = 5,
         tolerance: float = 0.01,
-        compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         if not 0 < rho < 1:
             raise ZsqError(f"gradient inundation rho={rho} must be in (0, 1), e.g. 1e-3")
@@ -287,7 +288,9 @@ class GradientInundation:
         self.tolerance = tolerance
         self.stacks = LayerStacks(self.layers)
         self._search: Callable[..., tuple[Tensor, Tensor]] = (
-            compiled(search_kappa_stacked) if compile else search_kappa_stacked
+            compiled_function(search_kappa_stacked, compile_mode)
+            if compile_mode
+            else search_kappa_stacked
         )
         self._settings: dict[tuple, tuple[Tensor, ...]] = {}
 
@@ -332,16 +335,6 @@ class GradientInundation:
     def load_state_dict(self, state: dict) -> None:
         self.rho = state["rho"]
         self.warmup = state["warmup"]
-
-
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile`` with room for one specialisation per layer shape."""
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    return torch.compile(fn, dynamic=False)
 
 
 @torch.no_grad()

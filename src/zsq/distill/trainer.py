@@ -10,6 +10,7 @@ of (models, optimisers, RNG, probe batch, epoch) resumes exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from zsq.distill.inundation import CrossingMeter, GradientInundation, InundationStats
 from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
 from zsq.errors import ZsqError
+from zsq.execution import Execution, compile_in_place, release_compiled
 from zsq.io import CHECKPOINT_DIRNAME, torch_save, write_text
 from zsq.quant import quant_layers, set_observing
 from zsq.recipes import DistillRecipe
@@ -74,6 +76,8 @@ class Distiller:
 
     ``work_dir`` receives ``metrics.jsonl`` and ``checkpoint/last.pt`` every epoch; ``evaluate``
     (optional) scores the student on real data for the log only, never to select or train.
+    ``execution`` sets precision and ``torch.compile`` (see :mod:`zsq.execution`); compiled
+    modules get their eager forward back from :meth:`close`.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Distiller:
         work_dir: Path | None = None,
         evaluate: Evaluator | None = None,
         progress: bool = True,
+        execution: Execution | None = None,
     ) -> None:
         self.teacher = teacher.eval()
         self.student = student
@@ -96,6 +101,7 @@ class Distiller:
         self.work_dir = work_dir
         self.evaluate = evaluate
         self.progress = progress
+        self.execution = execution or Execution()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         for p in self.student.parameters():  # the student may be a copy of a frozen teacher
@@ -105,7 +111,11 @@ class Distiller:
         self.optimizer = build_optimizer(list(student.parameters()), recipe)
         self.gi = (
             GradientInundation(
-                self.optimizer, self.layers, rho=recipe.rho, max_kappa=recipe.max_kappa
+                self.optimizer,
+                self.layers,
+                rho=recipe.rho,
+                max_kappa=recipe.max_kappa,
+                compile_mode=self.execution.compile,
             )
             if recipe.gi
             else None
@@ -119,6 +129,17 @@ class Distiller:
         self.epoch = 0
         self.probe: SynthBatch | None = None
         self.history: list[dict[str, Any]] = []
+        source.forward_precision = lambda: self.execution.autocast(device)
+        self._compiled: list[nn.Module] = []
+        if self.execution.compile:
+            modules = [teacher, student, *source.children()]
+            self._compiled = compile_in_place(modules, self.execution.compile)
+
+    def close(self) -> None:
+        """Undo what the trainer did to shared objects: compiled forwards, the source's autocast."""
+        release_compiled(self._compiled)
+        self._compiled = []
+        self.source.forward_precision = contextlib.nullcontext
 
     # --- schedule, derived from the epoch number --------------------------------------------
     def decay_at(self, epoch: int) -> float:
@@ -156,7 +177,8 @@ class Distiller:
         )
         while self.epoch < stop:
             started = time.perf_counter()
-            metrics = self.train_epoch(self.epoch)
+            with self.execution.tensor_core_scope():
+                metrics = self.train_epoch(self.epoch)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             self.history.append(metrics)
             self.epoch += 1
@@ -199,8 +221,8 @@ class Distiller:
     def student_step(self, batch: SynthBatch) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
         """One optimiser step of the student on ``batch``. Returns loss terms, per-layer share
         of weight levels changed, and per-layer kappa (GI only); all device tensors."""
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch.images)
+        with torch.no_grad(), self.execution.autocast(self.device):
+            teacher_logits = self.teacher(batch.images).float()
         student_logits = self.student(batch.images)
         terms: dict[str, Tensor] = {}
         if "kl" in self.recipe.loss:

@@ -11,9 +11,10 @@ RNG-state checkpointing is enough for an exact resume.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -71,6 +72,8 @@ class SampleSource(nn.Module, ABC):
     only the source's own state (e.g. the generator) and ``.to()`` does not move the teacher.
     Trainable sources set ``self.optimizer`` so the trainer can attach LR schedulers and save it.
     Building a source puts the teacher in eval mode (BN must normalise with running statistics).
+    ``forward_precision`` returns the context the source's forward passes run in (the trainer
+    sets it to bf16 autocast for ``--precision bf16``); losses and backward passes run outside it.
     """
 
     trainable: ClassVar[bool] = False
@@ -80,6 +83,9 @@ class SampleSource(nn.Module, ABC):
         self.num_classes = check_num_classes(num_classes)
         self.image_shape: ImageShape = check_image_shape(image_shape)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.forward_precision: Callable[[], contextlib.AbstractContextManager] = (
+            contextlib.nullcontext
+        )
         # object.__setattr__ keeps the teacher out of this module's children (see class doc).
         object.__setattr__(self, "teacher", teacher)
         teacher.eval()

@@ -268,9 +268,10 @@ class GdfqSource(SampleSource):
 
     def step(self, batch_size: int) -> tuple[SynthBatch, dict[str, Tensor]]:
         self._ensure_teacher_eval()
-        images, targets, labels = self._draw(batch_size)
-        with self.bns:
-            logits = self.teacher(images)
+        with self.forward_precision():
+            images, targets, labels = self._draw(batch_size)
+            with self.bns:
+                logits = self.teacher(images)
         self._check_logits(logits)
         ce = self.generator_loss(logits, targets)
         bns = self.bns.loss()
@@ -280,7 +281,7 @@ class GdfqSource(SampleSource):
         self.optimizer.step()
         self.bns.records = []  # drop the graph-holding stats until the next step
         terms = {"gen_ce": ce.detach(), "gen_bns": bns.detach(), "gen_loss": loss.detach()}
-        return SynthBatch(images.detach(), targets, labels), terms
+        return SynthBatch(images.detach().float(), targets, labels), terms
 
     def close(self) -> None:
         self.bns.remove()

@@ -1,0 +1,100 @@
+"""How a run computes, as opposed to what it computes: float precision and ``torch.compile``.
+
+These options change speed (and, for tf32/bf16, the last bits of results) but not the method, so
+they are not part of a recipe and a checkpoint resumes under any of them.
+
+Precision:
+- ``fp32``: true float32 everywhere (TF32 off for cuDNN convolutions and matmuls, although
+  PyTorch's own default allows it for convolutions).
+- ``tf32``: TF32 tensor cores for convolutions and matmuls (Ampere and newer GPUs; no effect on
+  CPU).
+- ``bf16``: tf32, plus bfloat16 autocast for the full-precision side of the loop (teacher and
+  generator forwards). The student's fake quantization always runs in float32: rounding
+  ``S * x - z`` in bfloat16 (8 mantissa bits) would move codes across rounding thresholds.
+
+Compile: ``torch.compile`` mode (``default``, ``reduce-overhead`` = CUDA graphs,
+``max-autotune``) applied in place to the teacher, the student and the source's generator, and to
+gradient inundation's kappa search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zsq.errors import ZsqError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Precision and compile mode of a training run (see the module docstring)."""
+
+    precision: str = "fp32"
+    compile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ZsqError(f"unknown precision {self.precision!r}; use one of {PRECISIONS}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ZsqError(
+                f"unknown compile mode {self.compile!r}; use one of {COMPILE_MODES} or none"
+            )
+
+    @contextlib.contextmanager
+    def tensor_core_scope(self) -> Iterator[None]:
+        """TF32 on (tf32, bf16) or off (fp32) for cuDNN and CUDA matmuls; restored on exit."""
+        allow = self.precision != "fp32"
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast for full-precision forwards when precision is bf16, else a no-op."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def compile_in_place(modules: Iterable[nn.Module], mode: str) -> list[nn.Module]:
+    """``module.compile()`` each module (state_dict keys unchanged); returns them for
+    :func:`release_compiled`."""
+    _allow_recompiles()
+    compiled = []
+    for module in modules:
+        module.compile(mode=None if mode == "default" else mode, dynamic=False)
+        compiled.append(module)
+    return compiled
+
+
+def release_compiled(modules: Iterable[nn.Module]) -> None:
+    """Give modules compiled by :func:`compile_in_place` back their eager forward, so a model
+    handed back to the user behaves like the one they passed in."""
+    for module in modules:
+        module._compiled_call_impl = None  # what nn.Module.compile sets; None means eager
+
+
+def compiled_function(fn, mode: str | None = None):
+    """``torch.compile`` for a function specialised per input shape (one version per shape)."""
+    _allow_recompiles()
+    return torch.compile(fn, mode=None if mode in (None, "default") else mode, dynamic=False)
+
+
+def _allow_recompiles(limit: int = 64) -> None:
+    """Each layer shape, and the observing/frozen switch, is its own specialisation; the default
+    limit (8) would silently fall back to eager on deeper networks."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
