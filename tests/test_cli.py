@@ -236,3 +236,15 @@ def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, small_teache
     assert full.keys() == cut.keys()
     for key in full:
         assert torch.equal(full[key], cut[key]), key
+
+
+def test_precision_flag_reaches_the_report_and_bad_values_exit_2(tmp_path, small_teacher):
+    args = [*tiny_distill_args(small_teacher, epochs=2), "--precision", "bf16"]
+    result = run_cli(*args, "--out", tmp_path / "bf16", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert report["execution"] == {"precision": "bf16", "compile": None}
+    bad = run_cli(
+        *tiny_distill_args(small_teacher, epochs=2), "--compile", "turbo", "--out", tmp_path / "bad"
+    )
+    assert bad.returncode == 2 and "--compile" in bad.stderr and not (tmp_path / "bad").exists()

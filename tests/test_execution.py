@@ -125,3 +125,45 @@ def test_compiled_training_runs_close_to_eager_and_close_restores_eager():
     assert torch.isfinite(terms["student_kl"]) and (kappa >= 1).all()
     compiled.close()
     assert all(m._compiled_call_impl is None for m in (compiled.teacher, compiled.student))
+
+
+def _cuda_trainer(execution: Execution) -> Distiller:
+    trainer = _trainer(execution)
+    trainer.teacher.cuda(), trainer.student.cuda(), trainer.source.cuda()
+    trainer.device = torch.device("cuda")
+    trainer.source.forward_precision = lambda: execution.autocast(trainer.device)
+    return trainer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_iteration_makes_no_host_sync_on_cuda(precision):
+    """The loop body (source step + student step with GI) never waits for the GPU."""
+    trainer = _cuda_trainer(Execution(precision=precision))
+    trainer.apply_schedule(1)  # ranges frozen, GI active
+    for _ in range(2):  # lazy optimiser state, cached search constants
+        batch, _ = trainer.source.step(8)
+        trainer.student_step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch, _ = trainer.source.step(8)
+        terms, fraction, kappa = trainer.student_step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert terms["student_kl"].is_cuda and kappa.is_cuda and fraction.is_cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_graphs_step_runs_and_matches_eager_kappa_shape():
+    trainer = _cuda_trainer(Execution(precision="tf32", compile="reduce-overhead"))
+    trainer.apply_schedule(0)
+    batch, _ = trainer.source.step(8)
+    trainer.student_step(batch)
+    trainer.apply_schedule(1)
+    for _ in range(3):
+        batch, _ = trainer.source.step(8)
+        terms, _, kappa = trainer.student_step(batch)
+    assert torch.isfinite(terms["student_kl"]) and (kappa >= 1).all()
+    trainer.close()
