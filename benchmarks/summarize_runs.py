@@ -1,10 +1,12 @@
 """Turn a folder of ``zsq quantize`` outputs into the markdown tables of docs/results.md.
 
     python benchmarks/summarize_runs.py runs/issue3
+    python benchmarks/summarize_runs.py --grid W4A4=runs/issue3 W5A5=runs/issue4-w5a5
 
 Expects ``ROOT/<dataset>/<row>/report.json`` (and ``metrics.jsonl`` for distillation rows).
 Prints an accuracy table, then per-layer shares of integer weights changed per step (the paper's
-Fig. 3b/c and 4c/d) early and late in training for each distillation row.
+Fig. 3b/c and 4c/d) early and late in training for each distillation row. ``--grid`` prints one
+table with a column per (dataset, bit width): top-1 and wall time of every row.
 """
 
 from __future__ import annotations
@@ -85,11 +87,43 @@ def crossing_table(run_dir: Path, epochs: list[int]) -> str:
     return "\n".join(lines)
 
 
+def grid_table(roots: dict[str, Path]) -> str:
+    """Rows = methods, columns = (dataset, bits); a cell is 'top-1 (wall s)'."""
+    tables = {bits: load_rows(root) for bits, root in roots.items()}
+    columns = [(d, b) for d in sorted({d for t in tables.values() for d in t}) for b in tables]
+    lines = [
+        "| row | " + " | ".join(f"{d} {b}" for d, b in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+
+    def cell(dataset: str, bits: str, row: str) -> str:
+        r = tables[bits].get(dataset, {}).get(row)
+        return "-" if r is None else f"{r['student_top1']:.2f} ({r['seconds']:.0f} s)"
+
+    teachers = []
+    for d, b in columns:
+        reports = list(tables[b].get(d, {}).values())
+        teachers.append(f"{reports[0]['teacher_top1']:.2f}" if reports else "-")
+    lines.append("| FP32 teacher | " + " | ".join(teachers) + " |")
+    for row in ROW_ORDER:
+        if any(row in tables[b].get(d, {}) for d, b in columns):
+            cells = [cell(d, b, row) for d, b in columns]
+            lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("root", type=Path)
+    parser.add_argument("root", type=Path, nargs="?")
     parser.add_argument("--epochs", default="3,8,13,16", help="epochs for the crossing tables")
+    parser.add_argument("--grid", nargs="+", metavar="BITS=ROOT", help="one table over roots")
     args = parser.parse_args()
+    if args.grid:
+        roots = dict(item.split("=", 1) for item in args.grid)
+        print(grid_table({bits: Path(root) for bits, root in roots.items()}))
+        return
+    if args.root is None:
+        parser.error("give a ROOT folder or --grid BITS=ROOT ...")
     table = load_rows(args.root)
     print(accuracy_table(table))
     epochs = [int(e) for e in args.epochs.split(",")]

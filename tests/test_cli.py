@@ -248,3 +248,16 @@ def test_precision_flag_reaches_the_report_and_bad_values_exit_2(tmp_path, small
         *tiny_distill_args(small_teacher, epochs=2), "--compile", "turbo", "--out", tmp_path / "bad"
     )
     assert bad.returncode == 2 and "--compile" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_qimera_source_options_from_the_cli(tmp_path, small_teacher):
+    args = [*tiny_distill_args(small_teacher, epochs=2)]
+    args[args.index("gdfq")] = "qimera"
+    opts = ["--source-opt", "mix_prob=1.0", "--source-opt", "num_mix=3"]
+    result = run_cli(*args, *opts, "--out", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["source_options"] == {"mix_prob": 1.0, "num_mix": 3}
+    bad = run_cli(*args, "--source-opt", "mixprob=1", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "mix_prob" in bad.stderr  # names the options it takes
+    assert not (tmp_path / "bad").exists()

@@ -57,6 +57,7 @@ def zero_shot_quantize(
     evaluate: Evaluator | None = None,
     progress: bool = True,
     execution: Execution | None = None,
+    source_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Distill a fake-quantized student from ``teacher`` on synthetic samples of ``method``.
 
@@ -64,6 +65,8 @@ def zero_shot_quantize(
     receives per-epoch checkpoints and ``metrics.jsonl``; ``resume=True`` continues from them.
     ``evaluate(student) -> top1`` is called on schedule for the log only. ``execution`` picks
     precision and ``torch.compile`` (:class:`zsq.execution.Execution`; default fp32, eager).
+    ``source_options`` go to the sample source (e.g. Qimera's ``mix_prob``, ``num_mix``,
+    ``init_from_teacher``, ``disentangle``); the recipe's generator lr and BNS weight are added.
     """
     if method not in available_sources():
         raise ZsqError(f"unknown method {method!r}; choose one of {available_sources()}")
@@ -72,9 +75,9 @@ def zero_shot_quantize(
     spec = spec or QuantSpec(wbits=wbits, abits=abits)
     teacher = teacher.to(dev).eval()
     student = quantize_model(teacher, spec).to(dev)  # before the source freezes the teacher
-    source_options: dict[str, Any] = {}
+    source_options = dict(source_options or {})
     if method in GENERATOR_METHODS:
-        source_options = {"lr": full.gen_lr, "bns_weight": full.bns_weight}
+        source_options = {"lr": full.gen_lr, "bns_weight": full.bns_weight, **source_options}
     source = build_source(
         method, teacher, num_classes=num_classes, image_shape=image_shape, **source_options
     ).to(dev)

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from zsq.errors import ZsqError
 
@@ -189,8 +190,20 @@ def _method_options(args: argparse.Namespace) -> dict:
         "recipe": args.recipe,
         "ait": args.ait,
         "overrides": overrides,
+        "source_options": dict(_parse_option(item) for item in args.source_opt),
         "execution": Execution(precision=args.precision, compile=compile_mode),
     }
+
+
+def _parse_option(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false), else text."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ZsqError(f"bad source option {item!r}; write KEY=VALUE, e.g. mix_prob=0.4")
+    try:
+        return key, json.loads(text)
+    except json.JSONDecodeError:
+        return key, text
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -239,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=VALUE",
         help="override any recipe field, e.g. --set epochs=10 --set rho=1e-3",
+    )
+    g.add_argument(
+        "--source-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sample-source option, e.g. qimera's mix_prob=0.4, num_mix=2, "
+        "init_from_teacher=true, disentangle=true",
     )
     g.add_argument(
         "--precision",

@@ -306,6 +306,7 @@ def run_distillation(ctx: Context) -> MethodResult:
         evaluate=evaluate_fn,
         progress=cfg.progress,
         execution=opts.get("execution"),
+        source_options=opts.get("source_options"),
     )
     last = history[-1] if history else {}
     report = {
@@ -315,6 +316,7 @@ def run_distillation(ctx: Context) -> MethodResult:
             f"EMA of synthetic batches over the first {recipe.act_calib_epochs} epochs (data-free)"
         ),
         "execution": vars(opts.get("execution") or Execution()),
+        "source_options": opts.get("source_options") or {},
         "final_probe_kl": last.get("probe_kl"),
         "epochs_run": len(history),
         "metrics": "metrics.jsonl",
