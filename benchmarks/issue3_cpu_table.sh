@@ -2,8 +2,9 @@
 # W<BITS>A<BITS> table (BITS=4 by default) on CPU with the `short` recipe for the two shared
 # ResNet-20 teachers. Rows (ROWS=...):
 # minmax gdfq gdfq+ait kl-only (issue 3, the default) and qimera qimera+ait arc arc+ait ait-adam
-# ait-rmsprop (issue 4); DATASETS="fashion-mnist cifar10-jpeg" by default. Outputs under runs/issue3/<data>/<row>/ (report.json,
-# metrics.jsonl); summarise with `python benchmarks/summarize_runs.py runs/issue3`.
+# ait-rmsprop (issue 4); DATASETS="fashion-mnist cifar10-jpeg" by default. Outputs under
+# runs/issue3/<data>/<row>/ (report.json, metrics.jsonl); summarise with `python benchmarks/summarize_runs.py runs/issue3`. DEVICE (cpu)
+# and EXTRA (more flags for the distillation rows, e.g. "--precision tf32") serve GPU runs.
 set -euo pipefail
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
 BITS=${BITS:-4}
@@ -18,7 +19,10 @@ run_row() {  # data-name weights eval-spec image-size row
   local dir="$OUT/$name/$row"
   [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; return; }
   local args=(--model resnet20 --weights "$weights" --image-size "$size" --wbits "$BITS" --abits "$BITS"
-              --eval-data "$data" --seed "$SEED" --device cpu --quiet --json)
+              --eval-data "$data" --seed "$SEED" --device "${DEVICE:-cpu}" --quiet --json)
+  local extra=()
+  [ "$row" = minmax ] || read -r -a extra <<< "${EXTRA:-}"
+  args+=("${extra[@]}")
   local resume=(--out "$dir")
   [ -d "$dir.partial/checkpoint" ] && resume=(--resume "$dir")
   case $row in

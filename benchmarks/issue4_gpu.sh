@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 4 on a GPU: step times for every execution setting, then the reproduction table with the
+# full `paper-cifar` recipe, RUNS_PER_GPU runs sharing the GPU at once.
+#   PATH=.venv/bin:$PATH bash benchmarks/issue4_gpu.sh steps     # ~5 min on one H100
+#   PATH=.venv/bin:$PATH bash benchmarks/issue4_gpu.sh table     # hours: resumable, rerun to go on
+# Outputs: runs/issue4-gpu/steps.jsonl, runs/issue4-gpu/<w4a4|w5a5>/<data>/<row>/.
+set -euo pipefail
+OUT=${OUT:-runs/issue4-gpu}
+RUNS_PER_GPU=${RUNS_PER_GPU:-6}
+PRECISION=${PRECISION:-tf32}
+COMPILE=${COMPILE:-reduce-overhead}
+mkdir -p "$OUT"
+
+steps() {
+  for setting in "fp32 off" "tf32 off" "bf16 off" "tf32 default" "tf32 reduce-overhead" \
+                 "bf16 reduce-overhead"; do
+    set -- $setting
+    python benchmarks/step_time.py --device cuda --batch 200 --iters 50 --warmup 10 \
+      --precision "$1" --compile "$2" | tee -a "$OUT/steps.jsonl"
+  done
+}
+
+table() {
+  local jobs=()
+  for bits in 4 5; do
+    for data in cifar10-jpeg fashion-mnist; do
+      for row in minmax gdfq gdfq+ait qimera qimera+ait arc arc+ait ait-adam ait-rmsprop; do
+        jobs+=("$bits $data $row")
+      done
+    done
+  done
+  printf '%s\n' "${jobs[@]}" | xargs -P "$RUNS_PER_GPU" -L 1 bash -c '
+    bits=$0 data=$1 row=$2
+    BITS=$bits OUT='"$OUT"'/w${bits}a${bits} DATASETS=$data ROWS=$row RECIPE=paper-cifar \
+      DEVICE=cuda EXTRA="--precision '"$PRECISION"' --compile '"$COMPILE"'" \
+      bash benchmarks/issue3_cpu_table.sh'
+}
+
+case ${1:-} in
+  steps) steps ;;
+  table) table ;;
+  *) echo "usage: $0 steps|table" >&2; exit 2 ;;
+esac
