@@ -24,7 +24,7 @@ import torch
 
 from zsq.api import resolve_recipe
 from zsq.distill import Distiller
-from zsq.execution import Execution
+from zsq.execution import COMPILE_FLAGS, PRECISIONS, Execution
 from zsq.models import load_teacher
 from zsq.paths import shared_data_dir
 from zsq.quant import QuantSpec, quantize_model
@@ -156,15 +156,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--methods", default=",".join(ROWS))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
-    parser.add_argument(
-        "--compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune")
-    )
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--compile", default="off", choices=COMPILE_FLAGS)
     parser.add_argument("--warmup", type=int, default=3, help="steady-state warm-up iterations")
     parser.add_argument("--profile", type=int, metavar="N", help="profile N iterations instead")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    execution = Execution(args.precision, None if args.compile == "off" else args.compile)
+    execution = Execution.from_flags(args.precision, args.compile)
     torch.manual_seed(0)
     results = []
     for name in args.methods.split(","):

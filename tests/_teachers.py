@@ -23,3 +23,11 @@ def tiny_teacher(channels: int = 3, num_classes: int = 10, seed: int = 0) -> nn.
         for _ in range(4):
             model(torch.randn(32, channels, 8, 8) * 1.5 + 0.3)
     return model.eval()
+
+
+def tiny_source(cls, teacher: nn.Module | None = None, **kwargs):
+    """A sample source of class ``cls`` on ``tiny_teacher()`` (10 classes, 3x8x8) by default."""
+    teacher = teacher if teacher is not None else tiny_teacher()
+    kwargs.setdefault("num_classes", 10)
+    kwargs.setdefault("image_shape", (3, 8, 8))
+    return cls(teacher, **kwargs)

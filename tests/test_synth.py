@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _teachers import tiny_teacher
+from _teachers import tiny_source, tiny_teacher
 from zsq.errors import ZsqError
 from zsq.synth import (
     BatchNormStatsLoss,
@@ -24,10 +24,7 @@ from zsq.synth import (
 
 
 def make_gdfq(teacher: nn.Module | None = None, **kwargs) -> GdfqSource:
-    teacher = teacher if teacher is not None else tiny_teacher()
-    kwargs.setdefault("num_classes", 10)
-    kwargs.setdefault("image_shape", (3, 8, 8))
-    return GdfqSource(teacher, **kwargs)
+    return tiny_source(GdfqSource, teacher, **kwargs)
 
 
 # --- BNS loss ---------------------------------------------------------------------------------

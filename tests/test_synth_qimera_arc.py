@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _teachers import tiny_teacher
+from _teachers import tiny_source, tiny_teacher
 from zsq.errors import ZsqError
 from zsq.synth import (
     GENOTYPES,
@@ -23,10 +23,7 @@ from zsq.synth.arc import center_crop
 
 
 def make_qimera(teacher: nn.Module | None = None, **kwargs) -> QimeraSource:
-    teacher = teacher if teacher is not None else tiny_teacher()
-    kwargs.setdefault("num_classes", 10)
-    kwargs.setdefault("image_shape", (3, 8, 8))
-    return QimeraSource(teacher, **kwargs)
+    return tiny_source(QimeraSource, teacher, **kwargs)
 
 
 def changed_params(module: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:

@@ -185,13 +185,12 @@ def _method_options(args: argparse.Namespace) -> dict:
     flags = ("loss", "gi", "optimizer", "lr_mult")
     overrides = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
     overrides.update(parse_overrides(args.set))
-    compile_mode = None if args.compile == "off" else args.compile
     return {
         "recipe": args.recipe,
         "ait": args.ait,
         "overrides": overrides,
         "source_options": dict(_parse_option(item) for item in args.source_opt),
-        "execution": Execution(precision=args.precision, compile=compile_mode),
+        "execution": Execution.from_flags(args.precision, args.compile),
     }
 
 
@@ -214,6 +213,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zsq.execution import COMPILE_FLAGS, PRECISIONS
+
     parser = argparse.ArgumentParser(
         prog="zsq", description="Zero-shot (data-free) quantization of PyTorch classifiers."
     )
@@ -263,13 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--precision",
-        choices=("fp32", "tf32", "bf16"),
+        choices=PRECISIONS,
         default="fp32",
         help="fp32 (exact), tf32 (GPU tensor cores), bf16 (tf32 + bfloat16 teacher/generator)",
     )
     g.add_argument(
         "--compile",
-        choices=("off", "default", "reduce-overhead", "max-autotune"),
+        choices=COMPILE_FLAGS,
         default="off",
         help="torch.compile teacher, student, generator and the GI search "
         "(reduce-overhead = CUDA graphs)",

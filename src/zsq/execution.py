@@ -22,14 +22,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from zsq.errors import ZsqError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported inside the functions: the CLI reads the option names below to build its
+# parser, and `zsq --help` should not pay for importing torch.
+
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_FLAGS = ("off", *COMPILE_MODES)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,11 @@ class Execution:
 
     precision: str = "fp32"
     compile: str | None = None
+
+    @classmethod
+    def from_flags(cls, precision: str = "fp32", compile: str = "off") -> Execution:
+        """From the CLI's ``--precision`` and ``--compile`` (where ``off`` means eager)."""
+        return cls(precision, None if compile == "off" else compile)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -50,6 +61,8 @@ class Execution:
     @contextlib.contextmanager
     def tensor_core_scope(self) -> Iterator[None]:
         """TF32 on (tf32, bf16) or off (fp32) for cuDNN and CUDA matmuls; restored on exit."""
+        import torch
+
         allow = self.precision != "fp32"
         saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = allow
@@ -63,6 +76,8 @@ class Execution:
         """bfloat16 autocast for full-precision forwards when precision is bf16, else a no-op."""
         if self.precision != "bf16":
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -86,6 +101,8 @@ def release_compiled(modules: Iterable[nn.Module]) -> None:
 
 def compiled_function(fn, mode: str | None = None):
     """``torch.compile`` for a function specialised per input shape (one version per shape)."""
+    import torch
+
     _allow_recompiles()
     return torch.compile(fn, mode=None if mode in (None, "default") else mode, dynamic=False)
 

@@ -113,23 +113,20 @@ def search_kappa_stacked(
     slack: Tensor,
     tolerance: Tensor,
     ladder: Tensor,
-    cap: Tensor,
     search_steps: int,
 ) -> tuple[Tensor, Tensor]:
     """Kappa and resulting change fraction for each of a stack of same-shaped layers.
 
     ``old``/``delta``: (layers, out_channels, fan_in). ``target`` (the share to reach), ``slack``
-    (half a weight), ``tolerance`` and ``cap`` are 0-d tensors, so a compiled version serves every
-    rho; ``ladder`` is 1, 2, 4, ... up to the cap (doublings above ``cap`` are ignored).
+    (half a weight) and ``tolerance`` are 0-d tensors, so a compiled version serves every rho;
+    ``ladder`` is 1, 2, 4, ... up to the cap (:func:`kappa_ladder`).
     """
     old_levels = weight_levels(old, fmt)
-    allowed = ladder <= cap
-    last = allowed.sum() - 1  # the largest doubling within the cap
     candidates = ladder[:, None].expand(-1, old.shape[0])
     fractions = code_change_fraction(fmt, old, delta, old_levels, candidates)
-    reached = (fractions >= target - slack) & allowed[:, None]
+    reached = fractions >= target - slack
     any_reached = reached.any(dim=0)
-    first = torch.where(any_reached, reached.float().argmax(dim=0), last)
+    first = torch.where(any_reached, reached.float().argmax(dim=0), len(ladder) - 1)
     hi = ladder[first]
     kappa, fraction = hi, fractions.gather(0, first[None])[0]
     # kappa = 1 needs no search, nor does a cap that falls short, nor a first hit close enough
@@ -165,8 +162,9 @@ def search_settings(
     return tuple(torch.full((), v, device=device) for v in values)
 
 
-def kappa_ladder(max_kappa: float, device: torch.device) -> Tensor:
-    return 2.0 ** torch.arange(int(math.floor(math.log2(max_kappa))) + 1, device=device)
+def kappa_ladder(cap: float, device: torch.device) -> Tensor:
+    """The doubling candidates 1, 2, 4, ... up to the largest power of two within ``cap``."""
+    return 2.0 ** torch.arange(int(math.floor(math.log2(cap))) + 1, device=device)
 
 
 def search_kappa(
@@ -189,7 +187,6 @@ def search_kappa(
         delta[None],
         *settings,
         kappa_ladder(cap, old.device).to(old.dtype),
-        torch.full((), cap, device=old.device, dtype=old.dtype),
         search_steps,
     )
     return kappa[0], fraction[0]
@@ -306,10 +303,8 @@ class GradientInundation:
         numel = stack.weights[0].numel()
         key = (self.rho, self.cap, numel, device)
         if key not in self._settings:
-            ladder = kappa_ladder(self.cap, device)
-            cap = torch.full((), self.cap, device=device)
             settings = search_settings(self.rho, numel, self.tolerance, device)
-            self._settings[key] = (*settings, ladder, cap)
+            self._settings[key] = (*settings, kappa_ladder(self.cap, device))
         return self._settings[key]
 
     @torch.no_grad()
