@@ -125,7 +125,7 @@ def test_act_quantizer_running_minmax():
 
 
 def test_freezing_unobserved_ranges_is_an_error():
-    student = quantize_model(nn.Sequential(nn.Linear(3, 2)), QuantSpec())
+    student = quantize_model(nn.Sequential(nn.Linear(3, 2)), QuantSpec(act_placement="input"))
     with pytest.raises(ZsqError, match="never saw data"):
         set_observing(student, False)
 
@@ -144,12 +144,12 @@ def _count(model):
 )
 def test_module_swap_counts_torchvision(factory, n_layers, n_relu):
     model = factory()
-    student = quantize_model(model, QuantSpec())
+    student = quantize_model(model, QuantSpec(act_placement="input"))
     assert _count(student) == (n_layers, n_layers)
     reference = quantize_model(model, QuantSpec(act_placement="reference"))
     assert _count(reference)[0] == n_layers
     # torchvision resnet reuses one ReLU module per block (stem + 8): each module is wrapped once,
-    # so its two call sites share one range (documented; the default placement avoids it)
+    # so its two call sites share one range (documented; the input placement avoids it)
     assert _count(reference)[1] == n_relu
     assert not any(isinstance(m, QuantConv2d) for m in model.modules())  # teacher untouched
     x = torch.randn(2, 3, 64, 64)
@@ -201,8 +201,18 @@ def test_weight_fake_quant_matches_codes_and_quant_params():
     q = QuantConv2d.from_float(conv, wbits=4)
     qt = q.quantized_weight()
     torch.testing.assert_close(q.fake_quant_weight(), qt.dequantize())
-    student = quantize_model(nn.Sequential(conv), QuantSpec(wbits=4, abits=4))
+    student = quantize_model(nn.Sequential(conv), QuantSpec(wbits=4, abits=4, act_placement="input"))
     student(torch.randn(2, 2, 5, 5))
     params = quant_params(student)
     assert len(params["layers"]["0"]["weight_scale"]) == 3
     assert params["activations"]["0.act_quant"]["abits"] == 4
+
+
+def test_an_unobserved_frozen_activation_quantizer_maps_inputs_to_zero() -> None:
+    """As its docstring says: the range starts at [0, 0] until a batch is observed."""
+    quantizer = ActQuantizer(4)
+    quantizer.observing = False
+    assert torch.equal(quantizer(torch.tensor([-1.0, 0.5, 2.0])), torch.zeros(3))
+    quantizer.observing = True
+    x = torch.tensor([-1.0, 0.5, 2.0])
+    assert torch.allclose(quantizer(x), x, atol=0.1)  # one observed batch sets the range

@@ -41,9 +41,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     if spec.act_placement == "reference":
         n_acts = _wrap_activations(student, spec, prefix="")
         if n_acts == 0 and spec.abits is not None:
-            log.warning(
-                "reference placement found no nn.ReLU/nn.ReLU6 modules (functional relu?): "
-                "activations stay in full precision; use act_placement='input' instead"
+            raise ZsqError(
+                f"{type(model).__name__} has no nn.ReLU/nn.ReLU6 modules (functional relu?), so "
+                "the reference activation placement would quantize no activation; use "
+                "--act-placement input (act_placement='input')"
             )
     return student
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Foundation checks: the public ResNet-20 evaluated exactly, and min/max PTQ at W8A8 / W4A4 with
 # Gaussian (data-free) and real (512 CIFAR-10-JPEG training images) activation calibration.
+#   PATH=.venv/bin:$PATH bash benchmarks/ptq_table.sh     # OUT (runs/ptq); ~30 min on 2 CPU cores
 # Prints one JSON line per run; the numbers go to docs/results.md.
 set -euo pipefail
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
-OUT=${OUT:-runs/issue2}
+OUT=${OUT:-runs/ptq}
 W=$SHARED/weights/resnet20_cifar10_akamaster.th
 JPEG=cifar10-jpeg:$SHARED/cifar10-jpeg
 EXACT=npz:$SHARED/cifar10-exact/test_first846.npz

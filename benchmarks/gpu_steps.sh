@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue 4 on a GPU: step times for every execution setting, then the reproduction table with the
-# full `paper-cifar` recipe, RUNS_PER_GPU runs sharing the GPU at once.
-#   PATH=.venv/bin:$PATH bash benchmarks/issue4_gpu.sh steps     # ~5 min on one H100
-#   PATH=.venv/bin:$PATH bash benchmarks/issue4_gpu.sh table     # hours: resumable, rerun to go on
-# Outputs: runs/issue4-gpu/steps.jsonl, runs/issue4-gpu/<w4a4|w5a5>/<data>/<row>/.
+# On a GPU: step times for every execution setting, then the reproduction table with the full
+# `paper-cifar` recipe, RUNS_PER_GPU runs sharing the GPU at once.
+#   PATH=.venv/bin:$PATH bash benchmarks/gpu_steps.sh steps     # ~5 min on one H100
+#   PATH=.venv/bin:$PATH bash benchmarks/gpu_steps.sh table     # hours: resumable, rerun to go on
+# ROWS (default "gdfq gdfq+ait ...", see reproduction_table.sh), BITS_LIST ("4 5"), DATASETS.
+# Outputs: runs/gpu/steps.jsonl, runs/gpu/<w4a4|w5a5>/<data>/<row>/.
 set -euo pipefail
-OUT=${OUT:-runs/issue4-gpu}
+OUT=${OUT:-runs/gpu}
 RUNS_PER_GPU=${RUNS_PER_GPU:-6}
 PRECISION=${PRECISION:-tf32}
 COMPILE=${COMPILE:-reduce-overhead}
@@ -22,9 +23,9 @@ steps() {
 
 table() {
   local jobs=()
-  for bits in 4 5; do
-    for data in cifar10-jpeg fashion-mnist; do
-      for row in minmax gdfq gdfq+ait qimera qimera+ait arc arc+ait ait-adam ait-rmsprop; do
+  for bits in ${BITS_LIST:-4 5}; do
+    for data in ${DATASETS:-cifar10-jpeg fashion-mnist}; do
+      for row in ${ROWS:-gdfq gdfq+ait minmax qimera qimera+ait arc arc+ait}; do
         jobs+=("$bits $data $row")
       done
     done
@@ -33,7 +34,7 @@ table() {
     bits=$0 data=$1 row=$2
     BITS=$bits OUT='"$OUT"'/w${bits}a${bits} DATASETS=$data ROWS=$row RECIPE=paper-cifar \
       DEVICE=cuda EXTRA="--precision '"$PRECISION"' --compile '"$COMPILE"'" \
-      bash benchmarks/issue3_cpu_table.sh'
+      bash benchmarks/reproduction_table.sh'
 }
 
 case ${1:-} in
