@@ -1,34 +1,44 @@
-"""ARC (AutoReCon): GDFQ's training with an AutoGAN-style cell generator.
+"""ARC (AutoReCon): GDFQ's training with AutoReCon's searched cell generator.
 
-ARC searches the generator's architecture; we do no search. ``ArcGenerator`` builds the search
-space's shape with ONE FIXED genotype per input size, hand-picked to look like AutoGAN/ARC cells.
-It is not the paper's searched result (which the reference code does not state as plain data).
+We do no architecture search: ``GENOTYPES`` holds the genotypes the official AutoReCon code
+ships as data (its ``generator_architecture.py``: one-hot rows, written here as names), and
+``ArcGenerator`` builds the generator its ``model_generator.py`` defines from one of them.
 
-Generator: z (default 120) is split into three parts. Part 1 goes through a Linear layer to
-``width x s x s`` (s = ceil(H / 8)); each of the three cells upsamples x2 (nearest or bilinear),
-adds its latent part mapped by a Linear layer to a one-channel map on the cell's grid, and runs a
-small DAG over nodes n0 (upsampled input), n1 and n2 (output)::
+Generator (reference sizes: ``width`` 64, ``latent_dim`` 100, 3 cells)::
 
-    n1 = op01(n0) + sum(conv1x1(upsample(cell_j output)) for j in skips_from)
-    n2 = op12(n1) + op02(n0)
+    z = [z0 | z1 | z2]                       latent // 3, latent // 3, the rest (33, 33, 34)
+    m_i = Linear(z_i) -> (width, b * 2**i)   one full-width map per cell, b = ceil(side / 8)
+    x = m_0
+    cell i (input x, previous cell's nodes p0, p1, p2; cell 0 has none):
+        n0 = up_a(x), n1 = up_b(x)           x2 upsample (nearest | bilinear), CCBN, act, conv1x1
+        n2 = op0(n0) + op1(n1) + link0(p0) + link1(p1) + link2(p2)
+        n3 = op2(n0) + op3(n1) + op4(n2) + link3(p0) + link4(p1) + link5(p2)
+        x = n3 + m_(i+1)                     (the next cell's input)
+    image = BN(Tanh(conv3x3(act(CCBN(n3 of the last cell)))))   BN without affine
 
-Each conv op is pre-activation: class-conditional BN -> ReLU -> conv (kernel 1/3/5, dilation 1
-or 2); ``skip`` is the identity. Output: class-conditional BN -> LeakyReLU(0.2) -> conv3x3 to the
-image channels -> Tanh -> centre crop -> BN(affine=False). The conditional BN before the output
-activation follows "class-conditional BN everywhere" (the last cell ends in an unnormalised sum).
+``act`` is LeakyReLU(0.2); CCBN is class-conditional BatchNorm with eps 0.8. An op is ``none``
+(no contribution), ``skip`` (identity) or CCBN -> act -> conv (1x1, 3x3, 5x5, or dilation-2
+3x3 / 5x5). A cross link upsamples a node of the previous cell x2 (nearest | bilinear) and runs
+CCBN -> act -> conv1x1; a ``none`` link contributes nothing, but, as in the reference (whose
+link computes and multiplies by 0), it still holds its CCBN and conv parameters. We skip its
+computation: its output and gradients are zero either way (Adam leaves zero-gradient
+parameters unchanged; its BN running statistics, which the reference updates, never reach the
+image).
 
-Genotypes (``GENOTYPES``):
+As in the reference, the CCBNs inside the cells are built for 1000 classes whatever the dataset
+(extra rows are never looked up; soft conditions use the first ``num_classes`` rows), the output
+CCBN for ``num_classes``: the parameter counts match the reference (tested).
 
-* ``cifar`` (inputs below 128 px): 3x3 convs on the main edges, one dilated 3x3 in cell 2 and a
-  5x5 in cell 3 for context, a 1x1 shortcut in cell 1 and identity shortcuts after, nearest /
-  bilinear / nearest upsampling, and a skip from cell 1 into cell 3.
-* ``imagenet`` (128 px and up): the wide kernels (5x5, dilated 5x5, dilated 3x3) sit in the
-  low-resolution cells 1-2, where they widen the receptive field cheaply; cell 3 runs at full
-  resolution with two 3x3 convs to keep the cost near GDFQ's ImageNet generator.
+Image sizes: the reference's bottom width is the image side / 8 (32 -> 4, 224 -> 28). We take
+``ceil(side / 8)`` per side, generate at 8x that and centre-crop to the teacher's size before
+the output BN (28 px Fashion-MNIST: 32 generated, 28 kept). A crop, not a resize: the kept
+pixels are generated ones (no interpolation blur) and the output BN then normalises exactly the
+pixels the teacher sees. The output conv makes ``image_shape[0]`` channels.
 
-Sides that are not a multiple of 8 (28 for MNIST-like inputs) are generated at the next multiple
-of 8 and centre-cropped, before the final BN: cropping keeps the pixels unresampled (no
-interpolation blur) and the BN then normalises exactly the pixels the teacher sees.
+Genotype choice (``genotype="auto"``), like the reference's ``main.py`` picks by network:
+images of 128 px and up take ``resnet18`` (the reference also has ``resnet50`` and
+``mobilenetv2`` for those teachers: name them explicitly); smaller ones take ``cifar100`` from
+100 classes on, else ``cifar10``.
 """
 
 from __future__ import annotations
@@ -47,8 +57,9 @@ from zsq.synth.gdfq import IMAGENET_MIN_SIZE, ConditionalBatchNorm2d, GdfqSource
 
 log = logging.getLogger(__name__)
 
-# op name -> (kernel size, dilation); "skip" is the identity.
+# Op name -> (kernel size, dilation); "none" contributes nothing, "skip" is the identity.
 OPS: dict[str, tuple[int, int] | None] = {
+    "none": None,
     "skip": None,
     "conv1x1": (1, 1),
     "conv3x3": (3, 1),
@@ -57,130 +68,231 @@ OPS: dict[str, tuple[int, int] | None] = {
     "dil_conv5x5": (5, 2),
 }
 UPSAMPLE_MODES = ("nearest", "bilinear")
+LINK_MODES = ("none", *UPSAMPLE_MODES)  # "none": holds parameters, contributes nothing
+OP_EDGES = ((0, 2), (1, 2), (0, 3), (1, 3), (2, 3))  # (from node, to node) of op0..op4
+LINK_EDGES = ((0, 2), (1, 2), (2, 2), (0, 3), (1, 3), (2, 3))  # (previous cell's node, to node)
+CELL_CBN_CLASSES = 1000  # the reference builds every in-cell CCBN for 1000 classes
+BN_EPS = 0.8
+LEAK = 0.2
+DEFAULT_LATENT_DIM = 100
+DEFAULT_WIDTH = 64
 
 
 @dataclass(frozen=True)
 class CellGenotype:
-    """One cell: upsampling mode, ops on edges (n0->n1, n1->n2, n0->n2), cells skipped in."""
+    """One cell: the two upsampling modes, the 5 ops (``OP_EDGES`` order) and the 6 cross
+    links from the previous cell (``LINK_EDGES`` order; empty for the first cell)."""
 
-    up: str
-    ops: tuple[str, str, str]
-    skips_from: tuple[int, ...] = ()
+    up: tuple[str, str]
+    ops: tuple[str, str, str, str, str]
+    links: tuple[str, ...] = ()
 
 
+def _cells(up: Sequence[str], ops: Sequence[str], links: Sequence[str]) -> tuple[CellGenotype, ...]:
+    """Three cells from the reference's flat rows: 6 upsamplings, 15 ops, 12 cross links."""
+    return tuple(
+        CellGenotype(
+            tuple(up[2 * i : 2 * i + 2]),
+            tuple(ops[5 * i : 5 * i + 5]),
+            tuple(links[6 * (i - 1) : 6 * i]) if i else (),
+        )
+        for i in range(3)
+    )
+
+
+N, B = "nearest", "bilinear"
+C1, C3, C5, D3, D5 = "conv1x1", "conv3x3", "conv5x5", "dil_conv3x3", "dil_conv5x5"
+
+# The official searched genotypes (AutoReCon_AIT/generator_architecture.py: gen_cifar10,
+# gen_cifar100, gen_resnet18, gen_resnet50, gen_mobilev2), decoded from their one-hot rows.
 GENOTYPES: dict[str, tuple[CellGenotype, ...]] = {
-    "cifar": (
-        CellGenotype("nearest", ("conv3x3", "conv3x3", "conv1x1")),
-        CellGenotype("bilinear", ("conv3x3", "dil_conv3x3", "skip")),
-        CellGenotype("nearest", ("conv5x5", "conv3x3", "skip"), skips_from=(0,)),
+    "cifar10": _cells(
+        (N, N, N, N, B, N),
+        (D5, "none", D5, D3, C5, D5, D5, C3, D3, D5, D5, D5, C1, C5, D3),
+        ("none", "none", B, "none", "none", N, N, N, N, B, B, B),
     ),
-    "imagenet": (
-        CellGenotype("nearest", ("conv5x5", "dil_conv5x5", "conv1x1")),
-        CellGenotype("bilinear", ("dil_conv3x3", "conv3x3", "skip")),
-        CellGenotype("nearest", ("conv3x3", "conv3x3", "skip"), skips_from=(0,)),
+    "cifar100": _cells(
+        (B, N, N, N, N, N),
+        (D5, D5, D5, "none", C5, D5, C5, C1, D3, D5, D5, D3, C5, C5, D5),
+        ("none", B, N, "none", "none", N, "none", B, N, N, B, B),
+    ),
+    "resnet18": _cells(
+        (B,) * 6,
+        (D5, D5, D5, D5, D5, D5, D5, D5, D5, D3, D5, D5, C5, D3, D3),
+        (N, B, N, B, B, N, B, B, N, N, B, N),
+    ),
+    "resnet50": _cells(
+        (B,) * 6,
+        (D5, D5, D5, D5, D5, D5, D5, C3, C1, C1, D3, D5, D5, C5, D3),
+        (B, B, B, N, N, B, N, N, N, N, B, B),
+    ),
+    "mobilenetv2": _cells(
+        (B, B, B, B, N, B),
+        (D5, D5, C5, D5, D5, C5, D5, C1, C1, C1, C3, D5, C5, D5, D3),
+        (B, B, N, B, B, B, B, N, B, B, B, N),
     ),
 }
+del N, B, C1, C3, C5, D3, D5
+
+
+def default_genotype(num_classes: int, image_shape: Sequence[int]) -> str:
+    """The genotype 'auto' picks (see the module doc)."""
+    _, height, width = check_image_shape(image_shape)
+    if max(height, width) >= IMAGENET_MIN_SIZE:
+        return "resnet18"
+    return "cifar100" if num_classes >= 100 else "cifar10"
 
 
 def resolve_genotype(
-    image_shape: Sequence[int], genotype: str | Sequence[CellGenotype] = "auto"
-) -> tuple[CellGenotype, ...]:
-    """A named genotype ('auto' picks 'imagenet' from a 128 px side on) or a custom one, checked."""
-    if isinstance(genotype, str):
-        name = genotype
-        if name == "auto":
-            _, height, width = check_image_shape(image_shape)
-            name = "imagenet" if max(height, width) >= IMAGENET_MIN_SIZE else "cifar"
-        if name not in GENOTYPES:
-            raise ZsqError(
-                f"unknown ARC genotype {genotype!r}; use 'auto', {', '.join(map(repr, GENOTYPES))}"
-                " or a sequence of CellGenotype"
-            )
-        return GENOTYPES[name]
-    cells = tuple(genotype)
-    _check_cells(cells)
-    return cells
+    genotype: str | Sequence[CellGenotype], num_classes: int, image_shape: Sequence[int]
+) -> tuple[str, tuple[CellGenotype, ...]]:
+    """(name, cells) of a named genotype ('auto' included) or of a custom one, checked."""
+    if not isinstance(genotype, str):
+        cells = tuple(genotype)
+        _check_cells(cells)
+        return "custom", cells
+    name = genotype.strip().lower()
+    if name == "auto":
+        name = default_genotype(num_classes, image_shape)
+    if name not in GENOTYPES:
+        raise ZsqError(
+            f"unknown ARC genotype {genotype!r}; use 'auto', {', '.join(map(repr, GENOTYPES))}"
+            " or a sequence of CellGenotype"
+        )
+    return name, GENOTYPES[name]
 
 
 def _check_cells(cells: tuple[CellGenotype, ...]) -> None:
     if not cells:
         raise ZsqError("an ARC genotype needs at least one cell")
     for index, cell in enumerate(cells):
-        if cell.up not in UPSAMPLE_MODES:
-            raise ZsqError(f"cell {index}: upsampling {cell.up!r} is not one of {UPSAMPLE_MODES}")
-        bad = [op for op in cell.ops if op not in OPS]
-        if len(cell.ops) != 3 or bad:
+        if len(cell.up) != 2 or any(mode not in UPSAMPLE_MODES for mode in cell.up):
+            raise ZsqError(f"cell {index}: up must be 2 of {UPSAMPLE_MODES}, got {cell.up!r}")
+        if len(cell.ops) != len(OP_EDGES) or any(op not in OPS for op in cell.ops):
+            raise ZsqError(f"cell {index}: ops must be 5 of {tuple(OPS)}, got {cell.ops!r}")
+        count = len(LINK_EDGES) if index else 0
+        if len(cell.links) != count or any(mode not in LINK_MODES for mode in cell.links):
             raise ZsqError(
-                f"cell {index}: ops must be 3 names from {sorted(OPS)}, got {cell.ops!r}"
-            )
-        if any(not 0 <= j < index for j in cell.skips_from):
-            raise ZsqError(
-                f"cell {index}: skips_from {cell.skips_from!r} must name earlier cells "
-                f"(0..{index - 1})"
+                f"cell {index}: links must be {count} of {LINK_MODES} (none for the first cell),"
+                f" got {cell.links!r}"
             )
 
 
-class CellOp(nn.Module):
-    """Pre-activation op: class-conditional BN -> ReLU -> conv (or the identity for 'skip')."""
-
-    def __init__(self, name: str, channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.name = name
-        spec = OPS[name]
-        self.norm = ConditionalBatchNorm2d(channels, num_classes) if spec else None
-        self.conv = None
-        if spec is not None:
-            kernel, dilation = spec
-            pad = dilation * (kernel - 1) // 2
-            self.conv = nn.Conv2d(channels, channels, kernel, padding=pad, dilation=dilation)
+class CellConditionalBatchNorm2d(ConditionalBatchNorm2d):
+    """Class-conditional BN whose tables may have more rows than classes (the reference's
+    1000); a soft condition (B, k) mixes the first k rows."""
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        if self.conv is None:
-            return x
-        return self.conv(F.relu(self.norm(x, cond)))
+        if cond.dim() == 1:
+            return super().forward(x, cond)
+        rows = cond.shape[1]
+        gamma = cond.to(self.weight.weight.dtype) @ self.weight.weight[:rows]
+        beta = cond.to(self.bias.weight.dtype) @ self.bias.weight[:rows]
+        return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+class NormActConv(nn.Module):
+    """CCBN -> LeakyReLU(0.2) -> conv: the reference's op body (``kernel`` 1 in the up links)."""
+
+    def __init__(self, channels: int, cbn_classes: int, kernel: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        self.norm = CellConditionalBatchNorm2d(channels, cbn_classes, eps=BN_EPS)
+        pad = dilation * (kernel - 1) // 2
+        self.conv = nn.Conv2d(channels, channels, kernel, padding=pad, dilation=dilation)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        return self.conv(F.leaky_relu(self.norm(x, cond), LEAK))
+
+
+class Upsample(NormActConv):
+    """x2 upsampling (nearest or bilinear), then CCBN -> act -> conv1x1. ``mode='none'`` holds
+    the same parameters but the owning cell never calls it (the reference multiplies it by 0)."""
+
+    def __init__(self, mode: str, channels: int, cbn_classes: int) -> None:
+        super().__init__(channels, cbn_classes)
+        self.mode = mode
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        mode = "nearest" if self.mode == "none" else self.mode
+        align = False if mode == "bilinear" else None
+        return super().forward(
+            F.interpolate(x, scale_factor=2.0, mode=mode, align_corners=align), cond
+        )
 
     def extra_repr(self) -> str:
-        return self.name
+        return self.mode
+
+
+class Skip(nn.Module):
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        return x
+
+
+class Zero(nn.Module):
+    """The 'none' op; the owning cell leaves it out of its sums instead of adding zeros."""
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def build_op(name: str, channels: int, cbn_classes: int) -> nn.Module:
+    """The module of one op edge."""
+    if name == "none":
+        return Zero()
+    spec = OPS[name]
+    if spec is None:
+        return Skip()
+    kernel, dilation = spec
+    return NormActConv(channels, cbn_classes, kernel, dilation)
 
 
 class ArcCell(nn.Module):
-    """Upsample x2, add the latent map, then the n0 -> n1 -> n2 DAG (see module doc)."""
+    """Two upsample branches, the two summed nodes and the cross links (see the module doc)."""
 
-    def __init__(
-        self,
-        gene: CellGenotype,
-        channels: int,
-        num_classes: int,
-        latent_part: int,
-        grid: tuple[int, int],
-    ) -> None:
+    def __init__(self, gene: CellGenotype, channels: int, cbn_classes: int) -> None:
         super().__init__()
         self.gene = gene
-        self.grid = grid
-        self.inject = nn.Linear(latent_part, grid[0] * grid[1])
-        self.op01, self.op12, self.op02 = (CellOp(n, channels, num_classes) for n in gene.ops)
-        self.skip_ops = nn.ModuleList(
-            CellOp("conv1x1", channels, num_classes) for _ in gene.skips_from
-        )
+        self.up = nn.ModuleList(Upsample(mode, channels, cbn_classes) for mode in gene.up)
+        self.ops = nn.ModuleList(build_op(name, channels, cbn_classes) for name in gene.ops)
+        self.links = nn.ModuleList(Upsample(mode, channels, cbn_classes) for mode in gene.links)
+        self.live_ops = [(i, *OP_EDGES[i]) for i, name in enumerate(gene.ops) if name != "none"]
+        self.live_links = [
+            (i, *LINK_EDGES[i]) for i, mode in enumerate(gene.links) if mode != "none"
+        ]
 
-    def _resize(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        align = False if self.gene.up == "bilinear" else None
-        return F.interpolate(x, size=size, mode=self.gene.up, align_corners=align)
+    def forward(self, x: Tensor, cond: Tensor, previous: Sequence[Tensor]) -> list[Tensor]:
+        """The cell's nodes [n0, n1, n2, n3]; ``previous`` is the previous cell's (or [])."""
+        nodes = [branch(x, cond) for branch in self.up]
+        for target in (2, 3):
+            terms = [
+                self.ops[i](nodes[src], cond) for i, src, dst in self.live_ops if dst == target
+            ]
+            terms += [
+                self.links[i](previous[src], cond)
+                for i, src, dst in self.live_links
+                if dst == target
+            ]
+            nodes.append(_sum(terms, like=nodes[0]))
+        return nodes
 
-    def forward(self, x: Tensor, z: Tensor, cond: Tensor, earlier: Sequence[Tensor]) -> Tensor:
-        n0 = self._resize(x, self.grid)
-        n0 = n0 + self.inject(z).view(z.shape[0], 1, *self.grid)
-        n1 = self.op01(n0, cond)
-        for op, source in zip(self.skip_ops, self.gene.skips_from, strict=True):
-            n1 = n1 + op(self._resize(earlier[source], self.grid), cond)
-        return self.op12(n1, cond) + self.op02(n0, cond)
+
+def _sum(terms: list[Tensor], like: Tensor) -> Tensor:
+    """Sum of a node's inputs; zeros when every input edge is 'none'."""
+    if not terms:
+        return torch.zeros_like(like)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 class ArcGenerator(nn.Module):
-    """AutoGAN-style cell generator with class-conditional BN, called as ``generator(z, cond)``.
+    """AutoReCon's cell generator, called as ``generator(z, cond)`` (see the module doc).
 
-    ``cond`` is hard labels (B,) or class weights (B, num_classes); z is (B, latent_dim), split
-    into one part per cell (near-equal sizes). See the module doc for the layout and genotypes.
+    ``cond`` is hard labels (B,) or class weights (B, num_classes); z is (B, latent_dim).
+    ``genotype`` is 'auto', a name in ``GENOTYPES`` or a sequence of ``CellGenotype`` (any
+    number of cells; the image side is then generated at ``ceil(side / 2**cells) * 2**cells``).
+    ``width`` (reference 64) exists to build small generators for tests.
     """
 
     def __init__(
@@ -188,14 +300,14 @@ class ArcGenerator(nn.Module):
         num_classes: int,
         image_shape: Sequence[int],
         *,
-        latent_dim: int = 120,
-        width: int = 64,
+        latent_dim: int = DEFAULT_LATENT_DIM,
+        width: int = DEFAULT_WIDTH,
         genotype: str | Sequence[CellGenotype] = "auto",
     ) -> None:
         super().__init__()
         channels, height, width_px = check_image_shape(image_shape)
         self.num_classes = check_num_classes(num_classes)
-        self.genotype = resolve_genotype(image_shape, genotype)
+        self.genotype_name, self.genotype = resolve_genotype(genotype, num_classes, image_shape)
         cells = len(self.genotype)
         if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < cells:
             raise ZsqError(
@@ -207,34 +319,42 @@ class ArcGenerator(nn.Module):
         self.width = width
         self.image_shape = (channels, height, width_px)
         factor = 2**cells
-        self.init_hw = (-(-height // factor), -(-width_px // factor))  # ceil: crop at the end
-        self.parts = [latent_dim // cells + (i < latent_dim % cells) for i in range(cells)]
-
-        self.stem = nn.Linear(self.parts[0], width * self.init_hw[0] * self.init_hw[1])
-        self.cells = nn.ModuleList(
-            ArcCell(
-                gene,
-                width,
-                num_classes,
-                self.parts[i],
-                (self.init_hw[0] * 2 ** (i + 1), self.init_hw[1] * 2 ** (i + 1)),
-            )
-            for i, gene in enumerate(self.genotype)
+        self.bottom_hw = (-(-height // factor), -(-width_px // factor))  # ceil: crop at the end
+        self.parts = latent_split(latent_dim, cells)
+        self.grids = [(self.bottom_hw[0] * 2**i, self.bottom_hw[1] * 2**i) for i in range(cells)]
+        self.latent_maps = nn.ModuleList(
+            nn.Linear(part, width * h * w)
+            for part, (h, w) in zip(self.parts, self.grids, strict=True)
         )
-        self.norm_out = ConditionalBatchNorm2d(width, num_classes)
+        cbn_classes = max(CELL_CBN_CLASSES, num_classes)
+        self.cells = nn.ModuleList(ArcCell(gene, width, cbn_classes) for gene in self.genotype)
+        self.norm_out = CellConditionalBatchNorm2d(width, num_classes, eps=BN_EPS)
         self.conv_out = nn.Conv2d(width, channels, 3, padding=1)
         self.bn_out = nn.BatchNorm2d(channels, affine=False)
 
     def forward(self, z: Tensor, cond: Tensor) -> Tensor:
         parts = torch.split(z, self.parts, dim=1)
-        x = self.stem(parts[0]).view(z.shape[0], self.width, *self.init_hw)
-        outputs: list[Tensor] = []
-        for cell, part in zip(self.cells, parts, strict=True):
-            x = cell(x, part, cond, outputs)
-            outputs.append(x)
-        x = F.leaky_relu(self.norm_out(x, cond), 0.2)
+        nodes: list[Tensor] = []
+        x: Tensor | None = None
+        for latent_map, part, grid, cell in zip(
+            self.latent_maps, parts, self.grids, self.cells, strict=True
+        ):
+            mapped = latent_map(part).view(z.shape[0], self.width, *grid)
+            x = mapped if x is None else x + mapped
+            nodes = cell(x, cond, nodes)
+            x = nodes[3]
+        x = F.leaky_relu(self.norm_out(x, cond), LEAK)
         x = torch.tanh(self.conv_out(x))
         return self.bn_out(center_crop(x, self.image_shape[1:]))
+
+    def extra_repr(self) -> str:
+        return f"genotype={self.genotype_name!r}, bottom={self.bottom_hw}, latent={self.parts}"
+
+
+def latent_split(latent_dim: int, cells: int) -> list[int]:
+    """The reference's split: ``latent // cells`` per cell, the last also takes the rest."""
+    part = latent_dim // cells
+    return [part] * (cells - 1) + [latent_dim - part * (cells - 1)]
 
 
 def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -255,9 +375,9 @@ class ArcSource(GdfqSource):
         *,
         num_classes: int,
         image_shape: Sequence[int],
-        latent_dim: int = 120,
-        width: int = 64,
         genotype: str | Sequence[CellGenotype] = "auto",
+        latent_dim: int = DEFAULT_LATENT_DIM,
+        width: int = DEFAULT_WIDTH,
         bns_weight: float = 0.1,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
@@ -265,6 +385,7 @@ class ArcSource(GdfqSource):
         generator = ArcGenerator(
             num_classes, image_shape, latent_dim=latent_dim, width=width, genotype=genotype
         )
+        log.info("ARC genotype %s", generator.genotype_name)
         super().__init__(
             teacher,
             num_classes=num_classes,

@@ -1,62 +1,163 @@
 """Qimera: GDFQ plus *superposed* batches that sit near the teacher's decision boundaries.
 
-With probability ``mix_prob`` a whole batch is superposed: every sample draws ``num_mix`` (K)
-distinct classes, K noise vectors and weights ``lambda = softmax(randn(K))``; the generator gets
-the lambda-weighted superposition of the K classes' conditioning, and the soft target puts lambda
-on those classes (so the student also learns from boundary-supporting samples). Other batches are
-plain GDFQ batches. The generator loss is GDFQ's (soft-label CE + ``bns_weight`` * BNS, since
-``F.cross_entropy`` takes target probabilities), and ``GdfqSource.step`` is reused as is.
+As the official AIT repository's Qimera (``Qimera_AIT/main.py``, ``trainer.py``) does it:
 
-How the superposition is done (one generator forward per batch):
+* With probability ``mix_prob`` a whole batch is superposed (one host-side draw per batch). Each
+  sample draws ``num_mix`` (K) classes uniformly *with replacement*, K noise vectors and weights
+  ``lambda = softmax(randn(K))``. Its soft target accumulates lambda on the drawn classes
+  (scatter-add: a class drawn twice gets the sum of its two lambdas). Other batches are plain
+  GDFQ batches: one uniformly drawn class and one noise vector per sample, one-hot targets.
+* Generator input (``QimeraGenerator.encode``): ``e_y + noise_scale * z`` (class embedding plus
+  noise) standardised by a non-affine BatchNorm1d applied to the *transposed* code. So a plain
+  (B, latent) code is standardised per sample over its latent dimensions, and a superposed
+  (B, K, latent) code per slot k over the batch and latent dimensions. A superposed sample's
+  input is the lambda-weighted sum of its K standardised slot codes.
+* On generators with class-conditional BN (the ImageNet variant) the BN scales and shifts of a
+  superposed sample are the MEAN over K of ``lambda_k * gamma_{y_k}`` (so they shrink as 1/K), as
+  the official conditional BN does.
+* Generator loss: GDFQ's (soft-label CE + ``bns_weight`` * BNS); ``GdfqSource.step`` is reused.
 
-* Embedding-conditioned generators (GDFQ's CIFAR variant, ``code = e_y * z``): the code fed to
-  the Linear layer is ``sum_k lambda_k * (e_k / ||e_k||) * z_k``, i.e. GDFQ's element-wise
-  embedding-times-noise per class slot, with each class embedding L2-normalised, then weighted
-  and summed. Plain batches keep GDFQ's unnormalised ``e_y * z``; the scale difference between
-  the two kinds of batch is absorbed by the generator's BatchNorm after the Linear layer (batches
-  are never mixed, and the generator trains with batch statistics).
-* Generators conditioned only through class-conditional BN (GDFQ's ImageNet variant, ARC): the
-  BN scales/shifts are mixed with the lambda weights (``class_lookup``). The noise there does not
-  depend on the class, so a renormalised mixture of K noise vectors would just be another
-  N(0, I) draw: the first slot's noise is used.
+Settings of the AIT repository's runs, and the defaults derived from ``num_classes``:
 
-Superposed-batch conditions are (B, num_classes) weight rows equal to the targets; plain batches
-condition on hard labels (B,). ``generate`` tells them apart by rank (shape metadata, no sync) and
-pairs noise slot k with the k-th largest lambda (``topk``), which is as random as any pairing.
+============  ==========  ========  =======  ===================  ===============
+setting       num_mix K   mix_prob  latent   class embedding      derived default
+============  ==========  ========  =======  ===================  ===============
+CIFAR-10      2           0.4       64       teacher classifier   same
+CIFAR-100     25          0.4       64       teacher classifier   same
+ResNet-18     250         0.4       512      random               same
+ResNet-50     100         0.4       2048     teacher classifier   K=250, random
+MobileNetV2   250         0.4       1280     random               same
+============  ==========  ========  =======  ===================  ===============
 
-Options: ``init_from_teacher`` copies the teacher classifier's weight rows into the class
-embedding (the latent size then defaults to the classifier's input size); ``disentangle`` adds the
-paper's disentanglement mapping, a learned Linear(latent, latent) on the code of every batch,
-plain ones included (identity at init, no activation).
-Being linear and with lambdas summing to 1, applying it after the superposition equals applying
-it to each class slot before. The official runs do not use it.
+ResNet-50 therefore needs ``num_mix=100, init_from_teacher=True``; the original Qimera
+repository's ResNet-50 run uses ``num_mix=500, mix_prob=0.7`` (and K=10 on CIFAR-100). The
+default K is a quarter of the classes, at least 2 and at most 250 (2 / 25 / 250 for 10 / 100 /
+1000 classes); the embeddings start from the teacher's classifier rows for up to 100 classes and
+are random (N(0, 1)) above. The latent size is the classifier's input size (so the rows fit), 64
+when the teacher has no ``nn.Linear`` classifier. The official ImageNet generators thus have a
+Linear layer of latent x 128 x 56 x 56 weights (205M for ResNet-18, 822M for ResNet-50).
+
+Options the official runs leave off: ``disentangle`` adds the paper's disentanglement mapping, a
+Linear(latent, min(latent, 100)) on every slot code before the weighted sum (the official
+``--no_DM`` switch, whose default disables it); ``distinct_classes`` draws the K classes of a
+sample without replacement (zsq's earlier behaviour: every superposed sample then really mixes K
+classes); ``noise_scale`` scales z (1.0 officially; its ImageNet generator has no such factor).
+
+A generator passed in (``generator=``) that is not a ``QimeraGenerator`` is called as
+``generator(z, cond)`` with one (B, latent) noise draw and ``cond`` = the hard labels or the soft
+targets, i.e. superposed through its own class lookup (e.g. ARC's conditional BNs).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
-from zsq.synth.base import check_num_classes
-from zsq.synth.gdfq import GdfqSource, Variant, resolve_variant
+from zsq.synth.base import check_batch_size, check_num_classes
+from zsq.synth.gdfq import GdfqSource, Variant, build_gdfq_generator
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LATENT_DIM = 100
+FALLBACK_LATENT_DIM = 64  # the official CIFAR config; used when the teacher has no classifier
+TEACHER_INIT_MAX_CLASSES = 100  # AIT runs: classifier-initialised embeddings on CIFAR
+MAX_DEFAULT_NUM_MIX = 250
+MAPPING_MAX_DIM = 100  # the official disentanglement mapping's output size (64 on ResNet-20)
+INPUT_NORM_EPS = 1e-5  # BatchNorm1d's default, as in the official input normaliser
+
+
+def default_num_mix(num_classes: int) -> int:
+    """A quarter of the classes in [2, 250]: the AIT runs' 2 / 25 / 250 for 10 / 100 / 1000."""
+    return min(MAX_DEFAULT_NUM_MIX, max(2, num_classes // 4))
+
+
+def mixture_weights(classes: Tensor, lambdas: Tensor, num_classes: int) -> Tensor:
+    """(B, num_classes) rows accumulating ``lambdas`` at ``classes`` (repeats add up)."""
+    out = torch.zeros(classes.shape[0], num_classes, dtype=lambdas.dtype, device=lambdas.device)
+    return out.scatter_add_(1, classes, lambdas)
+
+
+def standardise(x: Tensor, dims: int | tuple[int, ...], eps: float = INPUT_NORM_EPS) -> Tensor:
+    """Zero mean, unit (biased) variance over ``dims``: a non-affine, batch-statistics BN."""
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+class QimeraGenerator(nn.Module):
+    """Qimera's input stage (class embedding + noise, standardised) on a GDFQ generator body.
+
+    Called as ``generator(z, labels)`` with labels (B,) and z (B, latent), or as
+    ``generator(z, classes, lambdas)`` with classes and lambdas (B, K) and z (B, K, latent) for
+    superposed samples. The body is GDFQ's generator (``variant`` picks plain or
+    class-conditional BNs) with its own embedding-times-noise conditioning removed.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_shape: Sequence[int],
+        *,
+        latent_dim: int = FALLBACK_LATENT_DIM,
+        variant: Variant = "auto",
+        noise_scale: float = 1.0,
+        disentangle: bool = False,
+        bn_eps: float = 0.8,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_num_classes(num_classes)
+        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
+        self.noise_scale = _check_noise_scale(noise_scale)
+        self.embedding = nn.Embedding(num_classes, latent_dim)
+        self.mapping = (
+            nn.Linear(latent_dim, min(latent_dim, MAPPING_MAX_DIM)) if disentangle else None
+        )
+        code_dim = self.mapping.out_features if self.mapping is not None else latent_dim
+        self.body = build_gdfq_generator(
+            num_classes, image_shape, variant=variant, latent_dim=code_dim, bn_eps=bn_eps
+        )
+        self.body.embedding = None  # the input stage above conditions the code instead
+
+    @property
+    def class_conditional_bn(self) -> bool:
+        return self.body.conditioning == "batchnorm"
+
+    def encode(self, z: Tensor, labels: Tensor, lambdas: Tensor | None = None) -> Tensor:
+        """The code fed to the body's Linear layer (see the module doc)."""
+        codes = self.embedding(labels) + self.noise_scale * z
+        codes = standardise(codes, dims=1 if lambdas is None else (0, 2))
+        if self.mapping is not None:
+            codes = self.mapping(codes)
+        if lambdas is None:
+            return codes
+        return (lambdas.to(codes.dtype).unsqueeze(2) * codes).sum(dim=1)
+
+    def bn_condition(self, labels: Tensor, lambdas: Tensor | None = None) -> Tensor | None:
+        """What the class-conditional BNs look up: labels, or weights giving the mean over K."""
+        if not self.class_conditional_bn:
+            return None
+        if lambdas is None:
+            return labels
+        return mixture_weights(labels, lambdas, self.num_classes) / labels.shape[1]
+
+    def forward(self, z: Tensor, labels: Tensor, lambdas: Tensor | None = None) -> Tensor:
+        code = self.encode(z, labels, lambdas)
+        return self.body.decode(code, self.bn_condition(labels, lambdas))
 
 
 class QimeraSource(GdfqSource):
     """GDFQ source whose batches are superposed with probability ``mix_prob`` (see module doc).
 
     Whether a batch is superposed is drawn on the host from torch's CPU generator, not on the
-    source's device: the answer decides on the host whether the batch has hard labels, so a
-    device draw would cost a host sync per batch. The CPU generator is part of the state the
-    trainer checkpoints (``zsq.runtime.rng_state``), so resumes stay exact. Superposed batches
-    have ``labels=None``.
+    source's device: the answer decides on the host which kind of batch to build, so a device
+    draw would cost a host sync per batch. The CPU generator is part of the state the trainer
+    checkpoints (``zsq.runtime.rng_state``), so resumes stay exact. Superposed batches have
+    ``labels=None``. ``init_from_teacher=None`` means: from the teacher's classifier for up to
+    100 classes when its input size is the latent size, random otherwise.
     """
 
     def __init__(
@@ -67,8 +168,10 @@ class QimeraSource(GdfqSource):
         image_shape: Sequence[int],
         mix_prob: float = 0.4,
         num_mix: int | None = None,
-        init_from_teacher: bool = False,
+        init_from_teacher: bool | None = None,
         disentangle: bool = False,
+        noise_scale: float = 1.0,
+        distinct_classes: bool = False,
         latent_dim: int | None = None,
         bns_weight: float = 0.1,
         lr: float = 1e-3,
@@ -78,185 +181,214 @@ class QimeraSource(GdfqSource):
         bn_eps: float = 0.8,
     ) -> None:
         check_num_classes(num_classes)
-        if not 0.0 <= mix_prob <= 1.0:
-            raise ZsqError(f"mix_prob must be in [0, 1], got {mix_prob}")
-        checked_num_mix = _check_num_mix(num_mix, num_classes)
-        if (init_from_teacher or disentangle) and not _will_have_embedding(
-            generator, image_shape, variant
-        ):
-            raise ZsqError(
-                "init_from_teacher and disentangle need a generator with a class embedding, but "
-                "this one conditions only through BatchNorm (GDFQ's ImageNet variant or a custom "
-                "generator); pass variant='cifar' or leave both options off"
+        checked_mix_prob = _check_mix_prob(mix_prob)
+        for name, value in (("disentangle", disentangle), ("distinct_classes", distinct_classes)):
+            _check_bool(name, value)
+        if init_from_teacher is not None:
+            _check_bool("init_from_teacher", init_from_teacher)
+        checked_num_mix = _check_num_mix(num_mix, num_classes, distinct_classes)
+        if generator is None:
+            generator, init_weight = _build_generator(
+                teacher,
+                num_classes=num_classes,
+                image_shape=image_shape,
+                latent_dim=latent_dim,
+                init_from_teacher=init_from_teacher,
+                variant=variant,
+                noise_scale=noise_scale,
+                disentangle=disentangle,
+                bn_eps=bn_eps,
             )
-        classifier = find_classifier(teacher, num_classes) if init_from_teacher else None
-        latent_dim = _resolve_latent_dim(latent_dim, classifier)
+        else:
+            _check_custom_generator_options(init_from_teacher, disentangle, noise_scale)
+            init_weight = None
         super().__init__(
             teacher,
             num_classes=num_classes,
             image_shape=image_shape,
-            latent_dim=latent_dim,
+            latent_dim=FALLBACK_LATENT_DIM if latent_dim is None else latent_dim,
             bns_weight=bns_weight,
             lr=lr,
             betas=betas,
             generator=generator,
-            variant=variant,
-            bn_eps=bn_eps,
         )
-        self.mix_prob = float(mix_prob)
+        self.mix_prob = checked_mix_prob
         self.num_mix = checked_num_mix
-        if classifier is not None:
-            init_embedding_from(self.embedding, classifier)
-        self.mapping: nn.Linear | None = None
-        if disentangle:
-            self.mapping = identity_linear(self.latent_dim).to(self.device)
-            self.optimizer.add_param_group({"params": list(self.mapping.parameters())})
+        self.distinct_classes = distinct_classes
+        self.embedding_from_teacher = init_weight is not None
 
-    @property
-    def embedding(self) -> nn.Embedding | None:
-        """The generator's class embedding, when it has one and ``encode``/``decode`` around it."""
-        return _embedding_of(self.generator)
+    # --- drawing ------------------------------------------------------------------------------
 
-    # --- GdfqSource pieces --------------------------------------------------------------------
-
-    def draw_latent(self, batch_size: int) -> Tensor:
-        """K noise vectors per sample, (B, K, latent); plain batches use the first.
-
-        A generator without a class embedding only ever uses the first, so only one is drawn.
-        """
-        slots = self.num_mix if self.embedding is not None else 1
-        return torch.randn(batch_size, slots, self.latent_dim, device=self.device)
-
-    def draw_targets(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Plain GDFQ draw, or (weights, weights, None) for a superposed batch.
-
-        RNG order: the superposed-or-not draw on the CPU generator comes first, then the
-        classes and lambdas (``draw_mixture``) on the source's device.
-        """
+    def _draw(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A plain GDFQ batch, or a superposed one (RNG order: z, classes, lambdas)."""
+        check_batch_size(batch_size)
         if not self.draw_superposed():
-            return super().draw_targets(batch_size)
+            return super()._draw(batch_size)
+        qimera = isinstance(self.generator, QimeraGenerator)
+        z_shape = (batch_size, self.num_mix) if qimera else (batch_size,)
+        z = torch.randn(*z_shape, self.latent_dim, device=self.device)
         classes, lambdas = self.draw_mixture(batch_size)
-        weights = mixture_weights(classes, lambdas, self.num_classes)
-        return weights, weights, None
-
-    def generate(self, z: Tensor, cond: Tensor) -> Tensor:
-        if cond.dim() == 1:  # hard labels: a plain GDFQ batch
-            if self.mapping is None:
-                return self.generator(z[:, 0], cond)
-            code = self.mapping(self.generator.encode(z[:, 0], cond))
-            return self.generator.decode(code, cond)
-        if self.embedding is None:
-            return self.generator(z[:, 0], cond)
-        code = self.superposed_code(z, cond)
-        if self.mapping is not None:
-            code = self.mapping(code)
-        return self.generator.decode(code, cond)
-
-    # --- superposition ------------------------------------------------------------------------
+        targets = mixture_weights(classes, lambdas, self.num_classes)
+        images = self.generator(z, classes, lambdas) if qimera else self.generator(z, targets)
+        return images, targets, None
 
     def draw_superposed(self) -> bool:
         """One CPU-generator draw: True with probability ``mix_prob`` (no device sync)."""
         return bool(torch.rand((), device="cpu") < self.mix_prob)
 
     def draw_mixture(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """K distinct uniformly random classes (B, K) and weights softmax(randn(K)) (B, K)."""
-        scores = torch.rand(batch_size, self.num_classes, device=self.device)
-        classes = scores.topk(self.num_mix, dim=1).indices
-        lambdas = torch.softmax(torch.randn(batch_size, self.num_mix, device=self.device), dim=1)
+        """K uniform classes per sample (B, K) and weights softmax(randn(K)) (B, K)."""
+        shape = (batch_size, self.num_mix)
+        if self.distinct_classes:
+            scores = torch.rand(batch_size, self.num_classes, device=self.device)
+            classes = scores.topk(self.num_mix, dim=1).indices
+        else:
+            classes = torch.randint(0, self.num_classes, shape, device=self.device)
+        lambdas = torch.softmax(torch.randn(shape, device=self.device), dim=1)
         return classes, lambdas
 
-    def superposed_code(self, z: Tensor, weights: Tensor) -> Tensor:
-        """``sum_k lambda_k * e_k / ||e_k|| * z_k`` over each row's K weighted classes."""
-        lambdas, classes = weights.topk(z.shape[1], dim=1)
-        table = self.embedding.weight
-        unit = table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        slots = unit[classes] * z  # (B, K, latent)
-        return (lambdas.to(slots.dtype).unsqueeze(2) * slots).sum(dim=1)
-
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mix_prob={self.mix_prob}, num_mix={self.num_mix}"
+        return (
+            f"{super().extra_repr()}, mix_prob={self.mix_prob}, num_mix={self.num_mix}, "
+            f"distinct_classes={self.distinct_classes}, "
+            f"embedding_from_teacher={self.embedding_from_teacher}"
+        )
 
 
-def mixture_weights(classes: Tensor, lambdas: Tensor, num_classes: int) -> Tensor:
-    """(B, num_classes) rows holding ``lambdas`` at ``classes`` (distinct per row), 0 elsewhere."""
-    out = torch.zeros(classes.shape[0], num_classes, dtype=lambdas.dtype, device=lambdas.device)
-    return out.scatter_(1, classes, lambdas)
-
-
-def find_classifier(teacher: nn.Module, num_classes: int) -> nn.Linear:
-    """The teacher's last ``nn.Linear`` with ``out_features == num_classes``."""
+def find_classifier(teacher: nn.Module, num_classes: int) -> nn.Linear | None:
+    """The teacher's last ``nn.Linear`` with ``out_features == num_classes``, if any."""
     found = None
     for module in teacher.modules():
         if isinstance(module, nn.Linear) and module.out_features == num_classes:
             found = module
-    if found is None:
-        raise ZsqError(
-            f"init_from_teacher: {type(teacher).__name__} has no nn.Linear with out_features="
-            f"{num_classes}; check num_classes or pass init_from_teacher=False"
-        )
     return found
 
 
-def init_embedding_from(table: nn.Embedding, classifier: nn.Linear) -> None:
+def init_embedding_from(table: nn.Embedding, weight: Tensor) -> None:
     """Copy the classifier's weight rows (one per class) into the class embedding."""
-    if tuple(table.weight.shape) != tuple(classifier.weight.shape):
-        raise ZsqError(
-            f"init_from_teacher: the class embedding is {tuple(table.weight.shape)} but the "
-            f"teacher classifier weight is {tuple(classifier.weight.shape)}; pass "
-            f"latent_dim={classifier.in_features} (or leave it unset)"
-        )
     with torch.no_grad():
-        table.weight.copy_(classifier.weight.detach().to(table.weight))
+        table.weight.copy_(weight.detach().to(table.weight))
 
 
-def identity_linear(features: int) -> nn.Linear:
-    """Linear layer starting as the identity, so enabling the mapping changes nothing at step 0."""
-    layer = nn.Linear(features, features)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(features))
-        layer.bias.zero_()
-    return layer
+def _build_generator(
+    teacher: nn.Module,
+    *,
+    num_classes: int,
+    image_shape: Sequence[int],
+    latent_dim: int | None,
+    init_from_teacher: bool | None,
+    variant: Variant,
+    noise_scale: float,
+    disentangle: bool,
+    bn_eps: float,
+) -> tuple[QimeraGenerator, Tensor | None]:
+    """The official generator, its embedding initialised as ``init_from_teacher`` says."""
+    classifier = find_classifier(teacher, num_classes)
+    if latent_dim is None:
+        latent_dim = classifier.in_features if classifier is not None else FALLBACK_LATENT_DIM
+    init_weight = _teacher_init_weight(classifier, num_classes, latent_dim, init_from_teacher)
+    generator = QimeraGenerator(
+        num_classes,
+        image_shape,
+        latent_dim=latent_dim,
+        variant=variant,
+        noise_scale=noise_scale,
+        disentangle=disentangle,
+        bn_eps=bn_eps,
+    )
+    if init_weight is not None:
+        init_embedding_from(generator.embedding, init_weight)
+    return generator, init_weight
 
 
-def _embedding_of(generator: nn.Module) -> nn.Embedding | None:
-    table = getattr(generator, "embedding", None)
-    if isinstance(table, nn.Embedding) and hasattr(generator, "encode"):
-        return table if hasattr(generator, "decode") else None
-    return None
+def _teacher_init_weight(
+    classifier: nn.Linear | None,
+    num_classes: int,
+    latent_dim: int,
+    init_from_teacher: bool | None,
+) -> Tensor | None:
+    """The classifier weight to start the embedding from, or None for a random start.
 
-
-def _will_have_embedding(
-    generator: nn.Module | None, image_shape: Sequence[int], variant: Variant
-) -> bool:
-    """Checked before the teacher is hooked, so a bad option leaves the teacher untouched."""
-    if generator is not None:
-        return _embedding_of(generator) is not None
-    return resolve_variant(image_shape, variant) == "cifar"
-
-
-def _check_num_mix(num_mix: int | None, num_classes: int) -> int:
-    if num_mix is None:
-        return min(2, num_classes)
-    if isinstance(num_mix, bool) or not isinstance(num_mix, int) or not 1 <= num_mix <= num_classes:
-        raise ZsqError(
-            f"num_mix (classes per superposed sample) must be an int in [1, {num_classes}], "
-            f"got {num_mix!r}"
-        )
-    return num_mix
-
-
-def _resolve_latent_dim(latent_dim: int | None, classifier: nn.Linear | None) -> int:
-    """Latent size: the classifier's input size when initialising from it, else GDFQ's 100.
-
-    An explicit ``latent_dim`` that disagrees with the classifier is an error rather than a silent
-    projection: a projection would blur the class geometry the initialisation is meant to carry.
+    An explicit ``latent_dim`` that disagrees with the classifier is an error when asked for
+    explicitly rather than a silent projection: a projection would blur the class geometry the
+    initialisation is meant to carry. The default just falls back to random embeddings.
     """
+    fits = classifier is not None and classifier.in_features == latent_dim
+    if init_from_teacher is None:
+        use = fits and num_classes <= TEACHER_INIT_MAX_CLASSES
+        log.info("Qimera: %s class embeddings", "teacher-classifier" if use else "random")
+        return classifier.weight if use else None
+    if not init_from_teacher:
+        return None
     if classifier is None:
-        return DEFAULT_LATENT_DIM if latent_dim is None else latent_dim
-    if latent_dim is not None and latent_dim != classifier.in_features:
+        raise ZsqError(
+            f"init_from_teacher: the teacher has no nn.Linear with out_features={num_classes}; "
+            "check num_classes or pass init_from_teacher=False"
+        )
+    if not fits:
         raise ZsqError(
             f"init_from_teacher: latent_dim={latent_dim} but the teacher classifier takes "
             f"{classifier.in_features} features; pass latent_dim={classifier.in_features} "
             "or leave it unset"
         )
-    return classifier.in_features
+    return classifier.weight
+
+
+def _check_custom_generator_options(
+    init_from_teacher: bool | None, disentangle: bool, noise_scale: float
+) -> None:
+    if init_from_teacher or disentangle or noise_scale != 1.0:
+        raise ZsqError(
+            "init_from_teacher, disentangle and noise_scale configure the built-in Qimera "
+            "generator; leave them unset when passing generator="
+        )
+
+
+def _check_mix_prob(mix_prob: float) -> float:
+    if (
+        isinstance(mix_prob, bool)
+        or not isinstance(mix_prob, (int, float))
+        or not 0.0 <= mix_prob <= 1.0
+    ):
+        raise ZsqError(f"mix_prob must be a number in [0, 1], got {mix_prob!r}")
+    return float(mix_prob)
+
+
+def _check_num_mix(num_mix: int | None, num_classes: int, distinct_classes: bool) -> int:
+    if num_mix is None:
+        default = default_num_mix(num_classes)
+        return min(default, num_classes) if distinct_classes else default
+    top = num_classes if distinct_classes else None
+    if (
+        isinstance(num_mix, bool)
+        or not isinstance(num_mix, int)
+        or num_mix < 1
+        or (top is not None and num_mix > top)
+    ):
+        bound = f"[1, {top}] (distinct_classes=True)" if top is not None else ">= 1"
+        raise ZsqError(
+            f"num_mix (classes per superposed sample) must be an int {bound}, got {num_mix!r}"
+        )
+    return num_mix
+
+
+def _check_noise_scale(noise_scale: float) -> float:
+    if (
+        isinstance(noise_scale, bool)
+        or not isinstance(noise_scale, (int, float))
+        or not math.isfinite(noise_scale)
+        or noise_scale < 0
+    ):
+        raise ZsqError(f"noise_scale must be a finite number >= 0, got {noise_scale!r}")
+    return float(noise_scale)
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ZsqError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ZsqError(f"{name} must be true or false, got {value!r}")
