@@ -1,28 +1,46 @@
 """Gradient inundation (AIT, Sec. 4.2): scale each quantized layer's update so that a share rho of
-its integer weight codes changes every step.
+its integer weights changes every step.
 
-Works around any torch optimiser: the optimiser steps as usual (its state, e.g. the momentum
-buffer, sees the raw gradient, as in the reference), the applied update ``delta`` of every
-quantized weight is read off, and the weight is set to ``old + kappa * delta`` with the per-layer
-``kappa`` found by search. For SGD with Nesterov momentum ``delta = -lr * (g + m * (m * buf + g))``,
-exactly the direction the reference scales.
+**The update.** Before the wrapped optimiser steps, the update it is about to make to every
+quantized weight is computed from its state in float64 (:func:`exact_update`: SGD with or
+without (Nesterov) momentum, Adam/AdamW, RMSprop, with all their options), in two forms: the
+*search direction*, which leaves this step's weight decay out, and the *applied update*, weight
+decay included (as the reference: kappa is searched on ``g + m * (m * buf + g)`` but scales the
+whole step). Then the optimiser steps as usual, so its state (momentum buffer, moments) sees the
+raw gradient, and each quantized weight is overwritten with ``old + kappa * applied``, rounded
+once to the weight's dtype. Reading the update back as ``new - old`` instead loses most of it to
+float32 cancellation at small learning rates. Other optimisers fall back to that read-back (both
+forms are then ``new - old``).
 
-The search (per layer, all on the device, no host synchronisation; layers whose weights have the
-same 2-D shape and format are searched together as one stacked tensor, so the number of kernels
-per step depends on the number of distinct layer shapes, not on the depth of the network):
-1. doubling: the change fraction f(kappa) is evaluated for kappa = 1, 2, 4, ..., cap at once; the
-   smallest kappa with f >= rho is taken (kappa = 1 when f(1) >= rho already, the cap if none);
-2. binary search between kappa/2 and kappa, at most ``search_steps`` steps, stopping early once
-   |f - rho| < rho * tolerance;
-3. of the kappas evaluated whose f still reaches rho, the one with the smallest f is used: the
-   paper's goal is to *guarantee* that a share rho changes (Eq. 10's argmin, taken from above).
-   The target is rounded to a whole number of weights, at least one: a layer with
-   rho * numel < 1 still changes one weight per step. f is a step
-   function that jumps when a channel's extreme weight moves, so the last bisection point is
-   not always the best.
-The cap is ``warmup_cap`` (128) during the GI warm-up and ``max_kappa`` always: a zero gradient
-cannot loop. Non-finite gradient entries are zeroed before the optimiser sees them, so NaN/Inf
-never reach the weights or the optimiser state.
+**What counts as changed** (``count``): ``"codes"`` (default, paper Eq. 11 and the reference)
+compares the integer codes ``q`` of Eq. 1, with each range recomputed on the moved weights; a
+zero-point step shifts every ``q`` of a channel, so it counts the whole channel. ``"levels"``
+compares ``q + z``, which a zero-point step alone does not change. The share f(kappa) is
+``changed / numel`` in float32, compared with rho in float32, as the reference does.
+
+**The kappa search** (``search``), per layer with ``f`` on the search direction:
+
+- ``"reference"`` (default), the official code's rule: if f(1) >= rho, kappa = 1. Otherwise
+  double kappa (2, 4, ...) until f >= rho or the cap is reached, then bisect between kappa/2 and
+  kappa: at most ``search_steps`` (5) midpoints, each one replacing the lower end if its f < rho
+  and the upper end otherwise, stopping early once |f - rho| < rho * ``tolerance`` (rho/100);
+  kappa is the last midpoint, whose f may fall slightly short of rho. When the cap falls short
+  the bisection runs between cap/2 and cap all the same (kappa ends near the cap).
+- ``"nearest-above"``: the target is rho * numel rounded to whole weights, at least one, with half
+  a weight of slack; the smallest doubling that reaches it is taken (kappa = 1 or the cap with no
+  bisection when f(1) reaches it, when the cap falls short, or when the first hit is within the
+  tolerance), else the bisection as above with early stop at |f - target| < max(target *
+  tolerance, half a weight); kappa is, among the values evaluated whose f reaches the target, the
+  one with the smallest f (Eq. 10's argmin taken from above).
+
+The cap is the largest power of two within ``warmup_cap`` (128, as the reference's "stop once
+kappa > 100") during the GI warm-up and within ``max_kappa`` always: the reference doubles
+without limit after the warm-up, so a zero gradient loops there; here the kappa differs from the
+reference's only where it would exceed ``max_kappa``. A layer whose search direction is all zero
+reports kappa = 1 (nothing moves). Non-finite gradient entries are zeroed before the optimiser
+sees them. All of it runs on the device without host synchronisation; layers whose weights have
+the same 2-D shape, format and parameter group are searched as one stacked tensor, so the number
+of kernels per step depends on the number of distinct layer shapes, not on the network's depth.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -40,6 +59,9 @@ from zsq.quant.modules import QuantConv2d, QuantLinear
 from zsq.quant.quantizer import qparams_from_range, quantize_codes
 
 QuantLayer = QuantConv2d | QuantLinear
+Count = Literal["codes", "levels"]
+Search = Literal["reference", "nearest-above"]
+COUNTS: tuple[str, ...] = ("codes", "levels")
 WARMUP_CAP = 128.0
 MAX_KAPPA = 2.0**16
 # kappa candidates x stacked weights evaluated at once: large on a GPU (fewer launches), cache-sized
@@ -49,7 +71,8 @@ SEARCH_CHUNK_ELEMENTS = {"cuda": 2**25, "cpu": 2**18}
 
 @dataclass
 class InundationStats:
-    """Per-layer kappa used and share of integer codes that changed in one step (device tensors)."""
+    """Per-layer kappa used and share of integer weights that changed in one step (device
+    tensors)."""
 
     kappa: Tensor
     fraction: Tensor
@@ -57,7 +80,7 @@ class InundationStats:
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How a layer's weights are quantized: what the level computation needs to know."""
+    """How a layer's weights are quantized: what the code computation needs to know."""
 
     bits: int
     per_channel: bool
@@ -68,32 +91,46 @@ class WeightFormat:
         return cls(layer.wbits, layer.w_channel_axis == 0, layer.w_symmetric)
 
 
-def weight_levels(weights: Tensor, fmt: WeightFormat) -> Tensor:
-    """Quantization level ``q + z`` of every weight of ``weights`` (..., out_channels, fan_in),
-    the range taken per output channel (last dim) or per matrix (last two dims).
+def check_count(count: str) -> None:
+    if count not in COUNTS:
+        raise ZsqError(f"unknown gradient-inundation count {count!r}; use one of {COUNTS}")
 
-    A weight's value is ``(q + z) / S``. Comparing levels rather than raw codes q keeps a
-    zero-point step (z moves by one when the channel's min crosses a half step, shifting every q of
-    the channel without changing any value) from counting as a crossing.
-    """
+
+def weight_integers(weights: Tensor, fmt: WeightFormat, count: Count = "codes") -> Tensor:
+    """Integer code ``q`` (``count="codes"``) or level ``q + z`` (``"levels"``) of every weight of
+    ``weights`` (..., out_channels, fan_in), the range taken per output channel (last dim) or per
+    matrix (last two dims)."""
     dims = (-1,) if fmt.per_channel else (-2, -1)
     lo, hi = weights.amin(dim=dims, keepdim=True), weights.amax(dim=dims, keepdim=True)
     scale, zero_point = qparams_from_range(lo, hi, fmt.bits, fmt.symmetric)
-    return quantize_codes(weights, scale, zero_point, fmt.bits) + zero_point
+    codes = quantize_codes(weights, scale, zero_point, fmt.bits)
+    return codes if count == "codes" else codes + zero_point
 
 
-def layer_codes(layer: QuantLayer, weight2d: Tensor) -> Tensor:
-    """Quantization levels of one layer's weights, flattened to (out_channels, fan_in)."""
-    return weight_levels(weight2d, WeightFormat.of(layer))
+def layer_codes(layer: QuantLayer, weight2d: Tensor, count: Count = "codes") -> Tensor:
+    """Codes (or levels) of one layer's weights, flattened to (out_channels, fan_in)."""
+    return weight_integers(weight2d, WeightFormat.of(layer), count)
+
+
+def changed_share(new: Tensor, old: Tensor) -> Tensor:
+    """Share of entries that differ over the last two dims, as float32 ``count / numel`` (the
+    reference's arithmetic, so comparisons with rho agree with it to the bit)."""
+    numel = new.shape[-2] * new.shape[-1]
+    return (new != old).sum(dim=(-2, -1), dtype=torch.float32) / numel
 
 
 def code_change_fraction(
-    fmt: WeightFormat, old: Tensor, delta: Tensor, old_levels: Tensor, kappas: Tensor
+    fmt: WeightFormat,
+    old: Tensor,
+    delta: Tensor,
+    old_codes: Tensor,
+    kappas: Tensor,
+    count: Count = "codes",
 ) -> Tensor:
-    """Share of levels that differ from ``old_levels`` after moving ``old`` by ``kappa * delta``
-    (ranges recomputed on the moved weights).
+    """Share of codes (or levels) that differ from ``old_codes`` after moving ``old`` by
+    ``kappa * delta`` (ranges recomputed on the moved weights).
 
-    ``old``/``delta``/``old_levels``: (layers, out_channels, fan_in); ``kappas``: (k, layers), one
+    ``old``/``delta``/``old_codes``: (layers, out_channels, fan_in); ``kappas``: (k, layers), one
     kappa per candidate and layer. Returns (k, layers).
     """
     limit = SEARCH_CHUNK_ELEMENTS.get(old.device.type, SEARCH_CHUNK_ELEMENTS["cuda"])
@@ -101,40 +138,92 @@ def code_change_fraction(
     parts = []
     for k in kappas.split(chunk):
         moved = old + k[..., None, None] * delta
-        parts.append((weight_levels(moved, fmt) != old_levels).float().mean(dim=(-2, -1)))
+        parts.append(changed_share(weight_integers(moved, fmt, count), old_codes))
     return torch.cat(parts)
 
 
-def search_kappa_stacked(
+def _doublings(
     fmt: WeightFormat,
+    count: Count,
     old: Tensor,
     delta: Tensor,
+    old_codes: Tensor,
+    threshold: Tensor,
+    ladder: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Evaluate every doubling at once. Returns the first kappa whose share reaches
+    ``threshold`` (the top of the ladder if none does), its share, and its index."""
+    candidates = ladder[:, None].expand(-1, old.shape[0])
+    fractions = code_change_fraction(fmt, old, delta, old_codes, candidates, count)
+    reached = fractions >= threshold
+    first = torch.where(reached.any(dim=0), reached.float().argmax(dim=0), len(ladder) - 1)
+    return ladder[first], fractions.gather(0, first[None])[0], first
+
+
+def _one_unless_still(kappa: Tensor, delta: Tensor) -> Tensor:
+    """Kappa 1 for layers with nothing to scale (an all-zero direction)."""
+    still = delta.abs().amax(dim=(-2, -1)) == 0
+    return torch.where(still, torch.ones_like(kappa), kappa)
+
+
+def search_reference_stacked(
+    fmt: WeightFormat,
+    count: Count,
+    old: Tensor,
+    delta: Tensor,
+    old_codes: Tensor,
+    rho: Tensor,
+    tolerance: Tensor,
+    ladder: Tensor,
+    search_steps: int,
+) -> tuple[Tensor, Tensor]:
+    """The reference rule (module docstring) for a stack of same-shaped layers.
+
+    ``old``/``delta``/``old_codes``: (layers, out, fan_in); ``rho`` and ``tolerance`` (absolute,
+    rho/100) are float32 0-d tensors, so a compiled version serves every rho; ``ladder`` is
+    1, 2, 4, ... up to the cap (:func:`kappa_ladder`). Returns kappa and its share, per layer.
+    """
+    hi, fraction, first = _doublings(fmt, count, old, delta, old_codes, rho, ladder)
+    kappa, lo = hi, hi / 2
+    done = first == 0  # f(1) reaches rho (or the cap is 1): kappa 1, no bisection
+    for _ in range(search_steps):
+        mid = (lo + hi) / 2
+        f_mid = code_change_fraction(fmt, old, delta, old_codes, mid[None], count)[0]
+        active = ~done
+        kappa = torch.where(active, mid, kappa)
+        fraction = torch.where(active, f_mid, fraction)
+        done = done | ((f_mid - rho).abs() < tolerance)
+        below = f_mid < rho
+        lo = torch.where(active & below, mid, lo)
+        hi = torch.where(active & ~below, mid, hi)
+    return _one_unless_still(kappa, delta), fraction
+
+
+def search_nearest_above_stacked(
+    fmt: WeightFormat,
+    count: Count,
+    old: Tensor,
+    delta: Tensor,
+    old_codes: Tensor,
     target: Tensor,
     slack: Tensor,
     tolerance: Tensor,
     ladder: Tensor,
     search_steps: int,
 ) -> tuple[Tensor, Tensor]:
-    """Kappa and resulting change fraction for each of a stack of same-shaped layers.
+    """The ``nearest-above`` rule (module docstring) for a stack of same-shaped layers.
 
-    ``old``/``delta``: (layers, out_channels, fan_in). ``target`` (the share to reach), ``slack``
-    (half a weight) and ``tolerance`` are 0-d tensors, so a compiled version serves every rho;
-    ``ladder`` is 1, 2, 4, ... up to the cap (:func:`kappa_ladder`).
+    ``target`` (the share to reach), ``slack`` (half a weight) and ``tolerance`` are 0-d tensors
+    from :func:`nearest_above_settings`.
     """
-    old_levels = weight_levels(old, fmt)
-    candidates = ladder[:, None].expand(-1, old.shape[0])
-    fractions = code_change_fraction(fmt, old, delta, old_levels, candidates)
-    reached = fractions >= target - slack
-    any_reached = reached.any(dim=0)
-    first = torch.where(any_reached, reached.float().argmax(dim=0), len(ladder) - 1)
-    hi = ladder[first]
-    kappa, fraction = hi, fractions.gather(0, first[None])[0]
+    hi, fraction, first = _doublings(fmt, count, old, delta, old_codes, target - slack, ladder)
+    kappa, lo = hi, hi / 2
+    reached_any = fraction >= target - slack
     # kappa = 1 needs no search, nor does a cap that falls short, nor a first hit close enough
-    done = (first == 0) | ~any_reached | ((fraction - target).abs() < tolerance)
-    lo = hi / 2
+    done = (first == 0) | ~reached_any | ((fraction - target).abs() < tolerance)
     for _ in range(search_steps):
         mid = (lo + hi) / 2
-        f_mid = code_change_fraction(fmt, old, delta, old_levels, mid[None])[0]
+        f_mid = code_change_fraction(fmt, old, delta, old_codes, mid[None], count)[0]
         active = ~done
         above = f_mid >= target - slack
         # a candidate must still reach the target; keep the one nearest to it
@@ -144,27 +233,47 @@ def search_kappa_stacked(
         done = done | ((f_mid - target).abs() < tolerance)
         hi = torch.where(active & above, mid, hi)
         lo = torch.where(active & ~above, mid, lo)
-    still = delta.abs().amax(dim=(-2, -1)) == 0  # nothing to scale: report kappa 1
-    return torch.where(still, torch.ones_like(kappa), kappa), fraction
-
-
-def search_settings(
-    rho: float, numel: int, tolerance: float, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(target, slack, tolerance) for a layer of ``numel`` weights, as 0-d device tensors.
-
-    The target share is the nearest whole number of weights, at least one; shares are multiples of
-    1/numel, so comparisons keep half a weight (``slack``) to spare.
-    """
-    target = max(1, round(rho * numel)) / numel
-    slack = 0.5 / numel
-    values = (target, slack, max(target * tolerance, slack))
-    return tuple(torch.full((), v, device=device) for v in values)
+    return _one_unless_still(kappa, delta), fraction
 
 
 def kappa_ladder(cap: float, device: torch.device) -> Tensor:
     """The doubling candidates 1, 2, 4, ... up to the largest power of two within ``cap``."""
     return 2.0 ** torch.arange(int(math.floor(math.log2(cap))) + 1, device=device)
+
+
+def _scalars(values: Sequence[float], device: torch.device) -> tuple[Tensor, ...]:
+    return tuple(torch.full((), v, dtype=torch.float32, device=device) for v in values)
+
+
+def reference_settings(
+    rho: float, numel: int, tolerance: float, cap: float, device: torch.device
+) -> tuple[Tensor, ...]:
+    """(rho, absolute tolerance, ladder) for :func:`search_reference_stacked`."""
+    return (*_scalars((rho, rho * tolerance), device), kappa_ladder(cap, device))
+
+
+def nearest_above_settings(
+    rho: float, numel: int, tolerance: float, cap: float, device: torch.device
+) -> tuple[Tensor, ...]:
+    """(target, slack, tolerance, ladder) for :func:`search_nearest_above_stacked`: the target is
+    the nearest whole number of weights, at least one; shares are multiples of 1/numel, so
+    comparisons keep half a weight (``slack``) to spare."""
+    target = max(1, round(rho * numel)) / numel
+    slack = 0.5 / numel
+    values = (target, slack, max(target * tolerance, slack))
+    return (*_scalars(values, device), kappa_ladder(cap, device))
+
+
+SEARCH_RULES: dict[str, tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., tuple]]] = {
+    "reference": (search_reference_stacked, reference_settings),
+    "nearest-above": (search_nearest_above_stacked, nearest_above_settings),
+}
+
+
+def check_search(search: str) -> None:
+    if search not in SEARCH_RULES:
+        rules = tuple(SEARCH_RULES)
+        raise ZsqError(f"unknown gradient-inundation search {search!r}; use one of {rules}")
 
 
 def search_kappa(
@@ -175,21 +284,32 @@ def search_kappa(
     cap: float,
     search_steps: int = 5,
     tolerance: float = 0.01,
+    *,
+    count: Count = "codes",
+    search: Search = "reference",
 ) -> tuple[Tensor, Tensor]:
-    """Kappa for one layer (a 0-d device tensor) and the code-change fraction it gives.
+    """Kappa for one layer (a 0-d device tensor) and the share of codes it changes.
 
-    ``old``/``delta``: the layer's weights and optimiser update flattened to (out, fan_in).
+    ``old``/``delta``: the layer's weights and search direction flattened to (out, fan_in).
     """
-    settings = search_settings(rho, old.numel(), tolerance, old.device)
-    kappa, fraction = search_kappa_stacked(
-        WeightFormat.of(layer),
-        old[None],
-        delta[None],
-        *settings,
-        kappa_ladder(cap, old.device).to(old.dtype),
+    check_count(count)
+    check_search(search)
+    fmt = WeightFormat.of(layer)
+    rule, settings = SEARCH_RULES[search]
+    old, delta = old[None], delta[None]
+    kappa, fraction = rule(
+        fmt,
+        count,
+        old,
+        delta,
+        weight_integers(old, fmt, count),
+        *settings(rho, old[0].numel(), tolerance, cap, old.device),
         search_steps,
     )
     return kappa[0], fraction[0]
+
+
+# --- the optimiser's exact update -------------------------------------------------------------
 
 
 @dataclass
@@ -197,6 +317,7 @@ class _Stack:
     """Layers whose weights stack into one (layers, out, fan_in) tensor."""
 
     fmt: WeightFormat
+    group: int | None  # the optimiser parameter group holding all of them, when known
     weights: list[torch.nn.Parameter]
     positions: list[int]  # where each layer sits in the caller's layer order
 
@@ -211,18 +332,22 @@ class _Stack:
 
 
 class LayerStacks:
-    """Quantized layers grouped by weight shape and format, for batched level computations.
-
-    Per-stack results (one value per layer) are put back in the original layer order by
-    :meth:`in_layer_order`.
+    """Quantized layers grouped by weight shape, format and (optionally) parameter group, for
+    batched code computations. Per-stack results (one value per layer) are put back in the
+    original layer order by :meth:`in_layer_order`.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, QuantLayer]]) -> None:
+    def __init__(
+        self,
+        layers: Sequence[tuple[str, QuantLayer]],
+        group_of: Callable[[torch.nn.Parameter], int] | None = None,
+    ) -> None:
         stacks: dict[tuple, _Stack] = {}
         for position, (_, layer) in enumerate(layers):
             shape = (layer.weight.shape[0], layer.weight[0].numel())
-            key = (shape, WeightFormat.of(layer))
-            stack = stacks.setdefault(key, _Stack(WeightFormat.of(layer), [], []))
+            fmt = WeightFormat.of(layer)
+            group = None if group_of is None else group_of(layer.weight)
+            stack = stacks.setdefault((shape, fmt, group), _Stack(fmt, group, [], []))
             stack.weights.append(layer.weight)
             stack.positions.append(position)
         self.stacks = list(stacks.values())
@@ -243,11 +368,146 @@ class LayerStacks:
         return values[index]
 
 
+class _StackView:
+    """One stack's gradients, weights and optimiser state before the step, in float64.
+
+    Missing state (a layer's first step) reads as zeros, which is how torch initialises Adam's
+    and RMSprop's; :meth:`fresh` tells SGD where its buffer is still to be created.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, stack: _Stack, old: Tensor) -> None:
+        self.group = optimizer.param_groups[stack.group]
+        self.states = [optimizer.state.get(w, {}) for w in stack.weights]
+        self.weights = old.double()
+        self.device = old.device
+        grads = [w.grad for w in stack.weights]
+        self.active = self.per_layer([float(g is not None) for g in grads])
+        zeros = torch.zeros_like(old[0])
+        grad = torch.stack([zeros if g is None else g.reshape(zeros.shape) for g in grads])
+        self.grad = -grad.double() if self.group.get("maximize", False) else grad.double()
+
+    def state(self, key: str) -> Tensor:
+        entries = [s.get(key) for s in self.states]
+        if all(e is None for e in entries):
+            return torch.zeros_like(self.weights)
+        zeros = torch.zeros_like(self.weights[0])
+        stacked = torch.stack([zeros if e is None else e.reshape(zeros.shape) for e in entries])
+        return stacked.double()
+
+    def fresh(self, key: str) -> Tensor | float:
+        """1 for layers that have no ``key`` in their state yet, else 0 (per layer)."""
+        return self.per_layer([float(s.get(key) is None) for s in self.states])
+
+    def steps(self) -> Tensor | float:
+        """Steps taken so far, per layer (Adam's bias correction)."""
+        steps = [s.get("step", 0.0) for s in self.states]
+        if all(isinstance(t, Tensor) and t.device == self.device for t in steps):
+            return torch.stack(steps).to(torch.float64).view(-1, 1, 1)
+        return self.per_layer([float(t) for t in steps])  # host values: no device sync
+
+    def per_layer(self, values: list[float]) -> Tensor | float:
+        """One value per layer, broadcastable over the stack; a plain number when all agree."""
+        if len(set(values)) == 1:
+            return values[0]
+        host = torch.tensor(values, dtype=torch.float64).view(-1, 1, 1)
+        return host.to(self.device, non_blocking=True)
+
+
+Step = Callable[[Tensor], Tensor]  # gradient (weight decay added or not) -> the weight change
+
+
+def _sgd_step(view: _StackView) -> Step:
+    group = view.group
+    lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+    if momentum == 0:
+        return lambda grad: -lr * grad
+    buf = view.state("momentum_buffer")
+    # torch starts the buffer as the gradient itself, later it adds (1 - dampening) * gradient
+    keep = 1 - group["dampening"] * (1 - view.fresh("momentum_buffer"))
+
+    def step(grad: Tensor) -> Tensor:
+        new_buf = momentum * buf + keep * grad
+        return -lr * (grad + momentum * new_buf if nesterov else new_buf)
+
+    return step
+
+
+def _adam_step(view: _StackView) -> Step:
+    group = view.group
+    lr, eps, (beta1, beta2) = group["lr"], group["eps"], group["betas"]
+    exp_avg, exp_avg_sq = view.state("exp_avg"), view.state("exp_avg_sq")
+    peak = view.state("max_exp_avg_sq") if group.get("amsgrad", False) else None
+    t = view.steps() + 1
+    correction1, correction2 = 1 - beta1**t, 1 - beta2**t
+
+    def step(grad: Tensor) -> Tensor:
+        m = beta1 * exp_avg + (1 - beta1) * grad
+        v = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        if peak is not None:
+            v = torch.maximum(peak, v)
+        denom = v.sqrt() / correction2**0.5 + eps
+        return -lr / correction1 * m / denom
+
+    return step
+
+
+def _rmsprop_step(view: _StackView) -> Step:
+    group = view.group
+    lr, alpha, eps, momentum = group["lr"], group["alpha"], group["eps"], group["momentum"]
+    square_avg, buf = view.state("square_avg"), view.state("momentum_buffer")
+    grad_avg = view.state("grad_avg") if group.get("centered", False) else None
+
+    def step(grad: Tensor) -> Tensor:
+        v = alpha * square_avg + (1 - alpha) * grad * grad
+        if grad_avg is not None:
+            mean = alpha * grad_avg + (1 - alpha) * grad
+            v = v - mean * mean
+        scaled = grad / (v.sqrt() + eps)
+        return -lr * (momentum * buf + scaled if momentum > 0 else scaled)
+
+    return step
+
+
+UPDATE_RULES: dict[type, Callable[[_StackView], Step]] = {
+    torch.optim.SGD: _sgd_step,
+    torch.optim.Adam: _adam_step,
+    torch.optim.AdamW: _adam_step,
+    torch.optim.RMSprop: _rmsprop_step,
+}
+
+
+def exact_update(
+    optimizer: torch.optim.Optimizer, stack: _Stack, old: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(applied update, search direction) of ``stack``'s weights for the optimiser's next step,
+    computed from its state in float64; call before ``optimizer.step()``.
+
+    The applied update includes weight decay (L2 folded into the gradient, or AdamW's decoupled
+    shrink), the search direction leaves this step's decay out. Layers without a gradient get
+    zero. The search direction is returned in ``old``'s dtype, the applied update in float64.
+    """
+    view = _StackView(optimizer, stack, old)
+    step = UPDATE_RULES[type(optimizer)](view)
+    decay = view.group.get("weight_decay", 0)
+    search = step(view.grad)
+    if decay == 0:
+        applied = search
+    elif view.group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
+        applied = search - view.group["lr"] * decay * view.weights
+    else:
+        applied = step(view.grad + decay * view.weights)
+    return applied * view.active, (search * view.active).to(old.dtype)
+
+
+# --- the wrapper ------------------------------------------------------------------------------
+
+
 class GradientInundation:
     """Wraps a torch optimiser and inundates the updates of quantized weights.
 
     ``layers`` are the (name, QuantConv2d/QuantLinear) pairs whose weights get GI; their weights
     must be parameters of ``optimizer``. Other parameters (biases, BN, ...) update normally.
+    ``count`` and ``search`` choose what counts as changed and the kappa rule (module docstring).
     ``compile_mode`` (a ``torch.compile`` mode) compiles the search: one fused program per layer
     shape, worth it on a GPU, where the eager search is bound by kernel launches.
     """
@@ -263,18 +523,24 @@ class GradientInundation:
         max_kappa: float = MAX_KAPPA,
         search_steps: int = 5,
         tolerance: float = 0.01,
+        count: Count = "codes",
+        search: Search = "reference",
         compile_mode: str | None = None,
     ) -> None:
         if not 0 < rho < 1:
             raise ZsqError(f"gradient inundation rho={rho} must be in (0, 1), e.g. 1e-3")
         if max_kappa < 1 or warmup_cap < 1:
             raise ZsqError("kappa caps must be >= 1")
+        check_count(count)
+        check_search(search)
         self.optimizer = optimizer
         self.layers = [(n, m) for n, m in layers if m.wbits is not None]
         if not self.layers:
             raise ZsqError("gradient inundation needs at least one quantized weight layer")
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [n for n, m in self.layers if id(m.weight) not in owned]
+        group_of = {
+            id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]
+        }
+        missing = [n for n, m in self.layers if id(m.weight) not in group_of]
         if missing:
             raise ZsqError(f"layers {missing[:5]} are not optimised by the given optimizer")
         self.rho = rho
@@ -283,12 +549,11 @@ class GradientInundation:
         self.max_kappa = max_kappa
         self.search_steps = search_steps
         self.tolerance = tolerance
-        self.stacks = LayerStacks(self.layers)
-        self._search: Callable[..., tuple[Tensor, Tensor]] = (
-            compiled_function(search_kappa_stacked, compile_mode)
-            if compile_mode
-            else search_kappa_stacked
-        )
+        self.count = count
+        self.stacks = LayerStacks(self.layers, lambda p: group_of[id(p)])
+        rule, self._settings_for = SEARCH_RULES[search]
+        self._search = compiled_function(rule, compile_mode) if compile_mode else rule
+        self._exact = type(optimizer) in UPDATE_RULES
         self._settings: dict[tuple, tuple[Tensor, ...]] = {}
 
     @property
@@ -303,23 +568,35 @@ class GradientInundation:
         numel = stack.weights[0].numel()
         key = (self.rho, self.cap, numel, device)
         if key not in self._settings:
-            settings = search_settings(self.rho, numel, self.tolerance, device)
-            self._settings[key] = (*settings, kappa_ladder(self.cap, device))
+            self._settings[key] = self._settings_for(
+                self.rho, numel, self.tolerance, self.cap, device
+            )
         return self._settings[key]
 
     @torch.no_grad()
     def step(self) -> InundationStats:
         sanitize_grads(self.optimizer)
         olds = [stack.flat() for stack in self.stacks]
+        updates = [
+            exact_update(self.optimizer, stack, old) if self._exact else None
+            for stack, old in zip(self.stacks, olds, strict=True)
+        ]
         self.optimizer.step()
         kappas, fractions = [], []
-        for stack, old in zip(self.stacks, olds, strict=True):
-            delta = stack.flat() - old
+        for stack, old, update in zip(self.stacks, olds, updates, strict=True):
+            if update is None:  # an optimiser without an update rule here: read back its step
+                update = (stack.flat() - old,) * 2
+            applied, direction = update
+            old_codes = weight_integers(old, stack.fmt, self.count)
             settings = self._device_settings(stack, old.device)
-            kappa, fraction = self._search(stack.fmt, old, delta, *settings, self.search_steps)
-            stack.write(old + kappa[:, None, None] * delta)
+            kappa, _ = self._search(
+                stack.fmt, self.count, old, direction, old_codes, *settings, self.search_steps
+            )
+            moved = old.to(applied.dtype) + kappa.to(applied.dtype)[:, None, None] * applied
+            new = moved.to(old.dtype)
+            stack.write(new)
             kappas.append(kappa)
-            fractions.append(fraction)
+            fractions.append(changed_share(weight_integers(new, stack.fmt, self.count), old_codes))
         return InundationStats(
             self.stacks.in_layer_order(kappas), self.stacks.in_layer_order(fractions)
         )
@@ -342,22 +619,24 @@ def sanitize_grads(optimizer: torch.optim.Optimizer) -> None:
 
 
 class CrossingMeter:
-    """Measures, for optimisers without GI, the share of each layer's weight levels that one
-    step changes (the paper's Fig. 3b/c counts)."""
+    """Measures, for optimisers without GI, the share of each layer's integer codes (or levels,
+    ``count``) that one step changes (the paper's Fig. 3b/c counts)."""
 
-    def __init__(self, layers: Sequence[tuple[str, QuantLayer]]) -> None:
+    def __init__(self, layers: Sequence[tuple[str, QuantLayer]], count: Count = "codes") -> None:
+        check_count(count)
         self.layers = [(n, m) for n, m in layers if m.wbits is not None]
+        self.count = count
         self.stacks = LayerStacks(self.layers)
         self._before: list[Tensor] = []
 
     @torch.no_grad()
     def before(self) -> None:
-        self._before = [weight_levels(s.flat(), s.fmt) for s in self.stacks]
+        self._before = [weight_integers(s.flat(), s.fmt, self.count) for s in self.stacks]
 
     @torch.no_grad()
     def after(self) -> Tensor:
         fractions = [
-            (weight_levels(s.flat(), s.fmt) != old).float().mean(dim=(-2, -1))
+            changed_share(weight_integers(s.flat(), s.fmt, self.count), old)
             for s, old in zip(self.stacks, self._before, strict=True)
         ]
         return self.stacks.in_layer_order(fractions)
