@@ -128,7 +128,9 @@ def test_quantize_minmax_writes_every_output(tmp_path, shared_data, akamaster, c
     ):
         assert key in report
     assert report["n_eval"] == 200 and "data-free" in report["calibration"]
+    assert report["image_shape"] == [3, 32, 32] and report["eval_transform"].startswith("none")
     assert sorted(p.name for p in out.iterdir()) == [
+        ".zsq-run",  # the run's marker (its options and sessions)
         "quant.json",
         "report.json",
         "report.md",
@@ -158,43 +160,7 @@ def test_gdfq_ait_cli_run_and_resume(tmp_path, small_teacher, capsys):
     assert "already finished" in capsys.readouterr().err
 
 
-def _bad(tmp_path, *extra, model="resnet20"):
-    out = tmp_path / "out"
-    result = run_cli(
-        "quantize", "--model", model, "--out", out, "--device", "cpu", "--quiet", *extra
-    )
-    assert result.returncode == 2, result.stderr
-    # warnings (e.g. "no weights given") may precede it; the error itself is one line
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("WARNING")]
-    assert len(lines) == 1 and lines[0].startswith("zsq: error:"), result.stderr
-    assert not out.exists() and not (tmp_path / "out.partial").exists()
-    return lines[0]
-
-
-def test_missing_weights_file(tmp_path):
-    assert "not found" in _bad(tmp_path, "--weights", tmp_path / "nope.pt")
-
-
-def test_corrupt_weights_file(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"\x00garbage" * 100)
-    assert "bad.pt" in _bad(tmp_path, "--weights", bad)
-
-
-def test_wrong_class_count(tmp_path):
-    weights = tmp_path / "r20.pt"
-    from zsq.models import create_model
-
-    torch.save(create_model("resnet20", num_classes=10).state_dict(), weights)
-    assert "num-classes" in _bad(tmp_path, "--weights", weights, "--num-classes", "100")
-
-
-def test_unknown_model_bad_bits_missing_data_and_unwritable_output(tmp_path):
-    assert "unknown model" in _bad(tmp_path, model="resnet21").lower()
-    assert "out of range" in _bad(tmp_path, "--wbits", "9")
-    assert "not found" in _bad(tmp_path, "--eval-data", f"npz:{tmp_path / 'missing.npz'}")
-    result = run_cli("quantize", "--model", "resnet20", "--out", "/proc/zsq-out", "--quiet")
-    assert result.returncode == 2 and "cannot write" in result.stderr
+# Bad inputs exit 2 with one line: the table in tests/test_cli_errors.py.
 
 
 def test_existing_output_dir_is_not_overwritten(tmp_path):
@@ -261,3 +227,14 @@ def test_qimera_source_options_from_the_cli(tmp_path, small_teacher):
     bad = run_cli(*args, "--source-opt", "mixprob=1", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "mix_prob" in bad.stderr  # names the options it takes
     assert not (tmp_path / "bad").exists()
+
+
+def test_evaluating_during_training_leaves_the_student_unchanged(tmp_path, small_teacher):
+    """--eval-data only measures: the same run with and without it writes the same bytes."""
+    args = [*tiny_distill_args(small_teacher, epochs=3), "--set", "eval_every=1"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "measured"), "--eval-data", "digits"]) == 0
+    measured = json.loads((tmp_path / "measured" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "eval_top1" in measured  # it did evaluate, every epoch
+    plain = (tmp_path / "plain" / "student.safetensors").read_bytes()
+    assert (tmp_path / "measured" / "student.safetensors").read_bytes() == plain

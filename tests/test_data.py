@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from zsq.data import head, load_dataset, read_idx, spec_kinds, subset
+from zsq.data import (
+    DOWNLOADABLE,
+    eval_transform,
+    head,
+    load_dataset,
+    read_idx,
+    spec_kinds,
+    subset,
+)
 from zsq.errors import ZsqError
 from zsq.paths import shared_data_dir
 
@@ -255,6 +263,71 @@ def test_imagefolder_without_images(tmp_path):
     (tmp_path / "cat").mkdir()
     with pytest.raises(ZsqError, match="no images"):
         load_dataset(f"imagefolder:{tmp_path}")
+
+
+def test_imagefolder_at_224_uses_the_imagenet_resize_and_crop(tmp_path):
+    (tmp_path / "a").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a" / "0.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}", image_size=224)
+    assert ds[0][0].shape == (3, 224, 224)
+    assert "256" in eval_transform(ds) and "ImageNet" in eval_transform(ds)
+    # independently: shorter side 300 -> 256 (width 400 -> 341), then the centre 224 x 224
+    resized = np.asarray(Image.fromarray(pixels).resize((341, 256), Image.BILINEAR))
+    top, left = (256 - 224) // 2, (341 - 224) // 2
+    crop = torch.from_numpy(resized[top : top + 224, left : left + 224].copy())
+    expected = crop.permute(2, 0, 1).float() / 255
+    assert (ds[0][0] - expected).abs().max() < 0.02  # PIL vs torchvision antialias rounding
+
+
+def test_imagefolder_at_the_model_size_keeps_the_pixels(tmp_path):
+    """A 32-px model sees a 32x32 PNG exactly as the same pixels in an npz (no 224 detour)."""
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        (tmp_path / "folder" / f"c{i}").mkdir(parents=True)
+        Image.fromarray(image).save(tmp_path / "folder" / f"c{i}" / "0.png")
+    np.savez(tmp_path / "same.npz", x=pixels, y=np.arange(2))
+    norm = {"normalize_mean": (0.4, 0.5, 0.6), "normalize_std": (0.2, 0.25, 0.3)}
+    folder = load_dataset(f"imagefolder:{tmp_path / 'folder'}", image_size=32, **norm)
+    arrays = load_dataset(f"npz:{tmp_path / 'same.npz'}", image_size=32, **norm)
+    for i in range(2):
+        assert torch.allclose(folder[i][0], arrays[i][0], atol=1e-6) and folder[i][1] == i
+    assert eval_transform(folder).startswith("resize shorter side to 32, centre crop 32")
+    assert eval_transform(arrays).startswith("none")
+
+
+def test_imagefolder_gray_for_a_one_channel_model(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "a" / "0.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}", image_size=8, channels=1)
+    assert ds[0][0].shape == (1, 8, 8) and torch.allclose(ds[0][0], torch.ones(1, 8, 8))
+    with pytest.raises(ZsqError, match="1- .*or 3-channel"):
+        load_dataset(f"imagefolder:{tmp_path}", image_size=8, channels=4)
+
+
+def test_data_must_fit_the_model(tmp_path):
+    """Channels, labels, class folders, size and emptiness are checked when the model is known."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 8, 8, 3), np.uint8), y=np.array([0, 1, 9]))
+    spec = f"npz:{tmp_path / 'd.npz'}"
+    assert len(load_dataset(spec, channels=3, image_size=8, num_classes=10)) == 3
+    with pytest.raises(ZsqError, match="3 channel.*takes 1"):
+        load_dataset(spec, channels=1)
+    with pytest.raises(ZsqError, match="labels run from 0 to 9 .* 5 classes"):
+        load_dataset(spec, num_classes=5)
+    with pytest.raises(ZsqError, match="8x8 .* 32x32 .*--image-size 8"):
+        load_dataset(spec, image_size=32)
+    np.savez(tmp_path / "e.npz", x=np.zeros((0, 8, 8, 3), np.uint8), y=np.zeros(0))
+    with pytest.raises(ZsqError, match="no images"):
+        load_dataset(f"npz:{tmp_path / 'e.npz'}")
+    _write_imagefolder(tmp_path / "folder")  # 2 classes
+    with pytest.raises(ZsqError, match="2 class subfolders .* 10 classes"):
+        load_dataset(f"imagefolder:{tmp_path / 'folder'}", num_classes=10)
+
+
+def test_download_only_for_kinds_torchvision_fetches(tmp_path):
+    with pytest.raises(ZsqError, match="--download"):
+        load_dataset(f"npz:{tmp_path / 'x.npz'}", download=True)
+    assert set(DOWNLOADABLE) == {"cifar10", "cifar100", "fashion-mnist"}
 
 
 # --- digits ---------------------------------------------------------------------------------------

@@ -157,6 +157,31 @@ def test_resume_with_other_recipe_is_refused(tmp_path):
         _setup(tmp_path, gi=True).resume()
 
 
+def test_resume_refuses_a_damaged_checkpoint(tmp_path):
+    import hashlib
+
+    _setup(tmp_path, gi=False).fit(max_epochs=1)
+    path = tmp_path / "checkpoint" / "last.pt"
+    digest = (tmp_path / "checkpoint" / "last.pt.sha256").read_text().split()[0]
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()  # sha256sum's format
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = bytes(255 - b for b in data[middle : middle + 2000])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ZsqError, match="damaged"):
+        _setup(tmp_path, gi=False).resume()
+
+
+def test_resume_refuses_another_teacher_of_the_same_shape(tmp_path):
+    _setup(tmp_path, gi=False).fit(max_epochs=1)
+    other = _setup(tmp_path, gi=False)
+    with torch.no_grad():
+        next(other.teacher.parameters()).add_(1e-3)  # the same network, other weights
+    with pytest.raises(ZsqError, match="another teacher"):
+        other.resume()
+    assert _setup(tmp_path, gi=False).resume()  # the original teacher resumes
+
+
 @pytest.mark.parametrize("method", ["gdfq", "qimera", "arc"])
 @pytest.mark.parametrize("ait", [False, True])
 def test_every_method_runs_end_to_end(method, ait):

@@ -82,6 +82,22 @@ class _Dict(nn.Module):
         return {"out": x}
 
 
+def test_leaves_the_random_number_generators_alone():
+    """A run that evaluates on schedule must end as one that does not (same RNG stream)."""
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(1, 4))  # eval: no draws
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    evaluate(model, _dataset([0, 1, 2], [0, 1, 2]), batch_size=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_channel_mismatch_is_a_one_line_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    gray = TensorDataset(torch.zeros(2, 1, 5, 5), torch.tensor([0, 1]))
+    with pytest.raises(ZsqError, match="1 channel.*takes 3"):
+        evaluate(model, gray, progress=False)
+
+
 def test_progress_bar_runs(capsys):
     evaluate(NearestClass(3), _dataset([0, 1], [0, 1]), progress=True)
     assert "eval" in capsys.readouterr().err
@@ -112,3 +128,32 @@ def test_cifar10_jpeg_teacher():
     data = shared_path("cifar10-jpeg")
     result = _teacher_accuracy("weights/resnet20_cifar10jpeg.pt", f"cifar10-jpeg:{data}", 1000)
     assert result.n == 1000 and result.top1 > 80
+
+
+def test_image_folder_scores_as_the_same_images_in_an_npz(tmp_path, capsys):
+    """200 CIFAR-10 test images as PNG class folders and as an npz: the same top-1 for the public
+    ResNet-20 (before the fix, the folder was resized to 224 and scored 12%)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from zsq.cli import main
+
+    weights = shared_path("weights/resnet20_cifar10_akamaster.th")
+    with np.load(shared_path("cifar10-exact/test_first846.npz")) as arrays:
+        x, y, names = arrays["x"][:200], arrays["y"][:200], arrays["label_names"]
+    assert list(names) == sorted(names)  # folder order = label order
+    np.savez(tmp_path / "first200.npz", x=x, y=y)
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = tmp_path / "folder" / str(names[label])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    scores = {}
+    for spec in (f"npz:{tmp_path / 'first200.npz'}", f"imagefolder:{tmp_path / 'folder'}"):
+        argv = ["eval", "--model", "resnet20", "--weights", str(weights), "--data", spec]
+        assert main([*argv, "--json", "--quiet", "--device", "cpu"]) == 0
+        scores[spec.split(":")[0]] = json.loads(capsys.readouterr().out)
+    assert scores["imagefolder"]["top1"] == scores["npz"]["top1"] == 91.0
+    assert scores["imagefolder"]["n"] == 200 and scores["imagefolder"]["image_shape"] == [3, 32, 32]
+    assert "resize shorter side to 32" in scores["imagefolder"]["eval_transform"]

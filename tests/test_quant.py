@@ -201,7 +201,9 @@ def test_weight_fake_quant_matches_codes_and_quant_params():
     q = QuantConv2d.from_float(conv, wbits=4)
     qt = q.quantized_weight()
     torch.testing.assert_close(q.fake_quant_weight(), qt.dequantize())
-    student = quantize_model(nn.Sequential(conv), QuantSpec(wbits=4, abits=4, act_placement="input"))
+    student = quantize_model(
+        nn.Sequential(conv), QuantSpec(wbits=4, abits=4, act_placement="input")
+    )
     student(torch.randn(2, 2, 5, 5))
     params = quant_params(student)
     assert len(params["layers"]["0"]["weight_scale"]) == 3

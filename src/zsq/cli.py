@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from zsq.errors import ZsqError
 
 log = logging.getLogger("zsq")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr, like every other zsq error (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"zsq: error: {message}; see '{self.prog} --help'\n")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -38,7 +49,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--normalize-std", type=_floats, help="normalisation std, e.g. 0.229,0.224,0.225"
     )
-    g.add_argument("--image-size", type=int, help="input height=width (default: model's usual)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        help="input height=width (default: the sidecar's image_size, else 32 for the CIFAR "
+        "ResNets, 224 otherwise); image folders are resized to it, other data must match it",
+    )
     g.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -55,8 +71,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_bits: str | None) -> Non
     g.add_argument(
         "--act-placement",
         choices=("input", "reference"),
-        default="input",
-        help="quantize each layer's input (default) or every ReLU output (official code)",
+        default="reference",
+        help="reference (default): every ReLU/ReLU6 output, as the official GDFQ/AIT code; "
+        "input: every Conv2d/Linear input, the image included (harsher; functional ReLUs)",
     )
     g.add_argument(
         "--layer",
@@ -102,34 +119,59 @@ def _teacher_config(args: argparse.Namespace):
     )
 
 
+def _calib_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--calib/--calib-size as QuantizeConfig fields (unset: Gaussian noise, 512 images)."""
+    options: dict[str, Any] = {"calib": args.calib or "gaussian"}
+    if args.calib_size is not None:
+        options["calib_size"] = args.calib_size
+    return options
+
+
+def _is_quantized(spec) -> bool:
+    """Any bits set, globally or by a --layer override (eval defaults to full precision)."""
+    bits = [spec.wbits, spec.abits, *(v for o in spec.overrides.values() for v in o.values())]
+    return any(b is not None for b in bits)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from zsq.data import eval_transform
     from zsq.evaluate import evaluate
     from zsq.pipeline import QuantizeConfig, build_context, run_minmax
 
     started = time.perf_counter()
     spec = _quant_spec(args)
+    quantized = _is_quantized(spec)
+    flags = (("--calib", args.calib), ("--calib-size", args.calib_size))
+    calib_flags = [flag for flag, value in flags if value is not None]
+    if calib_flags and not quantized:
+        it = "it" if len(calib_flags) == 1 else "them"
+        raise ZsqError(
+            f"{', '.join(calib_flags)}: calibration applies only to a quantized model; drop {it} "
+            "or set --wbits/--abits"
+        )
     cfg = QuantizeConfig(
         teacher=_teacher_config(args),
         out=Path("."),
         eval_data=args.data,
         eval_limit=args.limit,
         quant=spec,
-        calib=args.calib,
-        calib_size=args.calib_size,
         seed=args.seed,
         device=args.device,
+        download=args.download,
+        **_calib_options(args),
     )
     ctx = build_context(cfg, work_dir=Path("."))
-    quantized = spec.wbits is not None or spec.abits is not None
     model = run_minmax(ctx).student if quantized else ctx.teacher
     result = evaluate(model, ctx.eval_set, device=ctx.device, progress=not args.quiet)
     out = {
         "model": args.model,
         "weights": args.weights,
         "data": args.data,
+        "image_shape": list(ctx.image_shape),
+        "eval_transform": eval_transform(ctx.eval_set),
         "wbits": spec.wbits,
         "abits": spec.abits,
-        "calibration": args.calib if quantized else None,
+        "calibration": cfg.calib if quantized else None,
         "top1": round(result.top1, 2),
         "top5": round(result.top5, 2),
         "n": result.n,
@@ -151,6 +193,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if bool(args.out) == bool(args.resume):
         raise ZsqError("give exactly one of --out DIR (new run) or --resume DIR (continue a run)")
+    _refuse_unused_flags(args)
     cfg = QuantizeConfig(
         teacher=_teacher_config(args),
         out=Path(args.out or args.resume),
@@ -160,8 +203,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         quant=_quant_spec(args),
         eval_data=args.eval_data,
         eval_limit=args.eval_limit,
-        calib=args.calib,
-        calib_size=args.calib_size,
+        **_calib_options(args),
+        download=args.download,
         seed=args.seed,
         device=args.device,
         overwrite=args.overwrite,
@@ -175,6 +218,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         print(report_markdown(report), end="")
     return 0
+
+
+def _refuse_unused_flags(args: argparse.Namespace) -> None:
+    """Flags the method would silently ignore are errors, named as the user typed them."""
+    from zsq.methods import GENERATOR_METHODS, check_method, refuse_unused
+
+    check_method(args.method)
+    if args.method in GENERATOR_METHODS:
+        given = {"--calib": args.calib is not None, "--calib-size": args.calib_size is not None}
+    else:
+        given = {
+            "--recipe": args.recipe is not None,
+            "--ait": args.ait,
+            "--loss": args.loss is not None,
+            "--gi/--no-gi": args.gi is not None,
+            "--optimizer": args.optimizer is not None,
+            "--lr-mult": args.lr_mult is not None,
+            "--set": bool(args.set),
+            "--source-opt": bool(args.source_opt),
+            "--precision": args.precision != "fp32",
+            "--compile": args.compile != "off",
+        }
+    refuse_unused(args.method, given)
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -212,10 +278,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DOWNLOAD_HELP = (
+    "fetch cifar10, cifar100 or fashion-mnist data into the spec's folder with torchvision "
+    "(needs a network)"
+)
+RECIPE_HELP = (
+    "generator methods' schedule: paper-cifar (default: the papers' 400 epochs x 200 iterations "
+    "at batch 200, 80,000 iterations, about 100 hours on a 2-core CPU for ResNet-20), "
+    "paper-imagenet, short (22 x 25 at batch 32, about 8 minutes on a 2-core CPU), demo; a run "
+    "logs its size first and a time estimate after its first iterations"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zsq.execution import COMPILE_FLAGS, PRECISIONS
+    from zsq.methods import METHOD_NAMES
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zsq", description="Zero-shot (data-free) quantization of PyTorch classifiers."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,10 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5 of a full-precision or fake-quantized model")
     _add_model_args(p)
     _add_quant_args(p, default_bits="off")
-    p.add_argument("--data", required=True, help="dataset spec, e.g. npz:FILE, cifar10-jpeg:DIR")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset spec, e.g. npz:FILE, cifar10-jpeg:DIR, imagefolder:DIR (see README)",
+    )
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--calib", default="gaussian", help="'gaussian' or a dataset spec (real data)")
-    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument(
+        "--calib",
+        help="with --wbits/--abits: 'gaussian' (default, data-free) or a dataset spec (real data)",
+    )
+    p.add_argument("--calib-size", type=int, help="calibration images (default 512)")
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
@@ -234,13 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a teacher and write the student")
     _add_model_args(p)
     _add_quant_args(p, default_bits="4")
-    p.add_argument("--method", default="minmax", help="minmax, gdfq, qimera, arc (see README)")
+    p.add_argument(
+        "--method",
+        default="minmax",
+        choices=METHOD_NAMES,
+        help="minmax (default; post-training, seconds) or a generator method: gdfq, qimera, arc",
+    )
     p.add_argument("--out", help="output directory (created atomically)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run writing to DIR")
     g = p.add_argument_group("distillation (generator methods)")
-    g.add_argument(
-        "--recipe", default="paper-cifar", help="paper-cifar, paper-imagenet, short, demo"
-    )
+    g.add_argument("--recipe", help=RECIPE_HELP)
     g.add_argument("--ait", action="store_true", help="AIT: KL-only loss + gradient inundation")
     g.add_argument("--loss", choices=("ce+kl", "kl", "ce"), help="student loss (Table 2 rows)")
     g.add_argument("--gi", dest="gi", action="store_true", default=None, help="gradient inundation")
@@ -280,22 +370,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")
     p.add_argument(
         "--calib",
-        default="gaussian",
-        help="activation calibration: 'gaussian' (data-free, default) or a dataset spec (real "
-        "training images; the report says so)",
+        help="minmax activation calibration: 'gaussian' (data-free, default) or a dataset spec "
+        "(real training images; the report says so)",
     )
-    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument("--calib-size", type=int, help="minmax calibration images (default 512)")
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("demo", help="train a digits CNN in seconds and quantize it (no files)")
+    p = sub.add_parser(
+        "demo",
+        help="train a digits CNN and quantize it with every method (about 2 minutes on 2 CPU "
+        "cores; no files, no network)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so a run cleans up and keeps its checkpoint as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
+    """What an interrupted command left behind: a run to resume (and the command), or nothing."""
+    target = getattr(args, "out", None) or getattr(args, "resume", None)
+    if args.command != "quantize" or not target:
+        return "interrupted"
+    from zsq.io import checkpoint_file, partial_dir
+
+    try:
+        resumable = checkpoint_file(partial_dir(target)).exists()
+    except ZsqError:
+        resumable = False
+    if not resumable:
+        return "interrupted before the first checkpoint; nothing was kept"
+    return "interrupted; continue with: " + shlex.join(["zsq", *_resume_argv(argv)])
+
+
+def _resume_argv(argv: list[str]) -> list[str]:
+    """``argv`` with ``--out DIR`` (or an abbreviation argparse accepted) as ``--resume DIR``."""
+    resumed = []
+    for token in argv:
+        key, eq, value = token.partition("=")
+        is_out = key.startswith("--") and len(key) > 3 and "--out".startswith(key)
+        resumed.append("--resume" + eq + value if is_out else token)
+    return resumed
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -303,10 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
+        with _sigterm_as_interrupt():
+            return args.func(args)
     except ZsqError as err:
         print(f"zsq: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("zsq: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"zsq: {_interrupted_message(args, argv)}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130

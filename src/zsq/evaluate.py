@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from zsq.errors import ZsqError
+from zsq.models import input_channels
 from zsq.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -45,11 +48,14 @@ def evaluate(
     The model is moved to ``device`` (CUDA when available if None) and put in eval mode for the
     run; its previous train/eval mode is restored afterwards. Top-5 becomes top-k with
     k = min(5, number of classes) so small-class-count models still get a meaningful number.
+    Measuring leaves the random number generators as it found them, so a training run that
+    evaluates on schedule ends with the same model as one that does not.
     """
     if len(dataset) == 0:
         raise ZsqError("cannot evaluate on an empty dataset; check the dataset spec and split")
     if batch_size < 1:
         raise ZsqError(f"batch_size must be >= 1, got {batch_size}")
+    _check_channels(model, dataset)
     device = resolve_device(device)
     loader = DataLoader(
         dataset,
@@ -57,17 +63,43 @@ def evaluate(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # the loader's seed draw must not advance the global RNG
     )
     was_training = model.training
     model.to(device).eval()
     start = time.perf_counter()
     try:
-        hits1, hits5, seen = _count_hits(model, loader, device, progress)
+        with _rng_untouched(device):
+            hits1, hits5, seen = _count_hits(model, loader, device, progress)
     finally:
         model.train(was_training)
     result = EvalResult(100.0 * hits1 / seen, 100.0 * hits5 / seen, seen)
     logger.info("evaluated %s in %.1fs on %s", result, time.perf_counter() - start, device)
     return result
+
+
+def _check_channels(model: nn.Module, dataset: Dataset) -> None:
+    """A channel mismatch would surface as a convolution's shape error; say it plainly."""
+    expected = input_channels(model)
+    image = dataset[0][0]
+    if expected is None or not isinstance(image, torch.Tensor) or image.dim() != 3:
+        return
+    got = image.shape[0]
+    if got != expected:
+        raise ZsqError(
+            f"the dataset's images have {got} channel(s) but the model's first layer takes "
+            f"{expected}; use {expected}-channel data, or the model built for this data"
+        )
+
+
+@contextlib.contextmanager
+def _rng_untouched(device: torch.device) -> Iterator[None]:
+    """Restore the CPU (and this CUDA device's) RNG state after the block, whatever it drew."""
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        yield
 
 
 @torch.no_grad()

@@ -58,6 +58,15 @@ class Execution:
                 f"unknown compile mode {self.compile!r}; use one of {COMPILE_MODES} or none"
             )
 
+    def inert_note(self, device: torch.device) -> str | None:
+        """Why this setting changes nothing on ``device`` (tf32 off CUDA), for the log, or None."""
+        if self.precision == "tf32" and device.type != "cuda":
+            return (
+                f"--precision tf32 has no effect on {device.type} (TF32 is a CUDA tensor-core "
+                "mode): the run computes in plain float32, as fp32 does"
+            )
+        return None
+
     @contextlib.contextmanager
     def tensor_core_scope(self) -> Iterator[None]:
         """TF32 on (tf32, bf16) or off (fp32) for cuDNN and CUDA matmuls; restored on exit."""

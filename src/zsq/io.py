@@ -1,12 +1,19 @@
-"""Output directories and files that are either complete or absent (never half-written)."""
+"""Output folders and files that are either complete or absent (never half-written).
+
+A run writes into ``OUT.partial`` and renames it to ``OUT`` when it completes. Every run folder
+holds a marker, ``.zsq-run`` (JSON: the options that define the run and its sessions), so
+``--overwrite`` and ``--resume`` recognise zsq's own folders and never touch anything else.
+Checkpoints carry a sha256 digest file so a damaged one is refused instead of resumed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,25 +24,133 @@ from zsq.errors import ZsqError
 
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_DIRNAME = "checkpoint"
+CHECKPOINT_FILE = "last.pt"
+DIGEST_SUFFIX = ".sha256"
+MARKER_FILE = ".zsq-run"
+MARKER_VERSION = 1
 
 
-def partial_dir(out: Path) -> Path:
+# --- run folders --------------------------------------------------------------------------------
+def output_path(out: Path | str) -> Path:
+    """``out`` made absolute and normalised, so ``.`` or ``a/..`` get a real folder name."""
+    path = Path(os.path.abspath(out))
+    if not path.name:
+        raise ZsqError(f"cannot use {out} as the output folder; name a new folder inside it")
+    return path
+
+
+def partial_dir(out: Path | str) -> Path:
     """Where a run writes until it completes; renamed to ``out`` at the end."""
-    return out.with_name(out.name + PARTIAL_SUFFIX)
+    path = output_path(out)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-def check_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
-    """Fail early, before any work, if ``out`` cannot be created as a fresh result folder."""
-    if resume and out.exists() and not partial_dir(out).exists():
-        raise ZsqError(f"the run in {out} already finished; there is nothing to resume")
-    if out.exists() and not overwrite:
-        raise ZsqError(f"output directory {out} already exists; pass --overwrite or choose another")
-    if partial_dir(out).exists() and not (resume or overwrite):
+def checkpoint_file(work: Path) -> Path:
+    return work / CHECKPOINT_DIRNAME / CHECKPOINT_FILE
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The run record in ``folder``, or None when ``folder`` is not a zsq run folder."""
+    try:
+        record = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("zsq_run") == MARKER_VERSION:
+        return record
+    return None
+
+
+def write_marker(folder: Path, record: dict[str, Any]) -> None:
+    write_json(folder / MARKER_FILE, {"zsq_run": MARKER_VERSION, **record})
+
+
+def _kind(path: Path) -> str:
+    """'missing', 'file', 'empty', 'run' (holds zsq's marker) or 'foreign' (anything else)."""
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    if read_marker(path) is not None:
+        return "run"
+    try:
+        return "foreign" if any(path.iterdir()) else "empty"
+    except OSError:  # unreadable: treat as someone else's
+        return "foreign"
+
+
+def check_output_dir(out: Path | str, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Fail early, before any work, unless ``out`` can receive this run without losing anything.
+
+    ``overwrite`` may replace only an empty folder or a zsq run (recognised by its marker);
+    ``resume`` needs ``OUT.partial`` to be a zsq run holding a checkpoint.
+    """
+    path, work = output_path(out), partial_dir(out)
+    kind, work_kind = _kind(path), _kind(work)
+    if kind == "file":
+        raise ZsqError(f"{out} is a file, not a folder; choose another output folder")
+    if path.is_symlink() or work.is_symlink():
+        raise ZsqError(f"{out} is a symbolic link; give the real folder's path as --out")
+    if work_kind in ("file", "foreign"):
         raise ZsqError(
-            f"{partial_dir(out)} holds an unfinished run; continue it with --resume {out} or "
-            "pass --overwrite to start again"
+            f"{work} exists and is not a zsq run folder; move it away or choose another --out"
         )
-    parent = out.resolve().parent
+    if resume:
+        _check_resumable(out, kind, work, work_kind, overwrite)
+    else:
+        _check_new(out, kind, work, work_kind, overwrite)
+    _check_writable(path)
+
+
+def _check_new(out: Path | str, kind: str, work: Path, work_kind: str, overwrite: bool) -> None:
+    if kind == "foreign":
+        raise ZsqError(
+            f"output folder {out} already exists and is not a zsq run; --overwrite replaces only "
+            "an empty folder or a zsq run: choose another --out"
+        )
+    if work_kind != "missing" and not overwrite:
+        if checkpoint_file(work).exists():
+            raise ZsqError(
+                f"{work} holds an unfinished run; continue it with --resume {out} or pass "
+                "--overwrite to start again"
+            )
+        raise ZsqError(
+            f"{work} holds a run that stopped before its first checkpoint; pass --overwrite to "
+            "start again"
+        )
+    if kind != "missing" and not overwrite:
+        raise ZsqError(
+            f"output folder {out} already exists; pass --overwrite to replace it or choose another"
+        )
+
+
+def _check_resumable(
+    out: Path | str, kind: str, work: Path, work_kind: str, overwrite: bool
+) -> None:
+    if work_kind == "missing":
+        if kind == "run":
+            raise ZsqError(f"the run in {out} already finished; there is nothing to resume")
+        if kind == "foreign":
+            raise ZsqError(f"{out} is not a zsq run and {work} does not exist; nothing to resume")
+        raise ZsqError(f"there is no unfinished run {work} to resume; start one with --out {out}")
+    if not checkpoint_file(work).exists():
+        raise ZsqError(
+            f"{work} holds no checkpoint (the run stopped before its first one); start again "
+            f"with --out {out} --overwrite"
+        )
+    if kind == "foreign":
+        raise ZsqError(
+            f"output folder {out} is not a zsq run; move it away, then resume: the resumed run "
+            "will be renamed to it"
+        )
+    if kind != "missing" and not overwrite:
+        raise ZsqError(
+            f"output folder {out} already exists; add --overwrite to replace it with the resumed "
+            "run"
+        )
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent
     while not parent.exists():
         parent = parent.parent
     try:  # a real probe: permission bits say nothing for root or for special filesystems
@@ -48,37 +163,69 @@ def check_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False
 
 @contextmanager
 def atomic_output_dir(
-    out: Path, *, overwrite: bool = False, resume: bool = False
+    out: Path | str, *, overwrite: bool = False, resume: bool = False
 ) -> Iterator[Path]:
     """Yield a working folder that becomes ``out`` only if the block succeeds.
 
-    On failure the working folder is removed, unless it holds a checkpoint a run can resume.
+    On failure the working folder, and any parent folder this call created, is removed unless it
+    holds a checkpoint a run can resume.
     """
     check_output_dir(out, overwrite=overwrite, resume=resume)
-    work = partial_dir(out)
+    path, work = output_path(out), partial_dir(out)
     if work.exists() and not resume:
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(work)
     try:
         yield work
     except BaseException:
-        if not (work / CHECKPOINT_DIRNAME).exists():
+        if not checkpoint_file(work).exists():
             shutil.rmtree(work, ignore_errors=True)
+            _remove_empty(created[1:])
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    checkpoints = work / CHECKPOINT_DIRNAME
-    if checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    work.rename(out)
+    if _kind(path) == "foreign":  # someone put files there during the run: keep them
+        raise ZsqError(
+            f"{out} changed during the run and is not a zsq run; the result is in {work}"
+        )
+    if path.exists():
+        shutil.rmtree(path)
+    shutil.rmtree(work / CHECKPOINT_DIRNAME, ignore_errors=True)
+    work.rename(path)
 
 
-def _atomic_replace(path: Path, write) -> None:
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p``; returns the folders it created, deepest first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+# --- files --------------------------------------------------------------------------------------
+def _file_mode() -> int:
+    """The mode a plain ``open(..., 'w')`` would give: 0o666 less the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _atomic_replace(path: Path, write: Callable[[str], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp (and some writers) make 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -98,6 +245,10 @@ def write_text(path: Path, text: str) -> None:
     _atomic_replace(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file then rename: a crash never leaves a torn checkpoint."""
     _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
@@ -110,3 +261,58 @@ def save_safetensors(
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     _atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# --- verified files (checkpoints) ---------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def _read_digests(path: Path) -> list[str]:
+    try:
+        lines = _digest_path(path).read_text().splitlines()
+    except OSError:
+        return []
+    return [line.split()[0] for line in lines if line.strip()]
+
+
+def _write_digests(path: Path, digests: list[str]) -> None:
+    write_text(_digest_path(path), "".join(f"{d}  {path.name}\n" for d in digests))
+
+
+def write_verified(path: Path, payload: bytes) -> None:
+    """Write ``payload`` atomically with its sha256 beside it (``PATH.sha256``, sha256sum style).
+
+    The digest file is written first and lists the new digest and the previous one, so a crash
+    between the two renames leaves a pair that still verifies; it then keeps the new one only.
+    """
+    digest = hashlib.sha256(payload).hexdigest()
+    _write_digests(path, [digest, *_read_digests(path)[:1]])
+    write_bytes(path, payload)
+    _write_digests(path, [digest])
+
+
+def read_verified(path: Path, fix: str = "start the run again") -> bytes:
+    """The bytes of a file written by :func:`write_verified`; a damaged one is an error whose
+    message ends with ``fix``."""
+    payload = path.read_bytes()
+    digests = _read_digests(path)
+    if not digests:
+        raise ZsqError(
+            f"checkpoint {path} has no digest file {_digest_path(path).name}, so it cannot be "
+            f"verified; {fix}"
+        )
+    if hashlib.sha256(payload).hexdigest() not in digests:
+        raise ZsqError(
+            f"checkpoint {path} is damaged (its sha256 differs from the one written with it); "
+            f"it cannot be resumed: {fix}"
+        )
+    return payload

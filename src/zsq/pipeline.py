@@ -6,10 +6,12 @@ same in a few lines. Methods register a function in ``METHODS``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,26 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import zsq
-from zsq.api import GENERATOR_METHODS
-from zsq.data import load_dataset, subset
+from zsq.api import CALIB_BATCH, CALIB_SIZE, check_layer_patterns
+from zsq.data import eval_transform, load_dataset, subset
 from zsq.errors import ZsqError
 from zsq.evaluate import EvalResult, evaluate
 from zsq.execution import Execution
-from zsq.io import atomic_output_dir, check_output_dir, save_safetensors, write_json, write_text
-from zsq.models import ModelMeta, load_teacher
+from zsq.io import (
+    atomic_output_dir,
+    check_output_dir,
+    checkpoint_file,
+    partial_dir,
+    read_marker,
+    read_verified,
+    save_safetensors,
+    sha256_file,
+    write_json,
+    write_marker,
+    write_text,
+)
+from zsq.methods import GENERATOR_METHODS, POST_TRAINING_METHODS, check_method, refuse_unused
+from zsq.models import ModelMeta, default_image_size, load_teacher
 from zsq.ptq import calibrate_activations, gaussian_batches
 from zsq.quant import QuantSpec, quant_params, quantize_model
 from zsq.runtime import device_description, resolve_device, seed_everything
@@ -52,6 +67,7 @@ class QuantizeConfig:
     """One ``zsq quantize`` run.
 
     ``calib`` is 'gaussian' (data-free) or a dataset spec (real training images, not zero-shot).
+    ``download`` lets torchvision fetch the ``eval_data``/``calib`` datasets it knows.
     """
 
     teacher: TeacherConfig
@@ -61,13 +77,14 @@ class QuantizeConfig:
     eval_data: str | None = None
     eval_limit: int | None = None
     calib: str = "gaussian"
-    calib_size: int = 512
+    calib_size: int = CALIB_SIZE
     seed: int = 0
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
+    download: bool = False
 
 
 @dataclass
@@ -81,6 +98,7 @@ class Context:
     device: torch.device
     work_dir: Path
     eval_set: Dataset | None
+    calib_set: Dataset | None = None  # real calibration images (--calib SPEC), else None
 
 
 @dataclass
@@ -91,7 +109,6 @@ class MethodResult:
 
 Method = Callable[[Context], MethodResult]
 METHODS: dict[str, Method] = {}
-DEFAULT_IMAGE_SIZE = {"resnet20": 32, "resnet32": 32, "resnet44": 32, "resnet56": 32}
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
@@ -102,18 +119,15 @@ def register_method(name: str) -> Callable[[Method], Method]:
     return wrap
 
 
-def calibration_batches(ctx: Context, batch_size: int = 128) -> tuple[Iterator[Tensor], str]:
+def calibration_batches(
+    ctx: Context, batch_size: int = CALIB_BATCH
+) -> tuple[Iterator[Tensor], str]:
     """Batches for activation-range calibration and a description for the report."""
     cfg = ctx.config
-    if cfg.calib == "gaussian":
+    if ctx.calib_set is None:
         batches = gaussian_batches(cfg.calib_size, ctx.image_shape, batch_size, seed=cfg.seed)
         return batches, f"gaussian noise, {cfg.calib_size} samples (data-free)"
-    real = load_dataset(
-        cfg.calib,
-        split="train",
-        normalize_mean=ctx.meta.normalize_mean,
-        normalize_std=ctx.meta.normalize_std,
-    )
+    real = ctx.calib_set
     chosen = subset(real, min(cfg.calib_size, len(real)), seed=cfg.seed)
     loader = DataLoader(chosen, batch_size=batch_size, shuffle=False)
     text = f"REAL DATA: {len(chosen)} training images of {cfg.calib} (not zero-shot)"
@@ -129,39 +143,93 @@ def run_minmax(ctx: Context) -> MethodResult:
     return MethodResult(student, {"calibration": calibration})
 
 
-def _infer_image_shape(cfg: TeacherConfig, meta: ModelMeta, eval_set: Dataset | None) -> tuple:
-    channels = meta.in_channels or 3
-    if cfg.image_size:
-        return (channels, cfg.image_size, cfg.image_size)
-    if eval_set is not None:
-        shape = tuple(eval_set[0][0].shape)
-        log.info("input shape %s taken from the evaluation data (shape only)", shape)
-        return shape
-    size = DEFAULT_IMAGE_SIZE.get(cfg.model, 224)
-    return (channels, size, size)
+def model_image_shape(model: str, meta: ModelMeta) -> tuple[int, int, int]:
+    """The teacher's input: --image-size, else the sidecar's image_size, else the model's usual
+    size. Never the evaluation data's: it only measures, and must fit this shape."""
+    size = meta.image_size or default_image_size(model)
+    return (meta.in_channels, size, size)
 
 
-def load_eval_set(spec: str | None, meta: ModelMeta, limit: int | None = None) -> Dataset | None:
+def _load_for_model(
+    spec: str, split: str, meta: ModelMeta, image_shape: tuple[int, int, int], download: bool
+) -> Dataset:
+    """A real dataset in the teacher's input space, checked to fit it (channels, size, labels)."""
+    return load_dataset(
+        spec,
+        split=split,
+        normalize_mean=meta.normalize_mean,
+        normalize_std=meta.normalize_std,
+        download=download,
+        channels=image_shape[0],
+        image_size=image_shape[1],
+        num_classes=meta.num_classes,
+    )
+
+
+def load_eval_set(
+    spec: str | None,
+    meta: ModelMeta,
+    image_shape: tuple[int, int, int],
+    limit: int | None = None,
+    download: bool = False,
+) -> Dataset | None:
     if spec is None:
         return None
-    dataset = load_dataset(
-        spec, split="test", normalize_mean=meta.normalize_mean, normalize_std=meta.normalize_std
-    )
+    dataset = _load_for_model(spec, "test", meta, image_shape, download)
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
     return dataset
 
 
-def _check_config(cfg: QuantizeConfig) -> None:
-    if cfg.method not in METHODS:
-        raise ZsqError(f"unknown method {cfg.method!r}; choose one of {sorted(METHODS)}")
+def _check_inputs(cfg: QuantizeConfig) -> None:
+    """Every check that needs no file: before anything is loaded, written or run."""
+    check_method(cfg.method)
     if cfg.calib_size < 1:
         raise ZsqError(f"--calib-size must be positive, got {cfg.calib_size}")
+    if cfg.eval_limit is not None and cfg.eval_limit < 1:
+        raise ZsqError(
+            f"the evaluation limit (--limit/--eval-limit) must be >= 1, got {cfg.eval_limit}; "
+            "leave it out to evaluate every image"
+        )
+    if cfg.eval_limit is not None and cfg.eval_data is None:
+        raise ZsqError("--eval-limit has no effect without --eval-data; drop it or add the data")
+    size = cfg.teacher.image_size
+    if size is not None and size < 1:
+        raise ZsqError(f"--image-size must be >= 1, got {size}; give the model's input size")
+    if cfg.teacher.trust_checkpoint and cfg.teacher.weights is None:
+        raise ZsqError("--trust-checkpoint has no effect without --weights; drop it")
+    if cfg.download and cfg.eval_data is None and cfg.calib == "gaussian":
+        raise ZsqError("--download has no effect without a dataset (--eval-data, --calib); drop it")
+    _check_method_options(cfg)
+
+
+def _check_method_options(cfg: QuantizeConfig) -> None:
+    """Options the chosen method would silently ignore are errors (see zsq.methods)."""
+    opts = cfg.method_options
+    if cfg.method in POST_TRAINING_METHODS:
+        execution = opts.get("execution")
+        refuse_unused(
+            cfg.method,
+            {
+                "recipe": opts.get("recipe") is not None,
+                "ait": bool(opts.get("ait")),
+                "overrides": bool(opts.get("overrides")),
+                "source_options": bool(opts.get("source_options")),
+                "execution": execution not in (None, Execution()),
+            },
+        )
+    else:
+        refuse_unused(cfg.method, {"--calib": cfg.calib != "gaussian"})
+
+
+def _check_config(cfg: QuantizeConfig) -> None:
+    _check_inputs(cfg)
     check_output_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
 
 
 def prepare(cfg: QuantizeConfig) -> tuple[nn.Module, ModelMeta, Dataset | None, torch.device]:
     """Load and validate every input before anything is written."""
+    _check_inputs(cfg)
     device = resolve_device(cfg.device)
     t = cfg.teacher
     teacher, meta = load_teacher(
@@ -171,17 +239,32 @@ def prepare(cfg: QuantizeConfig) -> tuple[nn.Module, ModelMeta, Dataset | None, 
         in_channels=t.in_channels,
         normalize_mean=t.normalize_mean,
         normalize_std=t.normalize_std,
+        image_size=t.image_size,
         trust_checkpoint=t.trust_checkpoint,
     )
-    eval_set = load_eval_set(cfg.eval_data, meta, cfg.eval_limit)
+    check_layer_patterns(teacher, cfg.quant)
+    shape = model_image_shape(t.model, meta)
+    eval_set = load_eval_set(cfg.eval_data, meta, shape, cfg.eval_limit, cfg.download)
     return teacher.to(device).eval(), meta, eval_set, device
 
 
 def build_context(cfg: QuantizeConfig, work_dir: Path) -> Context:
-    """Load and validate the teacher and evaluation data (nothing is written)."""
+    """Load and validate the teacher, the evaluation and calibration data (nothing is written)."""
     teacher, meta, eval_set, device = prepare(cfg)
-    image_shape = _infer_image_shape(cfg.teacher, meta, eval_set)
-    return Context(cfg, teacher, meta, image_shape, device, work_dir, eval_set)
+    image_shape = model_image_shape(cfg.teacher.model, meta)
+    log.info("input shape %s (%s)", image_shape, _shape_source(cfg.teacher, meta))
+    calib_set = None
+    if cfg.calib != "gaussian":
+        calib_set = _load_for_model(cfg.calib, "train", meta, image_shape, cfg.download)
+    return Context(cfg, teacher, meta, image_shape, device, work_dir, eval_set, calib_set)
+
+
+def _shape_source(t: TeacherConfig, meta: ModelMeta) -> str:
+    if t.image_size is not None:
+        return "--image-size"
+    if meta.image_size is not None:
+        return "the weights' sidecar"
+    return f"the usual size of {t.model}; pass --image-size if it takes another"
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
@@ -189,14 +272,124 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     started = time.perf_counter()
     _check_config(cfg)
     ctx = build_context(cfg, cfg.out)
+    options = run_options(ctx)
+    previous = _sessions_before(cfg, options)
     seed_everything(cfg.seed)
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume) as work:
         ctx.work_dir = work
-        result = METHODS[cfg.method](ctx)
-        report = _build_report(ctx, result, started)
+        write_marker(work, _run_record(options, previous))
+        try:
+            result = METHODS[cfg.method](ctx)
+            report = _build_report(ctx, result, started, previous)
+        except BaseException:  # the time this session spent counts when the run is resumed
+            with contextlib.suppress(OSError):
+                write_marker(work, _run_record(options, [*previous, _seconds_since(started)]))
+            raise
         _write_outputs(work, result.student, report)
+        write_marker(work, _run_record(options, report["sessions"]))
     log.info("wrote %s", cfg.out)
     return report
+
+
+# --- the run record: what defines a run, checked on --resume --------------------------------
+def run_options(ctx: Context) -> dict[str, Any]:
+    """Every option that defines the run's result, named as on the command line.
+
+    Options that change only speed (device, precision, compile, progress) are left out. The
+    teacher is identified by the sha256 of its weights file, not by its path.
+    """
+    cfg, meta = ctx.config, ctx.meta
+    quant = cfg.quant.to_dict()
+    options: dict[str, Any] = {
+        "--method": cfg.method,
+        "--model": cfg.teacher.model,
+        "--weights (sha256)": _file_digest(cfg.teacher.weights),
+        "--num-classes": meta.num_classes,
+        "--in-channels": meta.in_channels,
+        "--normalize-mean": meta.normalize_mean,
+        "--normalize-std": meta.normalize_std,
+        "--image-size (input shape)": ctx.image_shape,
+        "--seed": cfg.seed,
+        "--calib": cfg.calib,
+        "--calib-size": cfg.calib_size,
+        "--eval-data": cfg.eval_data,  # else metrics.jsonl would mix two evaluation sets
+        "--eval-limit": cfg.eval_limit,
+        "--wbits": quant.pop("wbits"),
+        "--abits": quant.pop("abits"),
+        "--per-tensor": not quant.pop("per_channel"),
+        "--symmetric": quant.pop("w_symmetric"),
+        "--act-placement": quant.pop("act_placement"),
+        "--layer": quant.pop("overrides"),
+        **{f"quant {key}": value for key, value in quant.items()},
+    }
+    if cfg.method in GENERATOR_METHODS:
+        from zsq.api import resolve_recipe
+
+        opts = cfg.method_options
+        recipe = resolve_recipe(
+            opts.get("recipe"),  # None: the default preset
+            ait=opts.get("ait", False),
+            overrides=opts.get("overrides"),
+        )
+        options["--ait"] = bool(opts.get("ait", False))
+        options.update({f"--set {key}": value for key, value in recipe.to_dict().items()})
+        sources = opts.get("source_options") or {}
+        options.update({f"--source-opt {key}": value for key, value in sources.items()})
+    return json.loads(json.dumps(options))  # as read back from the record: tuples become lists
+
+
+def _file_digest(path: str | None) -> str | None:
+    return sha256_file(Path(path)) if path and Path(path).is_file() else None
+
+
+def _run_record(options: dict[str, Any], sessions: list[float]) -> dict[str, Any]:
+    return {"zsq_version": zsq.__version__, "options": options, "sessions": sessions}
+
+
+def _seconds_since(started: float) -> float:
+    return round(time.perf_counter() - started, 2)
+
+
+def _sessions_before(cfg: QuantizeConfig, options: dict[str, Any]) -> list[float]:
+    """The seconds of earlier sessions of a resumed run, after checking it can continue exactly:
+    the same run-defining options and an intact checkpoint. A new run has none."""
+    if not cfg.resume:
+        return []
+    work = partial_dir(cfg.out)
+    record = read_marker(work) or {}
+    restart = f"start again with --out {cfg.out} --overwrite"
+    if "options" not in record:
+        raise ZsqError(f"{work} does not record the options it started with; {restart}")
+    changed = _differences(record["options"], options)
+    if changed:
+        raise ZsqError(
+            f"cannot resume {cfg.out}: options differ from those the run started with ({changed}); "
+            "resume with the same options, or start a new run with --out"
+        )
+    read_verified(checkpoint_file(work), fix=restart)
+    return [float(s) for s in record.get("sessions", [])]
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], shown: int = 6) -> str:
+    """``--wbits 4 -> 3, --seed 0 -> 7`` for the options whose values differ."""
+    names = [
+        k for k in {**saved, **current} if saved.get(k, "(unset)") != current.get(k, "(unset)")
+    ]
+    parts = [
+        f"{k} {_short(saved.get(k, '(unset)'))} -> {_short(current.get(k, '(unset)'))}"
+        for k in names[:shown]
+    ]
+    if len(names) > shown:
+        parts.append(f"and {len(names) - shown} more")
+    return ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str):  # a sha256 is told apart by its start
+        return value[:12] + "..." if len(value) == 64 else value
+    return json.dumps(value)
 
 
 def _score(model: nn.Module, eval_set: Dataset | None, device, progress: bool) -> EvalResult | None:
@@ -205,7 +398,11 @@ def _score(model: nn.Module, eval_set: Dataset | None, device, progress: bool) -
     return evaluate(model, eval_set, device=device, progress=progress)
 
 
-def _build_report(ctx: Context, result: MethodResult, started: float) -> dict[str, Any]:
+def _build_report(
+    ctx: Context, result: MethodResult, started: float, previous: Sequence[float] = ()
+) -> dict[str, Any]:
+    """The report; ``seconds`` is the run's total over its sessions (``previous`` ones from
+    earlier, interrupted sessions, then this one), listed in ``sessions``."""
     cfg = ctx.config
     teacher_score = _score(ctx.teacher, ctx.eval_set, ctx.device, cfg.progress)
     student_score = _score(result.student, ctx.eval_set, ctx.device, cfg.progress)
@@ -226,12 +423,14 @@ def _build_report(ctx: Context, result: MethodResult, started: float) -> dict[st
         "calibration": "none",
         "quant_spec": cfg.quant.to_dict(),
         "image_shape": list(ctx.image_shape),
+        "eval_transform": eval_transform(ctx.eval_set) if ctx.eval_set is not None else None,
         "zsq_version": zsq.__version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
     }
     report.update(result.report)
-    report["seconds"] = round(time.perf_counter() - started, 2)
+    report["sessions"] = [*previous, _seconds_since(started)]
+    report["seconds"] = round(sum(report["sessions"]), 2)
     return report
 
 
@@ -282,11 +481,12 @@ def run_distillation(ctx: Context) -> MethodResult:
     from zsq.api import resolve_recipe, zero_shot_quantize
 
     cfg, opts = ctx.config, ctx.config.method_options
-    recipe = resolve_recipe(
-        opts.get("recipe", "paper-cifar"),
-        ait=opts.get("ait", False),
-        overrides=opts.get("overrides"),
-    )
+    recipe_options = {
+        "recipe": opts.get("recipe"),  # None: the default, which zero_shot_quantize announces
+        "ait": opts.get("ait", False),
+        "overrides": opts.get("overrides"),
+    }
+    recipe = resolve_recipe(**recipe_options)
     evaluate_fn = None
     if ctx.eval_set is not None:
 
@@ -299,7 +499,7 @@ def run_distillation(ctx: Context) -> MethodResult:
         num_classes=ctx.meta.num_classes,
         method=cfg.method,
         spec=cfg.quant,
-        recipe=recipe,
+        **recipe_options,
         device=ctx.device,
         work_dir=ctx.work_dir,
         resume=cfg.resume,

@@ -1,9 +1,12 @@
 """Real datasets behind one spec string (``cifar10:DIR``, ``npz:FILE``, ``digits`` ...)."""
 
 from zsq.data.datasets import (
+    DOWNLOADABLE,
     ImageArrayDataset,
     JpegArrayDataset,
+    eval_transform,
     head,
+    imagefolder_transform,
     load_dataset,
     read_idx,
     spec_kinds,
@@ -11,9 +14,12 @@ from zsq.data.datasets import (
 )
 
 __all__ = [
+    "DOWNLOADABLE",
     "ImageArrayDataset",
     "JpegArrayDataset",
+    "eval_transform",
     "head",
+    "imagefolder_transform",
     "load_dataset",
     "read_idx",
     "spec_kinds",

@@ -3,7 +3,9 @@
 Every dataset yields ``(float32 CHW tensor, int label)`` through the same pixel pipeline
 (uint8 -> /255 -> (x - mean) / std) so a teacher sees exactly what it was trained on. Real data
 is only for measuring (and for explicitly data-driven baselines): zero-shot methods never train
-on it.
+on it. Given what the model expects (channels, classes, input size), ``load_dataset`` checks the
+data fits before anything runs: a mismatch would otherwise end in a shape error mid-run or, for
+labels, in a silently wrong accuracy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +28,12 @@ from zsq.errors import ZsqError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DOWNLOADABLE",
     "ImageArrayDataset",
     "JpegArrayDataset",
+    "eval_transform",
     "head",
+    "imagefolder_transform",
     "load_dataset",
     "read_idx",
     "spec_kinds",
@@ -40,11 +46,24 @@ FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+IMAGENET_SIZE = 224  # the one input size the 256 -> 224 resize/centre-crop convention is for
+IMAGENET_RESIZE = 256
+DOWNLOADABLE = ("cifar10", "cifar100", "fashion-mnist")  # kinds torchvision can fetch
 Sample = tuple[torch.Tensor, int]
 
 
+class _Mismatch(ZsqError):
+    """The data does not fit the model; ``load_dataset`` names the dataset in the message."""
+
+
 class _NormalizedImages(Dataset):
-    """Turns one stored image (HWC uint8, or float already in [0, 1]) into a normalised tensor."""
+    """Turns one stored image (HWC uint8, or float already in [0, 1]) into a normalised tensor.
+
+    ``model_channels``, when given, must equal the images' channel count (checked before the
+    normalisation, whose length error would point at the wrong fix).
+    """
+
+    eval_transform = "none: images at their stored size, /255, normalised"
 
     def __init__(
         self,
@@ -52,7 +71,13 @@ class _NormalizedImages(Dataset):
         channels: int,
         normalize_mean: Sequence[float] | None,
         normalize_std: Sequence[float] | None,
+        model_channels: int | None = None,
     ) -> None:
+        if model_channels is not None and channels != model_channels:
+            raise _Mismatch(
+                f"its images have {channels} channel(s) but the model takes {model_channels}; "
+                f"use {model_channels}-channel data, or the model (--in-channels) built for it"
+            )
         self.labels = np.asarray(labels, dtype=np.int64)
         self.channels = channels
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
@@ -84,6 +109,7 @@ class ImageArrayDataset(_NormalizedImages):
         labels: np.ndarray,
         normalize_mean: Sequence[float] | None = None,
         normalize_std: Sequence[float] | None = None,
+        model_channels: int | None = None,
     ) -> None:
         if images.ndim == 3:
             images = images[..., None]
@@ -92,7 +118,7 @@ class ImageArrayDataset(_NormalizedImages):
                 f"images must be (N, H, W[, C]) with one label each, got images {images.shape} and "
                 f"{len(labels)} labels; fix the array shapes"
             )
-        super().__init__(labels, images.shape[-1], normalize_mean, normalize_std)
+        super().__init__(labels, images.shape[-1], normalize_mean, normalize_std, model_channels)
         self.images = images
 
     def _image(self, index: int) -> np.ndarray:
@@ -113,13 +139,14 @@ class JpegArrayDataset(_NormalizedImages):
         labels: np.ndarray,
         normalize_mean: Sequence[float] | None = None,
         normalize_std: Sequence[float] | None = None,
+        model_channels: int | None = None,
     ) -> None:
         if len(offsets) != len(labels) + 1:
             raise ZsqError(
                 f"JPEG data has {len(offsets)} offsets for {len(labels)} labels (need N+1); "
                 "rebuild the .npz file"
             )
-        super().__init__(labels, 3, normalize_mean, normalize_std)
+        super().__init__(labels, 3, normalize_mean, normalize_std, model_channels)
         self.jpeg = jpeg
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self._cache: dict[int, np.ndarray] = {}
@@ -168,11 +195,17 @@ class _Request:
     normalize_mean: Sequence[float] | None
     normalize_std: Sequence[float] | None
     download: bool = False
-    image_size: int = 224
+    image_size: int | None = None
+    channels: int | None = None
 
     @property
-    def norm(self) -> dict[str, Sequence[float] | None]:
-        return {"normalize_mean": self.normalize_mean, "normalize_std": self.normalize_std}
+    def norm(self) -> dict[str, Any]:
+        """Keyword arguments of the array datasets: normalisation and the channel check."""
+        return {
+            "normalize_mean": self.normalize_mean,
+            "normalize_std": self.normalize_std,
+            "model_channels": self.channels,
+        }
 
     @property
     def train(self) -> bool:
@@ -191,21 +224,85 @@ def load_dataset(
     normalize_mean: Sequence[float] | None = None,
     normalize_std: Sequence[float] | None = None,
     download: bool = False,
-    image_size: int = 224,
+    image_size: int | None = None,
+    channels: int | None = None,
+    num_classes: int | None = None,
 ) -> Dataset:
     """Open the dataset named by ``KIND:PATH`` (``digits`` needs no path).
 
     ``normalize_mean``/``normalize_std`` default to 0/1 (no normalisation); pass the teacher's.
     ``split`` is "train" or "test" ("val" means test, or an imagefolder's ``val`` subfolder).
-    ``image_size`` only affects ``imagefolder`` (resize to size/0.875, then center crop).
+    ``download`` fetches cifar10, cifar100 or fashion-mnist into PATH with torchvision.
+    ``image_size``, ``channels``, ``num_classes``: what the model takes. Image folders are
+    converted and resized to them (see :func:`imagefolder_transform`); any other dataset must
+    already match, else a one-line :class:`ZsqError` says what differs.
     """
     kind, path = _parse_spec(spec)
     if split not in SPLITS:
         raise ZsqError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    request = _Request(path, split, normalize_mean, normalize_std, download, image_size)
-    dataset = _LOADERS[kind](request)
+    if download and kind not in DOWNLOADABLE:
+        raise ZsqError(
+            f"--download (download=True) fetches only {', '.join(DOWNLOADABLE)}; {kind} data "
+            "must already be on disk, so drop --download"
+        )
+    request = _Request(path, split, normalize_mean, normalize_std, download, image_size, channels)
+    try:
+        dataset = _LOADERS[kind](request)
+        _check_fits_model(dataset, kind, image_size, num_classes)
+    except _Mismatch as err:
+        raise ZsqError(f"dataset {spec} ({split} split): {err}") from None
     logger.info("dataset %s (%s split): %d images", spec, split, len(dataset))
     return dataset
+
+
+def eval_transform(dataset: Dataset) -> str:
+    """How ``dataset`` turns a stored image into the model's input (for reports)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "eval_transform", "unknown (a dataset zsq did not build)")
+
+
+def _check_fits_model(
+    dataset: Dataset, kind: str, image_size: int | None, num_classes: int | None
+) -> None:
+    if len(dataset) == 0:
+        raise _Mismatch("it holds no images; check the path, the split and the file's contents")
+    if num_classes is not None:
+        _check_labels(dataset, num_classes)
+    if image_size is not None and kind != "imagefolder":
+        _check_image_size(dataset, image_size)
+
+
+def _check_labels(dataset: Dataset, num_classes: int) -> None:
+    classes = getattr(dataset, "classes", None)  # an ImageFolder: labels follow its subfolders
+    if classes is not None and len(classes) != num_classes:
+        raise _Mismatch(
+            f"it has {len(classes)} class subfolders but the model has {num_classes} classes; give "
+            "one subfolder per class of the model, named so that they sort in its class order"
+        )
+    labels = np.asarray(getattr(dataset, "labels", getattr(dataset, "targets", [])))
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise _Mismatch(
+            f"its labels run from {labels.min()} to {labels.max()} but the model has "
+            f"{num_classes} classes (labels 0..{num_classes - 1}); use the data the model was "
+            "trained for, or give the model's class count (--num-classes)"
+        )
+
+
+def _check_image_size(dataset: Dataset, image_size: int) -> None:
+    height, width = dataset[0][0].shape[-2:]
+    if (height, width) == (image_size, image_size):
+        return
+    fix = (
+        f"pass --image-size {height} (image_size={height}) if the model takes {height}x{width} "
+        "images"
+        if height == width
+        else f"resize the images to {image_size}x{image_size}"
+    )
+    raise _Mismatch(
+        f"its images are {height}x{width} but the model's input is {image_size}x{image_size} "
+        f"(--image-size, else the weights' sidecar, else the model's usual size); {fix}"
+    )
 
 
 def _parse_spec(spec: str) -> tuple[str, Path | None]:
@@ -254,6 +351,8 @@ def _load_torchvision_cifar(kind: str, request: _Request) -> Dataset:
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
     try:
         raw = cls(root=str(root), train=request.train, download=download)
+    except OSError as exc:  # URLError and friends: only reachable with --download
+        raise _download_error(kind, root, exc) from exc
     except RuntimeError as exc:
         raise ZsqError(
             f"{kind} not found in {root} ({exc}); pass --download to fetch it, or give the folder "
@@ -303,7 +402,16 @@ def _require_keys(arrays, keys: Sequence[str], path: Path) -> None:
         )
 
 
+def _download_error(kind: str, root: Path, exc: Exception) -> ZsqError:
+    return ZsqError(
+        f"cannot download {kind} into {root} ({exc}); check the network connection, or download "
+        "the files by hand and give their folder without --download"
+    )
+
+
 def _load_fashion_mnist(request: _Request) -> Dataset:
+    if request.download:
+        _download_fashion_mnist(request.path)
     folder = _require_dir(request.path, "fashion-mnist", "the four idx .gz files")
     folder = _find_idx_folder(folder)
     image_name, label_name = FASHION_FILES["train" if request.train else "test"]
@@ -315,6 +423,17 @@ def _load_fashion_mnist(request: _Request) -> Dataset:
             "N images with N labels; re-download the files"
         )
     return ImageArrayDataset(images, labels, **request.norm)
+
+
+def _download_fashion_mnist(root: Path) -> None:
+    """torchvision's download: the idx files land in ``root/FashionMNIST/raw``."""
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(root=str(root), train=False, download=True)
+        torchvision.datasets.FashionMNIST(root=str(root), train=True, download=True)
+    except (OSError, RuntimeError) as exc:
+        raise _download_error("fashion-mnist", root, exc) from exc
 
 
 def _find_idx_folder(path: Path) -> Path:
@@ -362,29 +481,57 @@ def _load_digits(request: _Request) -> Dataset:
     return ImageArrayDataset(images, digits.target[chosen], **request.norm)
 
 
+def imagefolder_transform(image_size: int) -> tuple[int, str]:
+    """Shorter side to resize to, and the report's words, for a model taking ``image_size``.
+
+    The 256 -> 224 resize and centre crop is ImageNet's evaluation convention and only meant for
+    224-pixel models; any other size resizes the shorter side to the input size and crops the
+    centre square (an image already at that size passes unchanged).
+    """
+    if image_size == IMAGENET_SIZE:
+        return IMAGENET_RESIZE, (
+            f"resize shorter side to {IMAGENET_RESIZE}, centre crop {IMAGENET_SIZE} "
+            "(ImageNet convention), /255, normalised"
+        )
+    return image_size, (
+        f"resize shorter side to {image_size}, centre crop {image_size}, /255, normalised"
+    )
+
+
 def _load_imagefolder(request: _Request) -> Dataset:
-    """torchvision ImageFolder (RGB) with the standard ImageNet eval resize + center crop."""
+    """torchvision ImageFolder, converted to the model's channels and resized to its input."""
     from torchvision import datasets, transforms
 
     folder = _require_dir(request.path, "imagefolder", "one subfolder per class")
     root = _split_subfolder(folder, request.split)
-    image_size = request.image_size
-    mean = _per_channel(request.normalize_mean, 0.0, 3, "normalize_mean").flatten().tolist()
-    std = _per_channel(request.normalize_std, 1.0, 3, "normalize_std").flatten().tolist()
+    channels = 3 if request.channels is None else request.channels
+    if channels not in (1, 3):
+        raise _Mismatch(
+            f"image folders give 1- (gray) or 3-channel (RGB) images but the model takes "
+            f"{channels} channels; use an npz file of {channels}-channel images"
+        )
+    image_size = request.image_size or IMAGENET_SIZE
+    resize, description = imagefolder_transform(image_size)
+    mean = _per_channel(request.normalize_mean, 0.0, channels, "normalize_mean").flatten().tolist()
+    std = _per_channel(request.normalize_std, 1.0, channels, "normalize_std").flatten().tolist()
+    steps = [transforms.Grayscale(1)] if channels == 1 else []
     transform = transforms.Compose(
         [
-            transforms.Resize(round(image_size / 0.875)),
+            *steps,
+            transforms.Resize(resize),
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ]
     )
     try:
-        return datasets.ImageFolder(str(root), transform=transform)
+        dataset = datasets.ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ZsqError(
             f"no images found under {root} ({exc}); imagefolder needs DIR/<class>/<image> files"
         ) from exc
+    dataset.eval_transform = ("gray, " if channels == 1 else "") + description
+    return dataset
 
 
 def _split_subfolder(path: Path, split: str) -> Path:

@@ -11,6 +11,8 @@ of (models, optimisers, RNG, probe batch, epoch) resumes exactly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
 import math
@@ -28,7 +30,7 @@ from zsq.distill.inundation import CrossingMeter, GradientInundation, Inundation
 from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
 from zsq.errors import ZsqError
 from zsq.execution import Execution, compile_in_place, release_compiled
-from zsq.io import CHECKPOINT_DIRNAME, torch_save, write_text
+from zsq.io import checkpoint_file, read_verified, write_text, write_verified
 from zsq.quant import quant_layers, set_observing
 from zsq.recipes import DistillRecipe
 from zsq.runtime import rng_state, set_rng_state
@@ -36,12 +38,14 @@ from zsq.synth import SampleSource, SynthBatch
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "last.pt"
 METRICS_FILE = "metrics.jsonl"
+ETA_AFTER_ITERATIONS = 5  # iterations timed before the log estimates how long the run takes
 Evaluator = Callable[[nn.Module], float]
 
 
 def build_optimizer(params: list[nn.Parameter], recipe: DistillRecipe) -> torch.optim.Optimizer:
+    """The student optimiser with the reference code's settings (Nesterov SGD; Table 3's Adam
+    with eps 1e-5 and RMSprop with alpha 0.9, eps 1.0, momentum 0.9)."""
     lr = recipe.student_lr * recipe.lr_mult
     wd = recipe.weight_decay
     if recipe.optimizer == "sgd":
@@ -49,10 +53,18 @@ def build_optimizer(params: list[nn.Parameter], recipe: DistillRecipe) -> torch.
             params, lr=lr, momentum=recipe.momentum, nesterov=True, weight_decay=wd
         )
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, eps=1e-5, weight_decay=wd)
     if recipe.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1.0, momentum=0.9, weight_decay=wd)
     raise ZsqError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"about {seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds:.0f} s"
 
 
 @dataclass
@@ -69,6 +81,16 @@ class _EpochTotals:
         for key, value in terms.items():
             value = value.detach().float()
             self.terms[key] = self.terms[key] + value if key in self.terms else value
+
+
+def module_digest(module: nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes and bytes), independent of device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Distiller:
@@ -115,12 +137,14 @@ class Distiller:
                 self.layers,
                 rho=recipe.rho,
                 max_kappa=recipe.max_kappa,
+                count=recipe.gi_count,
+                search=recipe.gi_search,
                 compile_mode=self.execution.compile,
             )
             if recipe.gi
             else None
         )
-        self.crossings = CrossingMeter(self.layers)
+        self.crossings = CrossingMeter(self.layers, count=recipe.gi_count)
         self.layer_names = [n for n, _ in self.crossings.layers]  # the layers GI and counts see
         self.optimizers = [self.optimizer]
         if source.optimizer is not None:
@@ -175,6 +199,7 @@ class Distiller:
             if max_epochs is None
             else min(self.recipe.epochs, self.epoch + max_epochs)
         )
+        self._eta_pending = {False, True}  # one estimate per phase: warm-up, student epochs
         while self.epoch < stop:
             started = time.perf_counter()
             with self.execution.tensor_core_scope():
@@ -200,7 +225,10 @@ class Distiller:
             disable=not self.progress,
             leave=False,
         )
-        for _ in bar:
+        started = time.perf_counter()
+        for i in bar:
+            if i == min(ETA_AFTER_ITERATIONS, self.recipe.iters_per_epoch - 1):
+                self._log_eta(epoch, i, started)
             batch, source_terms = self.source.step(self.recipe.batch_size)
             totals.add_terms(source_terms)
             totals.source_steps += 1
@@ -217,6 +245,26 @@ class Distiller:
                 with torch.no_grad():
                     self.student(batch.images)  # observe activation ranges only
         return self._epoch_metrics(epoch, totals)
+
+    def _log_eta(self, epoch: int, done: int, started: float) -> None:
+        """Once per phase of a ``fit``: the time ``done`` iterations took, extrapolated."""
+        phase = self.trains_student(epoch)
+        pending = getattr(self, "_eta_pending", set())
+        if done == 0 or phase not in pending:
+            return
+        pending.discard(phase)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once: the queued iterations must count
+        per_iteration = (time.perf_counter() - started) / done
+        left = (self.recipe.epochs - epoch) * self.recipe.iters_per_epoch - done
+        log.info(
+            "%.3g s per %s iteration: %s for the %d iterations left%s",
+            per_iteration,
+            "student" if phase else "generator warm-up",
+            _duration(per_iteration * left),
+            left,
+            "" if phase else " (at least: student iterations cost more, estimated when they start)",
+        )
 
     def student_step(self, batch: SynthBatch) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
         """One optimiser step of the student on ``batch``. Returns loss terms, per-layer share
@@ -286,9 +334,7 @@ class Distiller:
 
     # --- checkpoints ------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path | None:
-        return (
-            None if self.work_dir is None else self.work_dir / CHECKPOINT_DIRNAME / CHECKPOINT_FILE
-        )
+        return None if self.work_dir is None else checkpoint_file(Path(self.work_dir))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -303,8 +349,16 @@ class Distiller:
             "probe": None if self.probe is None else vars(self.probe),
             "history": json.dumps(self.history),
             "recipe": json.dumps(self.recipe.to_dict()),
+            "teacher": self._teacher_digest(),
             "rng": rng_state(),
         }
+
+    def _teacher_digest(self) -> str:
+        """sha256 of the teacher's tensors, computed once (the teacher is frozen): a resume with
+        another teacher of the same shape is refused instead of silently mixing two."""
+        if getattr(self, "_teacher_sha256", None) is None:
+            self._teacher_sha256 = module_digest(self.teacher)
+        return self._teacher_sha256
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
@@ -325,17 +379,24 @@ class Distiller:
         path = self._checkpoint_path()
         if path is None:
             return
-        torch_save(self.state_dict(), path)
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        write_verified(path, buffer.getvalue())  # with its sha256: a damaged file is refused
         lines = "".join(json.dumps(m) + "\n" for m in self.history)
         write_text(self.work_dir / METRICS_FILE, lines)
 
     def resume(self) -> bool:
-        """Load ``checkpoint/last.pt`` if present (returns whether it did)."""
+        """Load ``checkpoint/last.pt`` if present (returns whether it did).
+
+        Refuses (``ZsqError``) a checkpoint whose sha256 does not match, one made with another
+        recipe, and one whose tensors do not fit this student and source (another teacher).
+        """
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return False
+        payload = read_verified(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as err:  # a torn or foreign file: say which and what to do
             raise ZsqError(
                 f"cannot read checkpoint {path} ({err}); remove it or start again"
@@ -348,6 +409,19 @@ class Distiller:
                 f"checkpoint {path} was made with a different recipe (fields {changed}); resume "
                 "with the same options"
             )
-        self.load_state_dict(state)
+        if state.get("teacher", self._teacher_digest()) != self._teacher_digest():
+            raise ZsqError(
+                f"checkpoint {path} was made with another teacher (its weights differ); resume "
+                "with the teacher the run started with"
+            )
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as err:  # torch's message spans many lines
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0])[:160] if lines else repr(err)
+            raise ZsqError(
+                f"checkpoint {path} does not fit this teacher and method ({detail}); resume with "
+                "the teacher and options the run started with"
+            ) from None
         log.info("resumed from %s at epoch %d/%d", path, self.epoch, self.recipe.epochs)
         return True

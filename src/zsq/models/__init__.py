@@ -10,7 +10,13 @@ from zsq.models.checkpoint import (
     sidecar_path,
 )
 from zsq.models.cifar_resnet import CifarResNet, resnet20, resnet32, resnet44, resnet56
-from zsq.models.registry import CIFAR_MODELS, available_models, create_model
+from zsq.models.registry import (
+    CIFAR_MODELS,
+    available_models,
+    create_model,
+    default_image_size,
+    input_channels,
+)
 
 __all__ = [
     "CIFAR_MODELS",
@@ -18,6 +24,8 @@ __all__ = [
     "ModelMeta",
     "available_models",
     "create_model",
+    "default_image_size",
+    "input_channels",
     "load_state_dict",
     "load_teacher",
     "load_weights",

@@ -31,16 +31,18 @@ MAX_LISTED_KEYS = 10
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """What a teacher expects: class count, input channels and input normalisation.
+    """What a teacher expects: class count, input channels, normalisation and input size.
 
-    Fields are ``None`` when unknown (a sidecar may leave some out); ``load_teacher`` returns a
-    fully resolved one.
+    Fields are ``None`` when unknown (a sidecar may leave some out); ``load_teacher`` resolves all
+    but ``image_size``, which stays ``None`` unless given (then the model's usual size applies:
+    :func:`zsq.models.default_image_size`).
     """
 
     num_classes: int | None = None
     in_channels: int | None = None
     normalize_mean: tuple[float, ...] | None = None
     normalize_std: tuple[float, ...] | None = None
+    image_size: int | None = None
 
 
 def load_weights(model: nn.Module, path: str | Path, trust_checkpoint: bool = False) -> None:
@@ -190,7 +192,8 @@ def sidecar_path(weights_path: str | Path) -> Path:
 
 
 def read_sidecar(weights_path: str | Path) -> ModelMeta | None:
-    """Read the JSON beside a checkpoint (num_classes, in_channels, normalize_mean/std), if any."""
+    """Read the JSON beside a checkpoint (num_classes, in_channels, normalize_mean/std,
+    image_size), if any."""
     path = sidecar_path(weights_path)
     if not path.is_file():
         return None
@@ -205,6 +208,7 @@ def read_sidecar(weights_path: str | Path) -> ModelMeta | None:
         in_channels=_optional_int(raw, "in_channels", path),
         normalize_mean=_optional_floats(raw, "normalize_mean", path),
         normalize_std=_optional_floats(raw, "normalize_std", path),
+        image_size=_optional_int(raw, "image_size", path),
     )
 
 
@@ -240,6 +244,7 @@ def load_teacher(
     in_channels: int | None = None,
     normalize_mean: Sequence[float] | None = None,
     normalize_std: Sequence[float] | None = None,
+    image_size: int | None = None,
     trust_checkpoint: bool = False,
 ) -> tuple[nn.Module, ModelMeta]:
     """Build ``name``, load ``weights`` and return it in eval mode with its resolved metadata.
@@ -257,6 +262,7 @@ def load_teacher(
             in_channels=in_channels,
             normalize_mean=_as_tuple(normalize_mean),
             normalize_std=_as_tuple(normalize_std),
+            image_size=image_size,
         ),
         sidecar or ModelMeta(),
     )
@@ -288,7 +294,10 @@ def resolve_meta(explicit: ModelMeta, sidecar: ModelMeta) -> ModelMeta:
     std = _per_channel(std or (1.0,), in_channels, "normalize_std")
     if any(s <= 0 for s in std):
         raise ZsqError(f"normalize_std must be positive, got {std}; fix --normalize-std")
-    return ModelMeta(num_classes, in_channels, mean, std)
+    image_size = _first(explicit.image_size, sidecar.image_size)
+    if image_size is not None and image_size < 1:
+        raise ZsqError(f"image size must be >= 1, got {image_size}; fix --image-size")
+    return ModelMeta(num_classes, in_channels, mean, std, image_size)
 
 
 def _first(*values: Any) -> Any:

@@ -15,7 +15,13 @@ from zsq.models import cifar_resnet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CIFAR_MODELS", "available_models", "create_model"]
+__all__ = [
+    "CIFAR_MODELS",
+    "available_models",
+    "create_model",
+    "default_image_size",
+    "input_channels",
+]
 
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": cifar_resnet.resnet20,
@@ -23,6 +29,25 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet44": cifar_resnet.resnet44,
     "resnet56": cifar_resnet.resnet56,
 }
+
+
+CIFAR_IMAGE_SIZE = 32
+IMAGENET_IMAGE_SIZE = 224  # torchvision classifiers, and the guess for a user's own model
+
+
+def default_image_size(name: str) -> int:
+    """The input size a model of this name usually takes (32 for the CIFAR ResNets, else 224)."""
+    return CIFAR_IMAGE_SIZE if name.strip().lower() in CIFAR_MODELS else IMAGENET_IMAGE_SIZE
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """Channels the model's first layer takes, when that layer is a convolution (else None)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+        if isinstance(module, nn.Linear):
+            return None
+    return None
 
 
 def available_models() -> list[str]:

@@ -40,13 +40,13 @@ class QuantSpec:
     """How ``quantize_model`` quantizes a network.
 
     ``wbits``/``abits``: 2..8 or None (full precision). ``per_channel``: one weight range per output
-    channel (the paper's choice) or one per tensor. ``act_placement``: ``reference`` (default) quantizes
-    the output of every ReLU/ReLU6 module, as the official GDFQ/AIT code does (a ReLU module
-    called at several places, like torchvision's per-block ``relu``, then shares one range; the
-    input image and residual sums stay in full precision); ``input`` quantizes the input of every
-    quantized layer, image and classifier input included (harsher, and works on models whose
-    ReLUs are functional). ``overrides`` maps
-    glob patterns over module names to ``{"wbits": ..., "abits": ...}``; later patterns win, e.g.
+    channel (the paper's choice) or one per tensor. ``act_placement``: ``reference`` (default)
+    quantizes the output of every ReLU/ReLU6 module, as the official GDFQ/AIT code does (a ReLU
+    module called at several places, like torchvision's per-block ``relu``, then shares one
+    range; the input image and residual sums stay in full precision); ``input`` quantizes the
+    input of every quantized layer, image and classifier input included (harsher, and works on
+    models whose ReLUs are functional). ``overrides`` maps glob patterns over module names to
+    ``{"wbits": ..., "abits": ...}``; later patterns win, e.g.
     ``{"conv1": {"wbits": 8}, "linear": {"wbits": None, "abits": None}}``.
     """
 

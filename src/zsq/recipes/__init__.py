@@ -9,12 +9,15 @@ milestones kept near 1/3, 1/2, 3/4 of training.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from zsq.errors import ZsqError
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
+GI_COUNTS = ("codes", "levels")  # what "an integer weight changed" compares (see inundation.py)
+GI_SEARCHES = ("reference", "nearest-above")  # kappa search rule (see inundation.py)
 LOSS_MODES = ("ce+kl", "kl", "ce")  # student loss: the rows of the paper's Table 2
 
 
@@ -35,15 +38,17 @@ class DistillRecipe:
     student_lr: float = 1e-4
     lr_mult: float = 1.0  # Table 2's 'high lr' row multiplies the student lr
     momentum: float = 0.9  # SGD Nesterov momentum
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.0  # every config of the AIT repository (original GDFQ: 1e-4)
     loss: str = "ce+kl"
     temperature: float = 20.0
     kl_reduction: str = "mean"
     # gradient inundation
     gi: bool = False
     rho: float = 1e-3
-    gi_warmup_epochs: int = 4  # kappa <= 128 for these epochs after the generator warm-up
+    gi_warmup_epochs: int = 1  # kappa <= 128 for these epochs after the generator warm-up
     max_kappa: float = 2.0**16
+    gi_count: str = "codes"  # codes q (paper Eq. 11, reference) or levels q + z
+    gi_search: str = "reference"  # the reference's doubling + bisection, or nearest-above
     # generator
     gen_lr: float = 1e-3
     bns_weight: float = 0.1
@@ -69,6 +74,10 @@ class DistillRecipe:
             raise ZsqError(f"unknown student loss {self.loss!r}; use one of {LOSS_MODES}")
         if self.kl_reduction not in ("mean", "batchmean"):
             raise ZsqError("kl_reduction must be 'mean' (reference) or 'batchmean'")
+        if self.gi_count not in GI_COUNTS:
+            raise ZsqError(f"unknown gi_count {self.gi_count!r}; use one of {GI_COUNTS}")
+        if self.gi_search not in GI_SEARCHES:
+            raise ZsqError(f"unknown gi_search {self.gi_search!r}; use one of {GI_SEARCHES}")
         if not 0 < self.rho < 1:
             raise ZsqError(f"rho={self.rho} must be in (0, 1)")
         if self.student_lr <= 0 or self.lr_mult <= 0 or self.gen_lr <= 0:
@@ -94,7 +103,6 @@ RECIPES: dict[str, DistillRecipe] = {
         batch_size=32,
         gen_warmup_epochs=2,
         act_calib_epochs=2,
-        gi_warmup_epochs=2,
         lr_milestones=(7, 12, 17),
         eval_every=22,
     ),
@@ -105,7 +113,6 @@ RECIPES: dict[str, DistillRecipe] = {
         batch_size=64,
         gen_warmup_epochs=2,
         act_calib_epochs=2,
-        gi_warmup_epochs=1,
         lr_milestones=(5, 8, 10),
         eval_every=12,
         probe_batch_size=128,
@@ -122,46 +129,101 @@ def get_recipe(name: str) -> DistillRecipe:
     return RECIPES[name]
 
 
-def _convert(field_type: Any, text: str, name: str) -> Any:
+_KIND_WORDS = {
+    "int": "a whole number",
+    "float": "a finite number",
+    "bool": "true or false",
+    "tuple": "comma-separated whole numbers",
+    "str": "text",
+}
+
+
+def _field_kind(field_type: Any) -> str:
+    """'int', 'float', 'bool', 'tuple' or 'str' (annotations are strings in this module)."""
     kind = str(field_type)
+    if "tuple" in kind:
+        return "tuple"
+    return next((k for k in ("int", "float", "bool") if kind in (k, f"<class '{k}'>")), "str")
+
+
+def _from_text(kind: str, text: str) -> Any:
+    if kind == "tuple":
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    if kind == "bool":
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("1", "true", "yes")
+    return {"int": int, "float": float, "str": str}[kind](text)
+
+
+def _from_value(kind: str, value: Any) -> Any:
+    """A Python value (API overrides) of the field's type; bools are not numbers here."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int" and is_int:
+        return value
+    if kind == "float" and (is_int or isinstance(value, float)):
+        return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "tuple" and isinstance(value, (tuple, list)):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    raise TypeError(value)
+
+
+def _convert(field_type: Any, value: Any, name: str) -> Any:
+    """``value`` (CLI text or an API value) as recipe field ``name`` holds it, or a ZsqError
+    that says what the field takes; the same message for ``--set`` and ``overrides=``."""
+    kind = _field_kind(field_type)
     try:
-        if "tuple" in kind:
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        if kind in ("int", "<class 'int'>"):
-            return int(text)
-        if kind in ("float", "<class 'float'>"):
-            return float(text)
-        if kind in ("bool", "<class 'bool'>"):
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes")
-        return text
-    except ValueError:
-        raise ZsqError(f"cannot read {text!r} as a value for recipe field {name!r}") from None
+        converted = _from_text(kind, value) if isinstance(value, str) else _from_value(kind, value)
+        if kind == "float" and not math.isfinite(converted):
+            raise ValueError(value)
+        return converted
+    except (TypeError, ValueError):
+        example = getattr(RECIPES["paper-cifar"], name)
+        shown = ",".join(map(str, example)) if kind == "tuple" else str(example).lower()
+        raise ZsqError(
+            f"recipe field {name!r} takes {_KIND_WORDS[kind]}, got {value!r}; e.g. {name}={shown}"
+        ) from None
+
+
+def _known_fields() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(DistillRecipe)}
+
+
+def _check_field(name: str, known: dict[str, Any]) -> None:
+    if name not in known:
+        raise ZsqError(f"unknown recipe field {name!r}; fields: {', '.join(sorted(known))}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["epochs=10", "rho=1e-3"]`` -> typed ``{"epochs": 10, "rho": 0.001}``."""
-    known = {f.name: f.type for f in fields(DistillRecipe)}
+    known = _known_fields()
     values: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             raise ZsqError(f"bad recipe override {item!r}; write FIELD=VALUE, e.g. epochs=10")
-        if key not in known:
-            raise ZsqError(f"unknown recipe field {key!r}; fields: {', '.join(sorted(known))}")
+        _check_field(key, known)
         values[key] = _convert(known[key], text, key)
     return values
 
 
 def apply_overrides(recipe: DistillRecipe, values: dict[str, Any] | list[str]) -> DistillRecipe:
-    """Apply a dict of fields (API) or ``FIELD=VALUE`` strings (CLI) to a recipe."""
+    """Apply a dict of fields (API) or ``FIELD=VALUE`` strings (CLI) to a recipe.
+
+    Dict values are checked against the field types like the CLI's text (a string is read as
+    the CLI would read it), so a wrong type is a one-line error, not a failure mid-run.
+    """
     if not isinstance(values, dict):
         values = parse_overrides(values)
-    unknown = set(values) - {f.name for f in fields(DistillRecipe)}
-    if unknown:
-        raise ZsqError(f"unknown recipe fields {sorted(unknown)}; see zsq.recipes.DistillRecipe")
-    return replace(recipe, **values)
+    known = _known_fields()
+    typed = {}
+    for key, value in values.items():
+        _check_field(key, known)
+        typed[key] = _convert(known[key], value, key)
+    return replace(recipe, **typed)
 
 
 __all__ = [

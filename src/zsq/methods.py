@@ -1,0 +1,45 @@
+"""The quantization methods zsq knows, one list for the CLI and the Python API alike.
+
+No torch here: the CLI reads these names to build its parser, and ``zsq --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from zsq.errors import ZsqError
+
+POST_TRAINING_METHODS = ("minmax",)  # calibrate activation ranges, no training
+GENERATOR_METHODS = ("gdfq", "qimera", "arc")  # distil the student on generated samples
+METHOD_NAMES = (*POST_TRAINING_METHODS, *GENERATOR_METHODS)
+DEFAULT_RECIPE = "paper-cifar"  # what a generator method runs when no recipe is named
+
+
+def check_method(method: str) -> str:
+    """``method`` if zsq knows it, else a one-line error listing the names."""
+    if method not in METHOD_NAMES:
+        raise ZsqError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    return method
+
+
+def refuse_unused(method: str, given: Mapping[str, bool]) -> None:
+    """Refuse options that ``method`` would silently ignore (``given``: option name -> was set).
+
+    An ignored option makes the report describe a run that did not happen, so it is an error.
+    """
+    unused = [name for name, is_set in given.items() if is_set]
+    if not unused:
+        return
+    names = ", ".join(unused)
+    it = "it" if len(unused) == 1 else "them"
+    verb = "has" if len(unused) == 1 else "have"
+    if method in POST_TRAINING_METHODS:
+        generators = ", ".join(GENERATOR_METHODS)
+        raise ZsqError(
+            f"{names} {verb} no effect with method {method} (post-training calibration, no "
+            f"distillation); drop {it} or choose a generator method ({generators})"
+        )
+    raise ZsqError(
+        f"{names} {verb} no effect with method {method} (its activation ranges come from its "
+        f"synthetic samples); drop {it} or use method minmax"
+    )

@@ -1,0 +1,357 @@
+"""Runs a user can trust: --overwrite never deletes a user's files, --resume continues exactly or
+refuses with one line, an interrupted or refused run leaves nothing behind, files follow the umask.
+
+Every run is in-process (``zsq.cli.main``) on the demo's 1x8x8 digits CNN, a few seconds each.
+"""
+
+import json
+import os
+import shlex
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from zsq.cli import main
+from zsq.demo import digits_cnn
+from zsq.distill import Distiller
+from zsq.errors import ZsqError
+from zsq.io import read_verified, write_verified
+
+SIDECAR = {"num_classes": 10, "in_channels": 1, "normalize_mean": [0.3], "normalize_std": [0.4]}
+TINY_SETS = [
+    "epochs=3",
+    "iters_per_epoch=2",
+    "batch_size=4",
+    "gen_warmup_epochs=1",
+    "act_calib_epochs=1",
+    "probe_batch_size=8",
+]
+
+
+def write_teacher(folder, name="digits", seed=0):
+    """A random digits CNN (the mechanics do not need accuracy) with its JSON sidecar."""
+    torch.manual_seed(seed)
+    weights = folder / f"{name}.safetensors"
+    save_file(digits_cnn().state_dict(), weights)
+    (folder / f"{name}.json").write_text(json.dumps(SIDECAR))
+    return weights
+
+
+def teacher_args(weights):
+    return ["--model", "zsq.demo:digits_cnn", "--weights", str(weights), "--image-size", "8"]
+
+
+def minmax_args(weights):
+    return ["quantize", *teacher_args(weights), "--calib-size", "16", "--quiet", "--device", "cpu"]
+
+
+def qimera_args(weights):
+    """A Qimera+AIT run of three tiny epochs, with a source option: every kind of option."""
+    sets = [arg for item in TINY_SETS for arg in ("--set", item)]
+    return [
+        "quantize",
+        *teacher_args(weights),
+        "--method",
+        "qimera",
+        "--ait",
+        "--recipe",
+        "demo",
+        *sets,
+        "--source-opt",
+        "mix_prob=0.4",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+
+
+def error_line(capsys):
+    """The one line a refused command printed (log lines aside); no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("zsq:")]
+    others = [line for line in err.splitlines() if line and not line.startswith(("zsq:", "WARN"))]
+    assert len(lines) == 1 and not others, err
+    return lines[0]
+
+
+def interrupt_at_epoch(monkeypatch, epoch, stop=KeyboardInterrupt):
+    """Make training stop at the start of ``epoch`` (0-based) as Ctrl-C would."""
+    train_epoch = Distiller.train_epoch
+
+    def stopping(self, e):
+        if e == epoch:
+            raise stop()
+        return train_epoch(self, e)
+
+    monkeypatch.setattr(Distiller, "train_epoch", stopping)
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def weights(tmp_path):
+    return write_teacher(tmp_path)
+
+
+# --- --overwrite and --out --------------------------------------------------------------------
+def test_overwrite_never_deletes_a_users_file(tmp_path, weights, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert main([*minmax_args(weights), "--out", str(mine), "--overwrite"]) == 2
+    assert "not a zsq run" in error_line(capsys)
+    assert (mine / "notes.txt").read_text() == "my notes" and tree(mine) == ["notes.txt"]
+    assert not (tmp_path / "mine.partial").exists()
+
+
+def test_overwrite_replaces_an_empty_folder_and_a_previous_run(tmp_path, weights, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main([*minmax_args(weights), "--out", str(out)]) == 2  # exists: needs --overwrite
+    assert "--overwrite" in error_line(capsys)
+    assert main([*minmax_args(weights), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "student.safetensors").exists() and (out / ".zsq-run").exists()
+    first = load_file(out / "student.safetensors")
+    assert main([*minmax_args(weights), "--out", str(out), "--overwrite", "--wbits", "8"]) == 0
+    second = load_file(out / "student.safetensors")
+    assert json.loads((out / "report.json").read_text())["wbits"] == 8
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "digits.json",
+        "digits.safetensors",
+        "out",
+    ]
+
+
+def test_out_dot_and_out_file_are_one_line_errors(tmp_path, weights, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert main([*minmax_args(weights), "--out", ".", *extra]) == 2
+        assert "not a zsq run" in error_line(capsys)
+        assert main([*minmax_args(weights), "--out", "digits.json", *extra]) == 2
+        assert "is a file" in error_line(capsys)
+        assert main([*minmax_args(weights), "--out", "/", *extra]) == 2
+        assert "cannot use / as the output folder" in error_line(capsys)
+    assert tree(tmp_path) == before
+
+
+def test_a_refused_run_leaves_no_parent_folders(tmp_path, weights, capsys):
+    out = tmp_path / "runs" / "deep" / "q"
+    bad_option = ["--source-opt", "mixprob=1"]  # refused by the source, after the folder exists
+    assert main([*qimera_args(weights), *bad_option, "--out", str(out)]) == 2
+    assert "mix_prob" in error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+# --- interruption -----------------------------------------------------------------------------
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_interruption_before_the_first_checkpoint_leaves_nothing(
+    tmp_path, weights, capsys, monkeypatch, stop
+):
+    if stop == "ctrl-c":
+        interrupt_at_epoch(monkeypatch, 0)
+        code = 130
+    else:
+        train_epoch = Distiller.train_epoch
+
+        def terminated(self, epoch):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler turns it into an exception
+            return train_epoch(self, epoch)
+
+        monkeypatch.setattr(Distiller, "train_epoch", terminated)
+        code = 143
+    out = tmp_path / "runs" / "q"
+    assert main([*qimera_args(weights), "--out", str(out)]) == code
+    assert "before the first checkpoint" in error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_interrupted_message_gives_the_command_that_resumes_exactly(
+    tmp_path, weights, capsys, monkeypatch
+):
+    args = [*qimera_args(weights), "--seed", "3"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 2)
+        assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    line = error_line(capsys)
+    prefix = "zsq: interrupted; continue with: "
+    assert line.startswith(prefix), line
+    command = shlex.split(line[len(prefix) :])
+    assert command == ["zsq", *args, "--resume", str(tmp_path / "cut")]
+    assert main(command[1:]) == 0
+    full = load_file(tmp_path / "full" / "student.safetensors")
+    cut = load_file(tmp_path / "cut" / "student.safetensors")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert len(report["sessions"]) == 2 and report["seconds"] == round(sum(report["sessions"]), 2)
+    assert not (tmp_path / "cut.partial").exists()
+
+
+def test_a_stopped_run_without_checkpoint_gets_the_same_advice_both_ways(tmp_path, weights, capsys):
+    out = tmp_path / "q"
+    stale = tmp_path / "q.partial"  # what kill -9 before the first checkpoint leaves
+    stale.mkdir()
+    (stale / ".zsq-run").write_text(json.dumps({"zsq_run": 1, "options": {}, "sessions": []}))
+    assert main([*qimera_args(weights), "--out", str(out)]) == 2
+    assert "--overwrite" in error_line(capsys) and stale.exists()
+    assert main([*qimera_args(weights), "--resume", str(out)]) == 2
+    line = error_line(capsys)
+    assert "no checkpoint" in line and f"--out {out} --overwrite" in line
+    assert main([*minmax_args(weights), "--out", str(out), "--overwrite"]) == 0
+    assert not stale.exists() and (out / "report.json").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, weights, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    assert main([*qimera_args(weights), "--resume", str(mine)]) == 2
+    line = error_line(capsys)
+    assert "already finished" not in line and "not a zsq run" in line
+    assert main([*qimera_args(weights), "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no unfinished run" in error_line(capsys)
+    assert tree(tmp_path) == ["digits.json", "digits.safetensors", "mine", "mine/notes.txt"]
+
+
+# --- --resume refuses what it cannot continue exactly -----------------------------------------
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A Qimera run stopped after its first checkpoint; refused resumes must leave it intact."""
+    folder = tmp_path_factory.mktemp("stopped")
+    weights = write_teacher(folder)
+    write_teacher(folder, name="other", seed=1)
+    out = folder / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_at_epoch(patch, 1)
+        assert main([*qimera_args(weights), "--out", str(out)]) == 130
+    return weights, out
+
+
+def _replace(args, old, new):
+    args = list(args)
+    args[args.index(old)] = new
+    return args
+
+
+CHANGES = {
+    "--wbits": lambda a: [*a, "--wbits", "3"],
+    "--abits": lambda a: [*a, "--abits", "8"],
+    "--method": lambda a: _replace(a, "qimera", "gdfq"),
+    "--seed": lambda a: [*a, "--seed", "7"],
+    "--set epochs": lambda a: _replace(a, "epochs=3", "epochs=4"),
+    "--layer": lambda a: [*a, "--layer", "0=8"],
+    "--act-placement": lambda a: [*a, "--act-placement", "input"],
+    "--source-opt mix_prob": lambda a: _replace(a, "mix_prob=0.4", "mix_prob=0.5"),
+    "--ait": lambda a: [x for x in a if x != "--ait"],
+    "--weights (sha256)": lambda a: _replace(
+        a, a[a.index("--weights") + 1], a[a.index("--weights") + 1].replace("digits", "other")
+    ),
+}
+
+
+@pytest.mark.parametrize("option", sorted(CHANGES))
+def test_resume_with_a_changed_option_is_refused_naming_it(stopped_run, capsys, option):
+    weights, out = stopped_run
+    before = (out.parent / "run.partial" / "checkpoint" / "last.pt").read_bytes()
+    args = CHANGES[option](qimera_args(weights))
+    assert main([*args, "--resume", str(out)]) == 2
+    line = error_line(capsys)
+    assert "cannot resume" in line and f"{option} " in line, line
+    assert line.count(" -> ") == 1 or option in ("--ait",), line  # only what changed is named
+    assert (out.parent / "run.partial" / "checkpoint" / "last.pt").read_bytes() == before
+
+
+def test_resume_with_a_damaged_checkpoint_is_refused(stopped_run, capsys):
+    weights, out = stopped_run
+    checkpoint = out.parent / "run.partial" / "checkpoint" / "last.pt"
+    data = bytearray(checkpoint.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = bytes(b ^ 0xFF for b in data[middle : middle + 2000])
+    original = checkpoint.read_bytes()
+    checkpoint.write_bytes(bytes(data))
+    try:
+        assert main([*qimera_args(weights), "--resume", str(out)]) == 2
+        line = error_line(capsys)
+        assert "damaged" in line and "--overwrite" in line, line
+        assert checkpoint.read_bytes() == bytes(data)  # kept for the user to inspect
+    finally:
+        checkpoint.write_bytes(original)
+
+
+def test_resume_with_only_speed_options_changed_is_accepted(tmp_path, weights, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 1)
+        assert main([*qimera_args(weights), "--out", str(out)]) == 130
+    args = _replace(qimera_args(weights), "cpu", "auto")  # the device
+    args = [a for a in args if a != "--quiet"]
+    assert main([*args, "--precision", "tf32", "--resume", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["epochs_run"] == 3 and len(report["sessions"]) == 2
+
+
+def test_resume_with_another_recipe_on_the_api_path_is_still_refused(stopped_run):
+    """The trainer's own check (used by ``zero_shot_quantize``) backs up the run record."""
+    from zsq.api import zero_shot_quantize
+
+    _, out = stopped_run
+    teacher = digits_cnn().eval()
+    with pytest.raises(ZsqError, match="different recipe|does not fit"):
+        zero_shot_quantize(
+            teacher,
+            image_shape=(1, 8, 8),
+            num_classes=10,
+            method="qimera",
+            recipe="demo",
+            overrides={"epochs": 5},
+            device="cpu",
+            work_dir=out.parent / "run.partial",
+            resume=True,
+            progress=False,
+        )
+
+
+# --- files ------------------------------------------------------------------------------------
+def test_verified_file_survives_a_crash_between_its_two_renames(tmp_path):
+    path = tmp_path / "last.pt"
+    write_verified(path, b"first")
+    digest_file = tmp_path / "last.pt.sha256"
+    assert digest_file.read_text().split()[1] == "last.pt"
+    first_digest = digest_file.read_text()
+    write_verified(path, b"second")
+    assert read_verified(path) == b"second"
+    # a crash after the digest file was rewritten, before the checkpoint was: both verify
+    import hashlib
+
+    both = hashlib.sha256(b"second").hexdigest() + "  last.pt\n" + first_digest
+    digest_file.write_text(both)
+    path.write_bytes(b"first")
+    assert read_verified(path) == b"first"
+    path.write_bytes(b"other")
+    with pytest.raises(ZsqError, match="damaged"):
+        read_verified(path)
+    digest_file.unlink()
+    with pytest.raises(ZsqError, match="no digest"):
+        read_verified(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_output_files_follow_the_umask(tmp_path, weights, umask):
+    previous = os.umask(umask)
+    try:
+        assert main([*minmax_args(weights), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "out").iterdir() if p.is_file()]
+    assert len(files) >= 4
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
