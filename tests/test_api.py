@@ -41,14 +41,15 @@ def quantize(teacher, **kwargs):
 def test_cli_and_api_share_one_list_of_methods():
     quantize_parser = build_parser()._subparsers._group_actions[0].choices["quantize"]
     method = next(a for a in quantize_parser._actions if a.dest == "method")
-    assert tuple(method.choices) == METHOD_NAMES == ("minmax", "gdfq", "qimera", "arc")
+    assert tuple(method.choices) == METHOD_NAMES
+    assert METHOD_NAMES == ("minmax", "zeroq", "lapq", "gdfq", "qimera", "arc")
 
 
 def test_minmax_through_the_api_is_the_gaussian_baseline(teacher):
     student, history = quantize(teacher, method="minmax", wbits=4, abits=4, seed=5)
     reference = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
     calibrate_activations(reference, gaussian_batches(512, (1, 8, 8), 128, seed=5))
-    assert history == []
+    assert history[0]["calibration"].startswith("gaussian noise, 512")
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(student(x), reference(x))
     for key, value in reference.state_dict().items():
@@ -79,7 +80,10 @@ def test_arguments_are_checked_before_any_work(teacher, tmp_path):
     file = tmp_path / "notes.txt"
     file.write_text("mine")
     cases = [
-        ({"method": "zeroq"}, "unknown method 'zeroq'; choose one of minmax, gdfq, qimera, arc"),
+        (
+            {"method": "bogus"},
+            "unknown method 'bogus'; choose one of minmax, zeroq, lapq, gdfq, qimera, arc",
+        ),
         ({"work_dir": str(file)}, "is a file"),
         ({"work_dir": file / "sub"}, "cannot be created"),
         ({"resume": True}, "needs the work_dir"),

@@ -17,21 +17,6 @@ def run_cli(*args):
     )
 
 
-@pytest.fixture
-def small_teacher(tmp_path):
-    """The demo's digits CNN (random init: the mechanics do not need accuracy) with a sidecar."""
-    from safetensors.torch import save_file
-
-    from zsq.demo import digits_cnn
-
-    torch.manual_seed(0)
-    weights = tmp_path / "digits.safetensors"
-    save_file(digits_cnn().state_dict(), weights)
-    sidecar = {"num_classes": 10, "in_channels": 1, "normalize_mean": [0.3], "normalize_std": [0.4]}
-    (tmp_path / "digits.json").write_text(json.dumps(sidecar))
-    return ["--model", "zsq.demo:digits_cnn", "--weights", str(weights), "--image-size", "8"]
-
-
 def tiny_distill_args(teacher_args, epochs):
     """A GDFQ+AIT run of a few seconds on the small teacher."""
     sets = [

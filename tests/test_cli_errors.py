@@ -68,7 +68,7 @@ CASES = {
         "mix_prob",
     ),
     "bad source option syntax": (quantize(*GDFQ, "--source-opt", "mix_prob"), "KEY=VALUE"),
-    "unknown method": (quantize("--method", "zeroq"), "invalid choice"),
+    "unknown method": (quantize("--method", "bogus"), "invalid choice"),
     "unknown recipe": (quantize("--method", "gdfq", "--recipe", "fast"), "unknown recipe"),
     "size not a number": (quantize("--image-size", "big"), "invalid int"),
     "missing --out and --resume": (["quantize", *SMALL, *RUN], "--out"),
@@ -141,6 +141,46 @@ CASES = {
     "--set gi=maybe": (quantize(*GDFQ, "--set", "gi=maybe"), "true or false"),
     "--set unknown field": (quantize(*GDFQ, "--set", "epoch=3"), "unknown recipe field"),
     "--set out of range": (quantize(*GDFQ, "--set", "rho=2"), "rho"),
+    # --- post-training methods and --init (issue 11) ---------------------------------------
+    "lapq: --lapq-layers nonsense": (
+        quantize("--method", "lapq", "--lapq-layers", "nonsense"),
+        "invalid choice",
+    ),
+    "lapq: bad layer policy option": (
+        quantize("--method", "lapq", "--lapq-opt", "layers=nonsense"),
+        "layer policy",
+    ),
+    "lapq: bad option value": (
+        quantize("--method", "lapq", "--lapq-opt", "maxiter=two"),
+        "maxiter",
+    ),
+    "lapq: calibration data that does not exist": (
+        quantize("--method", "lapq", "--calib", "npz:{tmp}/missing.npz"),
+        "not found",
+    ),
+    "zeroq on a teacher without BatchNorm": (
+        [
+            "quantize",
+            "--model",
+            "_user_model:tiny",
+            "--in-channels",
+            "1",
+            "--image-size",
+            "8",
+            *OUT,
+            *RUN,
+            "--method",
+            "zeroq",
+        ],
+        "BatchNorm",
+    ),
+    "zeroq with another --calib": (
+        quantize("--method", "zeroq", "--calib", "gaussian"),
+        "distilled",
+    ),
+    "--source-opt with gaussian calibration": (quantize("--source-opt", "steps=3"), "--source-opt"),
+    "--init on a post-training method": (quantize("--init", "lapq"), "--init"),
+    "--lapq-opt on gdfq without --init": (quantize(*GDFQ, "--lapq-opt", "maxiter=2"), "--lapq"),
     # --- promises (issue 9 item 8): the cifar10 hint names a flag that exists -----------------
     "cifar10 folder missing": (evaluate(data="cifar10:{tmp}/absent"), "--download"),
 }

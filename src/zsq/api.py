@@ -1,4 +1,5 @@
-"""The Python entry point for zero-shot quantization (min/max, GDFQ, Qimera, ARC, with AIT).
+"""The Python entry point for zero-shot quantization (min/max, ZeroQ, LAPQ, GDFQ, Qimera, ARC,
+with AIT).
 
 import zsq
 student, history = zsq.zero_shot_quantize(teacher, method="gdfq", ait=True, wbits=4, abits=4,
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from zsq.distill import Distiller
 from zsq.distill.trainer import Evaluator
@@ -29,12 +31,23 @@ from zsq.methods import (
     GENERATOR_METHODS,
     METHOD_NAMES,
     POST_TRAINING_METHODS,
+    check_init,
     check_method,
+    default_calib,
     refuse_unused,
 )
 from zsq.models import input_channels
-from zsq.ptq import gaussian_batches, minmax_quantize
-from zsq.quant import QuantSpec, quantize_model
+from zsq.ptq import (
+    CalibrationSet,
+    LapqConfig,
+    gaussian_batches,
+    is_synthetic,
+    lapq_quantize,
+    minmax_quantize,
+    real_calibration,
+    synthetic_calibration,
+)
+from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model
 from zsq.recipes import AIT_CHANGES, DistillRecipe, apply_overrides, get_recipe
 from zsq.runtime import resolve_device, seed_everything
 from zsq.synth import build_source
@@ -47,9 +60,14 @@ __all__ = [
     "METHOD_NAMES",
     "check_input_channels",
     "check_layer_patterns",
+    "make_calibration",
+    "post_training_quantize",
     "resolve_recipe",
     "zero_shot_quantize",
 ]
+
+Calibration = str | Dataset | CalibrationSet | None
+INIT_REPORT = "init_lapq.json"  # the LAPQ start of a generator run, in its work_dir
 
 CALIB_SIZE = 512  # Gaussian calibration images of method minmax (the CLI's --calib-size default)
 CALIB_BATCH = 128
@@ -126,44 +144,77 @@ def zero_shot_quantize(
     execution: Execution | None = None,
     source_options: dict[str, Any] | None = None,
     seed: int | None = None,
+    calib: Calibration = None,
+    calib_size: int = CALIB_SIZE,
+    lapq: LapqConfig | dict[str, Any] | None = None,
+    init: str | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A fake-quantized student of ``teacher`` made without data by ``method``.
 
-    ``method``: ``minmax`` (activation ranges from Gaussian noise, no training; the history is
-    empty) or a generator method, ``gdfq``, ``qimera`` or ``arc``, which distils the student on
-    its synthetic samples. For those: ``recipe`` (default ``paper-cifar``, the papers' 80,000
-    iterations; ``short`` runs in minutes on a CPU), ``ait=True`` applies AIT (KL-only loss,
-    gradient inundation, no weight decay), ``overrides`` sets recipe fields, ``work_dir``
-    receives per-epoch checkpoints and ``metrics.jsonl`` and ``resume=True`` continues from them,
-    ``evaluate(student) -> top1`` is called on schedule for the log only, ``execution`` picks
-    precision and ``torch.compile`` (:class:`zsq.execution.Execution`; default fp32, eager) and
-    ``source_options`` go to the sample source (e.g. Qimera's ``mix_prob``, ``num_mix``,
-    ``init_from_teacher``, ``disentangle``). ``spec`` replaces ``wbits``/``abits``. ``seed``
-    seeds every RNG first (the CLI's ``--seed``); None leaves them as they are.
+    ``method``: a post-training method, ``minmax`` (per-channel min/max weights, running
+    min/max activation ranges on the calibration images), ``zeroq`` (the same on ZeroQ's
+    distilled images) or ``lapq`` (loss-aware clipping, ``lapq``: a :class:`LapqConfig` or its
+    fields as a dict), whose history is one entry, the method's report; or a generator method,
+    ``gdfq``, ``qimera`` or ``arc``, which distils the student on its synthetic samples. For
+    those: ``recipe`` (default ``paper-cifar``, the papers' 80,000 iterations; ``short`` runs in
+    minutes on a CPU), ``ait=True`` applies AIT (KL-only loss, gradient inundation, no weight
+    decay), ``overrides`` sets recipe fields, ``work_dir`` receives per-epoch checkpoints and
+    ``metrics.jsonl`` and ``resume=True`` continues from them, ``evaluate(student) -> top1`` is
+    called on schedule for the log only, ``execution`` picks precision and ``torch.compile``
+    (:class:`zsq.execution.Execution`; default fp32, eager) and ``source_options`` go to the
+    sample source (e.g. Qimera's ``mix_prob``); ``init="lapq"`` starts the student from LAPQ's
+    result instead of the float copy. ``calib`` (post-training methods and ``init``): a sample
+    source name (``gaussian``, ``zeroq``, ``gdfq``, ...; data-free) or a labelled Dataset (real
+    images: not zero-shot), ``calib_size`` images of it; unset, the method's data-free default
+    (``gaussian`` for minmax, ``zeroq`` otherwise). ``spec`` replaces ``wbits``/``abits``.
+    ``seed`` seeds every RNG first (the CLI's ``--seed``); None leaves them as they are.
     """
     check_method(method)
+    check_init(init)
     _check_teacher(teacher)
     image_shape = check_image_shape(image_shape)
     check_num_classes(num_classes)
     spec = _quant_spec(spec, wbits, abits)
     check_layer_patterns(teacher, spec)
     check_input_channels(teacher, image_shape[0])
+    calib_name = calib if isinstance(calib, str) else None
+    calib_name = calib_name or (default_calib(method, init) if calib is None else None)
     if method in POST_TRAINING_METHODS:
+        _check_post_training(method, calib, calib_name, source_options, work_dir, lapq)
         refuse_unused(
             method,
             {
                 "recipe": recipe is not None,
                 "ait": ait,
                 "overrides": bool(overrides),
-                "source_options": bool(source_options),
                 "execution": execution not in (None, Execution()),
-                "work_dir": work_dir is not None,
                 "resume": resume,
                 "evaluate": evaluate is not None,
+                "init": init is not None,
             },
         )
         dev = resolve_device(device) if isinstance(device, str) else device
-        return _minmax(teacher, spec, image_shape, dev, seed), []
+        if seed is not None:
+            seed_everything(seed)
+        teacher = teacher.to(dev).eval()
+        data = make_calibration(
+            calib if calib is not None else calib_name,
+            teacher,
+            size=calib_size,
+            num_classes=num_classes,
+            image_shape=image_shape,
+            seed=seed or 0,
+            source_options=source_options,
+            work_dir=_checked_work_dir(work_dir, False),
+            progress=progress,
+        )
+        config = lapq if isinstance(lapq, LapqConfig) else LapqConfig.from_options(lapq)
+        student, report = post_training_quantize(
+            teacher, method, spec, data, lapq=config, device=dev, progress=progress
+        )
+        return student, [report]
+    if init is None:
+        refuse_unused(method, {"calib": calib is not None, "lapq": lapq is not None})
     full = resolve_recipe(recipe, ait=ait, overrides=overrides)
     work_dir = _checked_work_dir(work_dir, resume)
     execution = execution or Execution()
@@ -183,6 +234,21 @@ def zero_shot_quantize(
     log.info("%s with recipe %s: %s", method, full.name, run_size(full))
     teacher = teacher.to(dev).eval()
     student = quantize_model(teacher, spec).to(dev)  # before the source freezes the teacher
+    if init == "lapq" and not (resume and _has_checkpoint(work_dir)):
+        _start_from_lapq(
+            student,
+            teacher,
+            spec,
+            calib if calib is not None else calib_name,
+            calib_size=calib_size,
+            num_classes=num_classes,
+            image_shape=image_shape,
+            config=lapq if isinstance(lapq, LapqConfig) else LapqConfig.from_options(lapq),
+            device=dev,
+            work_dir=work_dir,
+            progress=progress,
+            seed=seed or 0,
+        )
     source_options = {"lr": full.gen_lr, "bns_weight": full.bns_weight, **(source_options or {})}
     source = build_source(
         method, teacher, num_classes=num_classes, image_shape=image_shape, **source_options
@@ -229,16 +295,175 @@ def _quant_spec(spec: QuantSpec | None, wbits: int | None, abits: int | None) ->
     return spec
 
 
-def _minmax(
+def _check_post_training(
+    method: str,
+    calib: Calibration,
+    calib_name: str | None,
+    source_options: dict[str, Any] | None,
+    work_dir: str | Path | None,
+    lapq: LapqConfig | dict[str, Any] | None,
+) -> None:
+    """Options a post-training method would ignore are errors, as in the CLI."""
+    if method == "zeroq" and calib is not None and calib_name != "zeroq":
+        raise ZsqError(
+            "method zeroq calibrates on its own distilled images; drop calib, or use method "
+            "minmax or lapq with that calibration data"
+        )
+    if lapq is not None and method != "lapq":
+        raise ZsqError(f"lapq options have no effect with method {method}; drop them")
+    made = calib_name is not None and calib_name != "gaussian" and is_synthetic(calib_name)
+    if source_options and not made:
+        raise ZsqError(
+            f"source_options has no effect with method {method} calibrated on "
+            f"{calib_name or 'given data'} (they configure a synthetic calibration source such "
+            "as zeroq or gdfq); drop it"
+        )
+    if work_dir is not None and not made:
+        raise ZsqError(
+            f"work_dir has no effect with method {method} calibrated on "
+            f"{calib_name or 'given data'} (it keeps synthetic calibration images); drop it"
+        )
+
+
+def make_calibration(
+    calib: Calibration,
+    teacher: nn.Module,
+    *,
+    size: int,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    seed: int = 0,
+    source_options: dict[str, Any] | None = None,
+    work_dir: Path | None = None,
+    progress: bool = True,
+    spec_text: str = "a given dataset",
+) -> CalibrationSet:
+    """Calibration images from a source name, a labelled Dataset (real) or a ready set."""
+    if isinstance(calib, CalibrationSet):
+        return calib
+    if size < 1:
+        raise ZsqError(f"the calibration size must be positive, got {size}")
+    if isinstance(calib, Dataset):
+        return real_calibration(calib, size, seed, spec_text)
+    if not isinstance(calib, str) or not is_synthetic(calib):
+        raise ZsqError(
+            f"calibration {calib!r} is neither a sample source ({', '.join(_sources())}) nor a "
+            "labelled Dataset; give one of those (the CLI takes a dataset spec)"
+        )
+    name = calib.strip().lower()
+    if name == "gaussian":  # seeded on its own generator: the baseline's numbers stay fixed
+        images = torch.cat(list(gaussian_batches(size, image_shape, CALIB_BATCH, seed=seed)))
+        text = f"gaussian noise, {size} samples (data-free)"
+        return CalibrationSet(images, None, text, real=False)
+    return synthetic_calibration(
+        name,
+        teacher,
+        size=size,
+        num_classes=num_classes,
+        image_shape=image_shape,
+        source_options=source_options,
+        work_dir=work_dir,
+        progress=progress,
+    )
+
+
+def _sources() -> list[str]:
+    from zsq.synth import available_sources
+
+    return available_sources()
+
+
+def post_training_quantize(
+    teacher: nn.Module,
+    method: str,
+    spec: QuantSpec,
+    calib: CalibrationSet,
+    *,
+    lapq: LapqConfig | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A post-training student and its report. ``minmax`` and ``zeroq`` take per-channel
+    min/max weight ranges and the running min/max of each activation on ``calib``; ``lapq``
+    finds loss-aware clipping values (:mod:`zsq.ptq.lapq`)."""
+    report: dict[str, Any] = {
+        "calibration": calib.description,
+        "real_data": calib.real,
+        "calibration_images": len(calib.images),
+    }
+    if calib.report:
+        report["calibration_report"] = calib.report
+    if method == "lapq":
+        student, report["lapq"] = lapq_quantize(
+            teacher, spec, calib, lapq, device=device, progress=progress
+        )
+        return student, report
+    batches = calib.batches(CALIB_BATCH, device)
+    return minmax_quantize(teacher, spec, batches, device=device), report
+
+
+def _start_from_lapq(
+    student: nn.Module,
     teacher: nn.Module,
     spec: QuantSpec,
+    calib: Calibration,
+    *,
+    calib_size: int,
+    num_classes: int,
     image_shape: tuple[int, int, int],
+    config: LapqConfig,
     device: torch.device,
-    seed: int | None,
-) -> nn.Module:
-    """The data-free baseline: min/max activation ranges observed on Gaussian noise."""
-    noise = gaussian_batches(CALIB_SIZE, image_shape, CALIB_BATCH, seed=seed or 0)
-    return minmax_quantize(teacher.to(device).eval(), spec, noise, device=device)
+    work_dir: Path | None,
+    progress: bool,
+    seed: int,
+) -> None:
+    """``student`` takes LAPQ's bias-corrected quantized weights as its float weights and
+    LAPQ's clipping ranges as the starting activation ranges (see docs/results.md)."""
+    import json
+
+    from zsq.io import write_json
+
+    data = make_calibration(
+        calib,
+        teacher,
+        size=calib_size,
+        num_classes=num_classes,
+        image_shape=image_shape,
+        seed=seed,
+        work_dir=work_dir,
+        progress=progress,
+    )
+    start, report = lapq_quantize(teacher, spec, data, config, device=device, progress=progress)
+    carry_over_lapq(start, student)
+    log.info("student initialised from LAPQ (calibration loss %.4f)", report["loss_final"])
+    if work_dir is not None:
+        record = {"calibration": data.description, "real_data": data.real, "lapq": report}
+        write_json(Path(work_dir) / INIT_REPORT, json.loads(json.dumps(record)))
+
+
+@torch.no_grad()
+def carry_over_lapq(lapq_student: nn.Module, student: nn.Module) -> None:
+    """Copy what LAPQ found into a student of the same teacher: each layer's deployed weights
+    (clipped, quantized, bias-corrected) become its float weights, and each activation range
+    LAPQ clipped becomes the starting range of the EMA observer. The student's own quantizer
+    recomputes its weight ranges from these weights (per channel, asymmetric: the paper's)."""
+    layers = dict(quant_layers(student))
+    for name, layer in quant_layers(lapq_student):
+        layers[name].weight.copy_(layer.fake_quant_weight())
+    acts = dict(act_quantizers(student))
+    for name, aq in act_quantizers(lapq_student):
+        target = acts.get(name)
+        if target is None or target.bits is None or aq.bits is None or aq.observing:
+            continue
+        target.x_min.copy_(aq.x_min)
+        target.x_max.copy_(aq.x_max)
+        target.num_observed.fill_(1)
+
+
+def _has_checkpoint(work_dir: str | Path | None) -> bool:
+    from zsq.io import checkpoint_file
+
+    return work_dir is not None and checkpoint_file(Path(work_dir)).exists()
 
 
 def _checked_work_dir(work_dir: str | Path | None, resume: bool) -> Path | None:

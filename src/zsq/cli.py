@@ -120,8 +120,8 @@ def _teacher_config(args: argparse.Namespace):
 
 
 def _calib_options(args: argparse.Namespace) -> dict[str, Any]:
-    """--calib/--calib-size as QuantizeConfig fields (unset: Gaussian noise, 512 images)."""
-    options: dict[str, Any] = {"calib": args.calib or "gaussian"}
+    """--calib/--calib-size as QuantizeConfig fields (unset: the method's default, 512 images)."""
+    options: dict[str, Any] = {"calib": args.calib}
     if args.calib_size is not None:
         options["calib_size"] = args.calib_size
     return options
@@ -136,7 +136,7 @@ def _is_quantized(spec) -> bool:
 def cmd_eval(args: argparse.Namespace) -> int:
     from zsq.data import eval_transform
     from zsq.evaluate import evaluate
-    from zsq.pipeline import QuantizeConfig, build_context, run_minmax
+    from zsq.pipeline import QuantizeConfig, build_context, resolved_calib, run_minmax
 
     started = time.perf_counter()
     spec = _quant_spec(args)
@@ -171,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "eval_transform": eval_transform(ctx.eval_set),
         "wbits": spec.wbits,
         "abits": spec.abits,
-        "calibration": cfg.calib if quantized else None,
+        "calibration": resolved_calib(cfg) if quantized else None,
         "top1": round(result.top1, 2),
         "top5": round(result.top5, 2),
         "n": result.n,
@@ -226,7 +226,10 @@ def _refuse_unused_flags(args: argparse.Namespace) -> None:
 
     check_method(args.method)
     if args.method in GENERATOR_METHODS:
-        given = {"--calib": args.calib is not None, "--calib-size": args.calib_size is not None}
+        given = {
+            "--calib": args.calib is not None and args.init is None,
+            "--calib-size": args.calib_size is not None and args.init is None,
+        }
     else:
         given = {
             "--recipe": args.recipe is not None,
@@ -236,9 +239,9 @@ def _refuse_unused_flags(args: argparse.Namespace) -> None:
             "--optimizer": args.optimizer is not None,
             "--lr-mult": args.lr_mult is not None,
             "--set": bool(args.set),
-            "--source-opt": bool(args.source_opt),
             "--precision": args.precision != "fp32",
             "--compile": args.compile != "off",
+            "--init": args.init is not None,
         }
     refuse_unused(args.method, given)
 
@@ -251,20 +254,25 @@ def _method_options(args: argparse.Namespace) -> dict:
     flags = ("loss", "gi", "optimizer", "lr_mult")
     overrides = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
     overrides.update(parse_overrides(args.set))
+    lapq = dict(_parse_option(item, "LAPQ option") for item in args.lapq_opt)
+    if args.lapq_layers is not None:
+        lapq["layers"] = args.lapq_layers
     return {
+        "init": args.init,
+        "lapq": lapq or None,
         "recipe": args.recipe,
         "ait": args.ait,
         "overrides": overrides,
-        "source_options": dict(_parse_option(item) for item in args.source_opt),
+        "source_options": dict(_parse_option(item, "source option") for item in args.source_opt),
         "execution": Execution.from_flags(args.precision, args.compile),
     }
 
 
-def _parse_option(item: str) -> tuple[str, Any]:
+def _parse_option(item: str, what: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false), else text."""
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ZsqError(f"bad source option {item!r}; write KEY=VALUE, e.g. mix_prob=0.4")
+        raise ZsqError(f"bad {what} {item!r}; write KEY=VALUE, e.g. steps=200")
     try:
         return key, json.loads(text)
     except json.JSONDecodeError:
@@ -325,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="minmax",
         choices=METHOD_NAMES,
-        help="minmax (default; post-training, seconds) or a generator method: gdfq, qimera, arc",
+        help="post-training: minmax (default; seconds), zeroq (min/max on ZeroQ distilled "
+        "images), lapq (loss-aware clipping); or a generator method: gdfq, qimera, arc",
     )
     p.add_argument("--out", help="output directory (created atomically)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run writing to DIR")
@@ -349,8 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="sample-source option, e.g. qimera's mix_prob=0.4, num_mix=2, "
-        "init_from_teacher=true, disentangle=true",
+        help="sample-source option (the generator's, or the synthetic --calib source's), e.g. "
+        "qimera's mix_prob=0.4, zeroq's steps=500 or precision=bf16, train_steps=200 for a "
+        "generator used as --calib",
+    )
+    g.add_argument(
+        "--init",
+        choices=("lapq",),
+        help="start the student from LAPQ's result (quantized, bias-corrected weights and its "
+        "activation ranges) instead of the float copy; LAPQ calibrates on --calib",
     )
     g.add_argument(
         "--precision",
@@ -368,12 +384,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--eval-data", help="dataset spec to measure accuracy on (never trained on)")
     p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")
-    p.add_argument(
+    g = p.add_argument_group("post-training (minmax, zeroq, lapq; and --init lapq)")
+    g.add_argument(
         "--calib",
-        help="minmax activation calibration: 'gaussian' (data-free, default) or a dataset spec "
-        "(real training images; the report says so)",
+        help="calibration images: a sample source, gaussian, zeroq, gdfq, qimera or arc "
+        "(data-free; default gaussian for minmax, zeroq for lapq and --init lapq), or a dataset "
+        "spec (real training images: not zero-shot, and the report says so)",
     )
-    p.add_argument("--calib-size", type=int, help="minmax calibration images (default 512)")
+    g.add_argument("--calib-size", type=int, help="calibration images (default 512)")
+    g.add_argument(
+        "--lapq-layers",
+        choices=("all", "paper"),
+        help="all (default): every Conv2d/Linear quantized; paper: first conv, last conv and "
+        "classifier in full precision, as the LAPQ reference",
+    )
+    g.add_argument(
+        "--lapq-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="LAPQ option: stages=lw|lw+qa|lw+qa+powell, bias_correction=false, maxiter=1, "
+        "maxfev=N, p_grid=2,2.5,3,..., lw_p=2, xtol=0.01",
+    )
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(p)

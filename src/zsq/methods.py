@@ -9,10 +9,24 @@ from collections.abc import Mapping
 
 from zsq.errors import ZsqError
 
-POST_TRAINING_METHODS = ("minmax",)  # calibrate activation ranges, no training
+POST_TRAINING_METHODS = ("minmax", "zeroq", "lapq")  # calibrate ranges/clips, no training
 GENERATOR_METHODS = ("gdfq", "qimera", "arc")  # distil the student on generated samples
 METHOD_NAMES = (*POST_TRAINING_METHODS, *GENERATOR_METHODS)
 DEFAULT_RECIPE = "paper-cifar"  # what a generator method runs when no recipe is named
+INITS = ("lapq",)  # where a generator method's student can start instead of the float copy
+# calibration images when --calib is not given: data-free in every case
+DEFAULT_CALIB = {"minmax": "gaussian", "zeroq": "zeroq", "lapq": "zeroq", "init": "zeroq"}
+
+
+def default_calib(method: str, init: str | None = None) -> str:
+    """The calibration source a method uses when none is named (``init``: --init lapq)."""
+    return DEFAULT_CALIB["init"] if init else DEFAULT_CALIB.get(method, "gaussian")
+
+
+def check_init(init: str | None) -> str | None:
+    if init is not None and init not in INITS:
+        raise ZsqError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    return init
 
 
 def check_method(method: str) -> str:
@@ -36,10 +50,11 @@ def refuse_unused(method: str, given: Mapping[str, bool]) -> None:
     if method in POST_TRAINING_METHODS:
         generators = ", ".join(GENERATOR_METHODS)
         raise ZsqError(
-            f"{names} {verb} no effect with method {method} (post-training calibration, no "
-            f"distillation); drop {it} or choose a generator method ({generators})"
+            f"{names} {verb} no effect with method {method} (post-training, no distillation); "
+            f"drop {it} or choose a generator method ({generators})"
         )
     raise ZsqError(
         f"{names} {verb} no effect with method {method} (its activation ranges come from its "
-        f"synthetic samples); drop {it} or use method minmax"
+        f"synthetic samples; calibration data only serves --init lapq); drop {it}, add --init "
+        "lapq, or use a post-training method (minmax, zeroq, lapq)"
     )

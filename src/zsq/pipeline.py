@@ -11,18 +11,24 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import Dataset
 
 import zsq
-from zsq.api import CALIB_BATCH, CALIB_SIZE, check_layer_patterns
-from zsq.data import eval_transform, load_dataset, subset
+from zsq.api import (
+    CALIB_SIZE,
+    INIT_REPORT,
+    check_layer_patterns,
+    make_calibration,
+    post_training_quantize,
+)
+from zsq.data import eval_transform, load_dataset
 from zsq.errors import ZsqError
 from zsq.evaluate import EvalResult, evaluate
 from zsq.execution import Execution
@@ -38,11 +44,19 @@ from zsq.io import (
     write_json,
     write_marker,
     write_text,
+    write_verified,
 )
-from zsq.methods import GENERATOR_METHODS, POST_TRAINING_METHODS, check_method, refuse_unused
+from zsq.methods import (
+    GENERATOR_METHODS,
+    POST_TRAINING_METHODS,
+    check_init,
+    check_method,
+    default_calib,
+    refuse_unused,
+)
 from zsq.models import ModelMeta, default_image_size, load_teacher
-from zsq.ptq import calibrate_activations, gaussian_batches
-from zsq.quant import QuantSpec, quant_params, quantize_model
+from zsq.ptq import CalibrationSet, LapqConfig, is_synthetic
+from zsq.quant import QuantSpec, quant_params
 from zsq.runtime import device_description, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -66,8 +80,13 @@ class TeacherConfig:
 class QuantizeConfig:
     """One ``zsq quantize`` run.
 
-    ``calib`` is 'gaussian' (data-free) or a dataset spec (real training images, not zero-shot).
-    ``download`` lets torchvision fetch the ``eval_data``/``calib`` datasets it knows.
+    ``calib``: a sample source (``gaussian``, ``zeroq``, ``gdfq``, ...: data-free) or a dataset
+    spec (real training images, not zero-shot); None is the method's data-free default
+    (:func:`zsq.methods.default_calib`). ``method_options`` holds what only some methods take:
+    ``recipe``, ``ait``, ``overrides``, ``execution`` (generator methods), ``source_options``
+    (the generator, or the synthetic calibration source of a post-training method), ``init``
+    and ``lapq`` (LapqConfig fields). ``download`` lets torchvision fetch the
+    ``eval_data``/``calib`` datasets it knows.
     """
 
     teacher: TeacherConfig
@@ -76,7 +95,7 @@ class QuantizeConfig:
     quant: QuantSpec = field(default_factory=QuantSpec)
     eval_data: str | None = None
     eval_limit: int | None = None
-    calib: str = "gaussian"
+    calib: str | None = None
     calib_size: int = CALIB_SIZE
     seed: int = 0
     device: str = "auto"
@@ -100,6 +119,11 @@ class Context:
     eval_set: Dataset | None
     calib_set: Dataset | None = None  # real calibration images (--calib SPEC), else None
 
+    @property
+    def calib(self) -> str:
+        """The calibration source or dataset spec this run uses."""
+        return resolved_calib(self.config)
+
 
 @dataclass
 class MethodResult:
@@ -119,28 +143,69 @@ def register_method(name: str) -> Callable[[Method], Method]:
     return wrap
 
 
-def calibration_batches(
-    ctx: Context, batch_size: int = CALIB_BATCH
-) -> tuple[Iterator[Tensor], str]:
-    """Batches for activation-range calibration and a description for the report."""
+def resolved_calib(cfg: QuantizeConfig) -> str:
+    """``--calib``, else the method's data-free default."""
+    return cfg.calib or default_calib(cfg.method, cfg.method_options.get("init"))
+
+
+def calibration_set(
+    ctx: Context, work_dir: Path | None, mark_resumable: bool = True
+) -> CalibrationSet:
+    """The run's calibration images: real ones from ``--calib SPEC``, else synthetic ones from
+    the named source, kept in ``work_dir`` (the run folder) so a resumed run reuses them
+    (``mark_resumable``: a checkpoint marker keeps the folder if the run stops)."""
     cfg = ctx.config
-    if ctx.calib_set is None:
-        batches = gaussian_batches(cfg.calib_size, ctx.image_shape, batch_size, seed=cfg.seed)
-        return batches, f"gaussian noise, {cfg.calib_size} samples (data-free)"
-    real = ctx.calib_set
-    chosen = subset(real, min(cfg.calib_size, len(real)), seed=cfg.seed)
-    loader = DataLoader(chosen, batch_size=batch_size, shuffle=False)
-    text = f"REAL DATA: {len(chosen)} training images of {cfg.calib} (not zero-shot)"
-    return (x for x, _ in loader), text
+    data = ctx.calib_set if ctx.calib_set is not None else ctx.calib
+    made = make_calibration(
+        data,
+        ctx.teacher,
+        size=cfg.calib_size,
+        num_classes=ctx.meta.num_classes,
+        image_shape=ctx.image_shape,
+        seed=cfg.seed,
+        source_options=cfg.method_options.get("source_options")
+        if cfg.method in POST_TRAINING_METHODS
+        else None,
+        work_dir=work_dir,
+        progress=cfg.progress,
+        spec_text=ctx.calib,
+    )
+    if mark_resumable and work_dir is not None and not made.real and ctx.calib != "gaussian":
+        _keep_for_resume(work_dir)
+    return made
 
 
-@register_method("minmax")
+def _keep_for_resume(work: Path) -> None:
+    """A checkpoint marks the run as resumable: its calibration images are kept if it stops."""
+    path = checkpoint_file(work)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_verified(path, json.dumps({"calibration": "calibration.safetensors"}).encode())
+
+
+def run_post_training(ctx: Context) -> MethodResult:
+    """minmax, zeroq or lapq on the run's calibration images."""
+    cfg = ctx.config
+    data = calibration_set(ctx, ctx.work_dir)
+    config = LapqConfig.from_options(cfg.method_options.get("lapq"))
+    student, report = post_training_quantize(
+        ctx.teacher,
+        cfg.method,
+        cfg.quant,
+        data,
+        lapq=config if cfg.method == "lapq" else None,
+        device=ctx.device,
+        progress=cfg.progress,
+    )
+    return MethodResult(student, report)
+
+
 def run_minmax(ctx: Context) -> MethodResult:
     """Weights: per-channel min/max. Activations: running min/max over the calibration set."""
-    student = quantize_model(ctx.teacher, ctx.config.quant).to(ctx.device)
-    batches, calibration = calibration_batches(ctx)
-    calibrate_activations(student, batches, observer="minmax", device=ctx.device)
-    return MethodResult(student, {"calibration": calibration})
+    return run_post_training(ctx)
+
+
+for _name in POST_TRAINING_METHODS:
+    register_method(_name)(run_post_training)
 
 
 def model_image_shape(model: str, meta: ModelMeta) -> tuple[int, int, int]:
@@ -198,7 +263,7 @@ def _check_inputs(cfg: QuantizeConfig) -> None:
         raise ZsqError(f"--image-size must be >= 1, got {size}; give the model's input size")
     if cfg.teacher.trust_checkpoint and cfg.teacher.weights is None:
         raise ZsqError("--trust-checkpoint has no effect without --weights; drop it")
-    if cfg.download and cfg.eval_data is None and cfg.calib == "gaussian":
+    if cfg.download and cfg.eval_data is None and is_synthetic(resolved_calib(cfg)):
         raise ZsqError("--download has no effect without a dataset (--eval-data, --calib); drop it")
     _check_method_options(cfg)
 
@@ -206,6 +271,8 @@ def _check_inputs(cfg: QuantizeConfig) -> None:
 def _check_method_options(cfg: QuantizeConfig) -> None:
     """Options the chosen method would silently ignore are errors (see zsq.methods)."""
     opts = cfg.method_options
+    init = check_init(opts.get("init"))
+    calib = resolved_calib(cfg)
     if cfg.method in POST_TRAINING_METHODS:
         execution = opts.get("execution")
         refuse_unused(
@@ -214,12 +281,30 @@ def _check_method_options(cfg: QuantizeConfig) -> None:
                 "recipe": opts.get("recipe") is not None,
                 "ait": bool(opts.get("ait")),
                 "overrides": bool(opts.get("overrides")),
-                "source_options": bool(opts.get("source_options")),
                 "execution": execution not in (None, Execution()),
+                "--init": init is not None,
             },
         )
+        if cfg.method == "zeroq" and calib != "zeroq":
+            raise ZsqError(
+                "--method zeroq calibrates on its own distilled images; drop --calib, or use "
+                f"--method minmax or lapq with --calib {cfg.calib}"
+            )
+        made = is_synthetic(calib) and calib != "gaussian"
+        if opts.get("source_options") and not made:
+            raise ZsqError(
+                f"--source-opt has no effect with --calib {calib} (it configures a synthetic "
+                "calibration source such as zeroq or gdfq); drop it"
+            )
     else:
-        refuse_unused(cfg.method, {"--calib": cfg.calib != "gaussian"})
+        refuse_unused(cfg.method, {"--calib": cfg.calib is not None and init is None})
+    if opts.get("lapq") and cfg.method != "lapq" and init != "lapq":
+        raise ZsqError(
+            f"--lapq-layers/--lapq-opt have no effect with method {cfg.method}; drop them, or "
+            "use --method lapq or --init lapq"
+        )
+    if opts.get("lapq") is not None:
+        LapqConfig.from_options(opts["lapq"])  # bad names or values fail before any work
 
 
 def _check_config(cfg: QuantizeConfig) -> None:
@@ -254,9 +339,24 @@ def build_context(cfg: QuantizeConfig, work_dir: Path) -> Context:
     image_shape = model_image_shape(cfg.teacher.model, meta)
     log.info("input shape %s (%s)", image_shape, _shape_source(cfg.teacher, meta))
     calib_set = None
-    if cfg.calib != "gaussian":
-        calib_set = _load_for_model(cfg.calib, "train", meta, image_shape, cfg.download)
+    calib = resolved_calib(cfg)
+    uses_calib = cfg.method in POST_TRAINING_METHODS or cfg.method_options.get("init")
+    if uses_calib and not is_synthetic(calib):
+        calib_set = _load_for_model(calib, "train", meta, image_shape, cfg.download)
     return Context(cfg, teacher, meta, image_shape, device, work_dir, eval_set, calib_set)
+
+
+def _check_teacher_fits(ctx: Context) -> None:
+    """A source that synthesises from BatchNorm statistics needs a teacher with BatchNorm."""
+    from zsq.synth.zeroq import require_batchnorm
+
+    cfg = ctx.config
+    if cfg.method in GENERATOR_METHODS:
+        require_batchnorm(ctx.teacher, f"--method {cfg.method}")
+    uses_calib = cfg.method in POST_TRAINING_METHODS or cfg.method_options.get("init")
+    if uses_calib and is_synthetic(ctx.calib) and ctx.calib != "gaussian":
+        name = "--method zeroq" if cfg.method == "zeroq" else f"--calib {ctx.calib}"
+        require_batchnorm(ctx.teacher, name)
 
 
 def _shape_source(t: TeacherConfig, meta: ModelMeta) -> str:
@@ -272,6 +372,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     started = time.perf_counter()
     _check_config(cfg)
     ctx = build_context(cfg, cfg.out)
+    _check_teacher_fits(ctx)
     options = run_options(ctx)
     previous = _sessions_before(cfg, options)
     seed_everything(cfg.seed)
@@ -310,8 +411,9 @@ def run_options(ctx: Context) -> dict[str, Any]:
         "--normalize-std": meta.normalize_std,
         "--image-size (input shape)": ctx.image_shape,
         "--seed": cfg.seed,
-        "--calib": cfg.calib,
+        "--calib": resolved_calib(cfg),
         "--calib-size": cfg.calib_size,
+        "--init": cfg.method_options.get("init"),
         "--eval-data": cfg.eval_data,  # else metrics.jsonl would mix two evaluation sets
         "--eval-limit": cfg.eval_limit,
         "--wbits": quant.pop("wbits"),
@@ -333,8 +435,11 @@ def run_options(ctx: Context) -> dict[str, Any]:
         )
         options["--ait"] = bool(opts.get("ait", False))
         options.update({f"--set {key}": value for key, value in recipe.to_dict().items()})
-        sources = opts.get("source_options") or {}
-        options.update({f"--source-opt {key}": value for key, value in sources.items()})
+    sources = cfg.method_options.get("source_options") or {}
+    options.update({f"--source-opt {key}": value for key, value in sources.items()})
+    if cfg.method == "lapq" or cfg.method_options.get("init") == "lapq":
+        lapq = LapqConfig.from_options(cfg.method_options.get("lapq")).to_dict()
+        options.update({f"--lapq-opt {key}": value for key, value in lapq.items()})
     return json.loads(json.dumps(options))  # as read back from the record: tuples become lists
 
 
@@ -421,6 +526,7 @@ def _build_report(
         "seed": cfg.seed,
         "device": device_description(ctx.device),
         "calibration": "none",
+        "real_data": False,
         "quant_spec": cfg.quant.to_dict(),
         "image_shape": list(ctx.image_shape),
         "eval_transform": eval_transform(ctx.eval_set) if ctx.eval_set is not None else None,
@@ -467,6 +573,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(report['student_top1'])} / {_fmt(report['student_top5'])}",
         ),
         ("calibration", report["calibration"]),
+        ("real data used", "YES (not zero-shot)" if report.get("real_data") else "no"),
         ("seed", report["seed"]),
         ("device", report["device"]),
         ("wall time (s)", report["seconds"]),
@@ -493,6 +600,9 @@ def run_distillation(ctx: Context) -> MethodResult:
         def evaluate_fn(student: nn.Module) -> float:
             return evaluate(student, ctx.eval_set, device=ctx.device, progress=False).top1
 
+    init, calib = opts.get("init"), None
+    if init is not None and not (cfg.resume and checkpoint_file(ctx.work_dir).exists()):
+        calib = calibration_set(ctx, ctx.work_dir, mark_resumable=False)
     student, history = zero_shot_quantize(
         ctx.teacher,
         image_shape=ctx.image_shape,
@@ -507,6 +617,10 @@ def run_distillation(ctx: Context) -> MethodResult:
         progress=cfg.progress,
         execution=opts.get("execution"),
         source_options=opts.get("source_options"),
+        init=init,
+        calib=calib,
+        calib_size=cfg.calib_size,
+        lapq=opts.get("lapq"),
     )
     last = history[-1] if history else {}
     report = {
@@ -520,7 +634,12 @@ def run_distillation(ctx: Context) -> MethodResult:
         "final_probe_kl": last.get("probe_kl"),
         "epochs_run": len(history),
         "metrics": "metrics.jsonl",
+        "init": None,
     }
+    if init is not None:
+        record = json.loads((ctx.work_dir / INIT_REPORT).read_text())
+        report["init"] = {"method": init, **record}
+        report["real_data"] = record["real_data"]
     return MethodResult(student, report)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from zsq.errors import ZsqError
 
@@ -62,3 +64,13 @@ def device_description(device: torch.device) -> str:
     import os
 
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def module_digest(module: nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes and bytes), independent of device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ of (models, optimisers, RNG, probe batch, epoch) resumes exactly.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -33,7 +32,7 @@ from zsq.execution import Execution, compile_in_place, release_compiled
 from zsq.io import checkpoint_file, read_verified, write_text, write_verified
 from zsq.quant import quant_layers, set_observing
 from zsq.recipes import DistillRecipe
-from zsq.runtime import rng_state, set_rng_state
+from zsq.runtime import module_digest, rng_state, set_rng_state
 from zsq.synth import SampleSource, SynthBatch
 
 log = logging.getLogger(__name__)
@@ -81,16 +80,6 @@ class _EpochTotals:
         for key, value in terms.items():
             value = value.detach().float()
             self.terms[key] = self.terms[key] + value if key in self.terms else value
-
-
-def module_digest(module: nn.Module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes and bytes), independent of device."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Distiller:

@@ -1,5 +1,22 @@
-"""Post-training quantization: min/max calibration (LAPQ comes later)."""
+"""Post-training quantization: min/max calibration, ZeroQ's calibration data, LAPQ."""
 
+from zsq.ptq.calibration import (
+    CalibrationSet,
+    is_synthetic,
+    real_calibration,
+    synthetic_calibration,
+)
+from zsq.ptq.lapq import LapqConfig, lapq_quantize
 from zsq.ptq.minmax import calibrate_activations, gaussian_batches, minmax_quantize
 
-__all__ = ["calibrate_activations", "gaussian_batches", "minmax_quantize"]
+__all__ = [
+    "CalibrationSet",
+    "LapqConfig",
+    "calibrate_activations",
+    "gaussian_batches",
+    "is_synthetic",
+    "lapq_quantize",
+    "minmax_quantize",
+    "real_calibration",
+    "synthetic_calibration",
+]

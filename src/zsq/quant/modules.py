@@ -92,7 +92,11 @@ class _QuantWeightMixin:
     """Weight fake quantization shared by QuantConv2d and QuantLinear.
 
     The range is the min/max of the current weights (per output channel by default), recomputed
-    every forward as in the reference, so codes follow the weights as they train.
+    every forward as in the reference, so codes follow the weights as they train. A post-training
+    method may instead fix the range (``set_weight_range``: LAPQ's clipping values, weights beyond
+    them are clamped) and add a per-output-channel offset after dequantization
+    (``set_weight_offset``: bias correction, which makes the per-channel mean of the weight
+    error zero; it is a float shift, so it is kept apart from the integer codes).
     """
 
     weight: nn.Parameter
@@ -113,18 +117,42 @@ class _QuantWeightMixin:
         self.w_channel_axis = 0 if per_channel else None
         self.w_symmetric = w_symmetric
         self.act_quant = act_quant
+        # Optional post-training state (None: the reference's behaviour); buffers, so a
+        # student's state_dict carries them once set.
+        self.register_buffer("w_range_min", None)
+        self.register_buffer("w_range_max", None)
+        self.register_buffer("w_offset", None)
+
+    def set_weight_range(self, wmin: Tensor | float, wmax: Tensor | float) -> None:
+        """Fix the weight range (e.g. a clipping value) instead of the weights' own min/max."""
+        ref = self.weight.detach()
+        self.w_range_min = torch.as_tensor(wmin, dtype=ref.dtype, device=ref.device).clone()
+        self.w_range_max = torch.as_tensor(wmax, dtype=ref.dtype, device=ref.device).clone()
+
+    def set_weight_offset(self, offset: Tensor | None) -> None:
+        """A per-output-channel shift added after fake quantization (None removes it)."""
+        if offset is None:
+            self.w_offset = None
+            return
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        self.w_offset = offset.detach().to(self.weight).reshape(shape).clone()
 
     def weight_qparams(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Scale and zero point for ``weight`` (default: the current weights)."""
+        """Scale and zero point for ``weight`` (default: the current weights, or the fixed
+        range when one is set)."""
         w = self.weight if weight is None else weight
         if self.wbits is None:
             raise ZsqError("a full-precision layer has no weight scale or zero point")
         with torch.no_grad():
-            wmin, wmax = tensor_minmax(w, self.w_channel_axis)
+            if weight is None and self.w_range_min is not None:
+                wmin, wmax = self.w_range_min, self.w_range_max
+            else:
+                wmin, wmax = tensor_minmax(w, self.w_channel_axis)
             return qparams_from_range(wmin, wmax, self.wbits, self.w_symmetric)
 
     def quantized_weight(self) -> QuantizedTensor:
-        """Integer weight codes with their scale and zero point (for export and analysis)."""
+        """Integer weight codes with their scale and zero point (for export and analysis); a
+        bias-correction offset (``w_offset``) is not part of them."""
         scale, zero_point = self.weight_qparams()
         codes = quantize_codes(self.weight.detach(), scale, zero_point, self.wbits)
         return QuantizedTensor(codes, scale, zero_point, self.wbits)
@@ -133,7 +161,8 @@ class _QuantWeightMixin:
         if self.wbits is None:
             return self.weight
         scale, zero_point = self.weight_qparams()
-        return fake_quantize(self.weight, scale, zero_point, self.wbits)
+        weight = fake_quantize(self.weight, scale, zero_point, self.wbits)
+        return weight if self.w_offset is None else weight + self.w_offset
 
     def quant_input(self, x: Tensor) -> Tensor:
         return x if self.act_quant is None else self.act_quant(x)

@@ -1,8 +1,7 @@
 """Synthetic-sample sources: where a zero-shot method's training images come from.
 
 ``build_source(name, teacher, num_classes=..., image_shape=...)`` is the one entry point; methods
-register a factory under a name with ``register_source`` (Qimera, ARC and ZeroQ do so when they
-land).
+register a factory under a name with ``register_source``.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from zsq.synth.gdfq import (
 )
 from zsq.synth.noise import GaussianSource
 from zsq.synth.qimera import QimeraSource
+from zsq.synth.zeroq import ZeroQOptions, ZeroQSource, distill_images
 
 SourceFactory = Callable[..., SampleSource]
 
@@ -80,6 +80,7 @@ register_source("gdfq", GdfqSource)
 register_source("gaussian", GaussianSource)
 register_source("qimera", QimeraSource)
 register_source("arc", ArcSource)
+register_source("zeroq", ZeroQSource)
 
 __all__ = [
     "ArcGenerator",
@@ -94,11 +95,14 @@ __all__ = [
     "QimeraSource",
     "SampleSource",
     "SynthBatch",
+    "ZeroQOptions",
+    "ZeroQSource",
     "available_sources",
     "batch_mean_var",
     "batchnorm_layers",
     "build_gdfq_generator",
     "build_source",
+    "distill_images",
     "freeze_teacher",
     "register_source",
 ]

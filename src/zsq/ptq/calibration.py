@@ -1,0 +1,144 @@
+"""Calibration images for the post-training methods: synthetic (data-free) or real.
+
+``--calib`` names either a registered sample source (``gaussian``, ``zeroq``, ``gdfq``,
+``qimera``, ``arc``: synthetic, no labels, so a loss compares the student with the teacher) or a
+dataset spec (real training images with labels: the method is then not zero-shot, and every
+report says so).
+
+A trainable source (a generator) is first trained alone against the teacher for ``train_steps``
+steps (its own CE + BNS loss, the generator warm-up of GDFQ), then sampled. The images are kept
+in the run directory (``calibration.safetensors``), so a resumed run does not make them again;
+the source option ``cache=FILE`` also keeps them in FILE, and a later run with the same source
+options and teacher (any bit width, any method) loads them from there instead of making them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from zsq.errors import ZsqError
+from zsq.synth import available_sources, build_source
+from zsq.synth.cache import load_images, save_images
+
+log = logging.getLogger(__name__)
+
+CALIB_FILE = "calibration.safetensors"
+TRAIN_STEPS = 200  # generator steps before sampling (a trainable --calib source)
+TRAIN_BATCH = 32
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration images in the teacher's input space (CPU), with labels only for real data."""
+
+    images: Tensor
+    labels: Tensor | None
+    description: str
+    real: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, batch_size: int, device: torch.device | str) -> Iterator[Tensor]:
+        for start in range(0, len(self.images), batch_size):
+            yield self.images[start : start + batch_size].to(device)
+
+
+def is_synthetic(calib: str) -> bool:
+    """Whether ``--calib`` names a sample source (else it is a dataset spec)."""
+    return calib.strip().lower() in available_sources()
+
+
+def real_calibration(dataset: Dataset, size: int, seed: int, spec: str) -> CalibrationSet:
+    """``size`` labelled images drawn (seeded) from a real training set."""
+    from zsq.data import subset
+
+    chosen = subset(dataset, min(size, len(dataset)), seed=seed)
+    images, labels = [], []
+    for x, y in DataLoader(chosen, batch_size=256, shuffle=False):
+        images.append(x)
+        labels.append(torch.as_tensor(y))
+    text = f"REAL DATA: {len(chosen)} training images of {spec} (not zero-shot)"
+    return CalibrationSet(torch.cat(images), torch.cat(labels), text, real=True)
+
+
+def synthetic_calibration(
+    name: str,
+    teacher: nn.Module,
+    *,
+    size: int,
+    num_classes: int,
+    image_shape: Sequence[int],
+    source_options: dict[str, Any] | None = None,
+    work_dir: Path | None = None,
+    progress: bool = True,
+) -> CalibrationSet:
+    """``size`` images from the sample source ``name`` (trained first when it is a generator),
+    loaded from ``work_dir`` when an earlier session of the run made them."""
+    options = dict(source_options or {})
+    shared = Path(options.pop("cache")) if "cache" in options else None
+    train_steps = int(options.pop("train_steps", TRAIN_STEPS))
+    train_batch = int(options.pop("train_batch", TRAIN_BATCH))
+    key = {
+        "source": name,
+        "size": size,
+        "image_shape": list(image_shape),
+        "options": dict(options),
+        "train_steps": train_steps,
+        "train_batch": train_batch,
+    }
+    cache = work_dir / CALIB_FILE if work_dir is not None else None
+    for path in (cache, shared):
+        cached = load_images(path, key, teacher) if path is not None else None
+        if cached is not None:
+            images, report = cached
+            log.info("%d calibration images loaded from %s", len(images), path)
+            if cache is not None and path != cache:
+                save_images(cache, images, key, teacher, report)
+            return CalibrationSet(images, None, _describe(name, size), real=False, report=report)
+    if name == "zeroq":
+        options.setdefault("num_images", size)
+        options.setdefault("progress", progress)
+    source = build_source(
+        name, teacher, num_classes=num_classes, image_shape=image_shape, **options
+    )
+    try:
+        report = _train(source, train_steps, train_batch, progress) if source.trainable else {}
+        images = _draw(source, size)
+        report.update(getattr(source, "report", {}) or {})
+    finally:
+        source.close()
+    images = images.detach().cpu()
+    for path in (cache, shared):
+        if path is not None:
+            save_images(path, images, key, teacher, report)
+    return CalibrationSet(images, None, _describe(name, size), real=False, report=report)
+
+
+def _describe(name: str, size: int) -> str:
+    return f"{name}, {size} synthetic images (data-free)"
+
+
+def _train(source: nn.Module, steps: int, batch: int, progress: bool) -> dict[str, Any]:
+    """Train a generator alone against the teacher (no student exists yet)."""
+    if steps < 0:
+        raise ZsqError(f"train_steps must be >= 0, got {steps}")
+    terms: dict[str, Tensor] = {}
+    for _ in tqdm(range(steps), desc="calibration generator", disable=not progress):
+        _, terms = source.step(batch)
+    return {"train_steps": steps, "final_loss": {k: float(v) for k, v in terms.items()}}
+
+
+@torch.no_grad()
+def _draw(source: Any, size: int, batch: int = 256) -> Tensor:
+    if hasattr(source, "images"):  # a fixed pool (ZeroQ): all of it, in order
+        return source.images()[:size]
+    chunks = [source.sample(min(batch, size - start)).images for start in range(0, size, batch)]
+    return torch.cat(chunks)
