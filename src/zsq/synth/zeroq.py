@@ -217,13 +217,25 @@ def distill_images(
         p.requires_grad_(False)
     recorder = _BnInputs(layers)
     try:
-        for start in range(0, num_images, batch):
-            size = min(batch, num_images - start)
+        done = 0
+        while done < num_images:
+            size = min(batch, num_images - done)
             start_images = initial_images(size, image_shape, options.init, device)
-            images, first, last = _distill_batch(teacher, recorder, start_images, options, bar)
+            try:
+                images, first, last = _distill_batch(teacher, recorder, start_images, options, bar)
+            except torch.OutOfMemoryError:
+                if size == 1 or options.batch_size is not None:
+                    raise
+                batch = math.ceil(size / 2)  # as few passes as the memory allows
+                log.warning("zeroq: out of memory at %d images a pass; trying %d", size, batch)
+                recorder.inputs = []
+                torch.cuda.empty_cache()
+                bar.reset(total=math.ceil(num_images / batch) * options.steps)
+                continue
             chunks.append(images)
             starts.append(start_images)
             losses.append({"images": size, "loss_start": first, "loss_end": last})
+            done += size
     finally:
         recorder.close()
         bar.close()
