@@ -355,3 +355,11 @@ def test_output_files_follow_the_umask(tmp_path, weights, umask):
     assert len(files) >= 4
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_an_option_newer_than_the_run_does_not_block_its_resume_while_unset():
+    from zsq.pipeline import _differences
+
+    saved = {"--method": "gdfq", "--seed": 0}
+    assert _differences(saved, {**saved, "--init": None}) == ""
+    assert _differences(saved, {**saved, "--init": "lapq"}) == "--init (unset) -> lapq"

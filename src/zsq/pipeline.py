@@ -478,7 +478,10 @@ def _sessions_before(cfg: QuantizeConfig, options: dict[str, Any]) -> list[float
 def _differences(saved: dict[str, Any], current: dict[str, Any], shown: int = 6) -> str:
     """``--wbits 4 -> 3, --seed 0 -> 7`` for the options whose values differ."""
     names = [
-        k for k in {**saved, **current} if saved.get(k, "(unset)") != current.get(k, "(unset)")
+        k
+        for k in {**saved, **current}
+        if saved.get(k, "(unset)") != current.get(k, "(unset)")
+        and not (k not in saved and current[k] is None)  # an option newer than the run, unset
     ]
     parts = [
         f"{k} {_short(saved.get(k, '(unset)'))} -> {_short(current.get(k, '(unset)'))}"
