@@ -40,7 +40,7 @@ row_flags() {  # row data-name train-spec
     lapq-nobc)  echo "--method lapq --calib $3 --lapq-opt bias_correction=false" ;;
     lapq-paper) echo "--method lapq --calib $3 --lapq-layers paper" ;;
     ait)        echo "--method gdfq --ait --recipe short" ;;
-    ait-init)   echo "--method gdfq --ait --recipe short --init lapq" ;;
+    ait-init)   echo "--method gdfq --ait --recipe short --init lapq --calib-opt cache=$OUT/cache/$2-zeroq.safetensors" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

@@ -163,8 +163,8 @@ CASES = {
             "quantize",
             "--model",
             "_user_model:tiny",
-            "--in-channels",
-            "1",
+            "--weights",
+            "{tmp}/tiny.safetensors",
             "--image-size",
             "8",
             *OUT,
@@ -180,6 +180,15 @@ CASES = {
     ),
     "--source-opt with gaussian calibration": (quantize("--source-opt", "steps=3"), "--source-opt"),
     "--init on a post-training method": (quantize("--init", "lapq"), "--init"),
+    "--calib-opt on gdfq without --init": (
+        quantize(*GDFQ, "--calib-opt", "steps=3"),
+        "--calib-opt",
+    ),
+    "--calib-opt with gaussian calibration": (quantize("--calib-opt", "steps=3"), "--calib-opt"),
+    "both --calib-opt and --source-opt on lapq": (
+        quantize("--method", "lapq", "--calib-opt", "steps=3", "--source-opt", "lr=0.1"),
+        "once",
+    ),
     "--lapq-opt on gdfq without --init": (quantize(*GDFQ, "--lapq-opt", "maxiter=2"), "--lapq"),
     # --- promises (issue 9 item 8): the cifar10 hint names a flag that exists -----------------
     "cifar10 folder missing": (evaluate(data="cifar10:{tmp}/absent"), "--download"),
@@ -200,6 +209,10 @@ def _write_inputs(tmp: Path) -> None:
         save_file(digits_cnn().state_dict(), folder / "digits.safetensors")
         (folder / "digits.json").write_text(json.dumps({**sidecar, **extra}))
     torch.save(create_model("resnet20").state_dict(), tmp / "r20.pt")
+    save_file(
+        create_model("_user_model:tiny", in_channels=1).state_dict(), tmp / "tiny.safetensors"
+    )
+    (tmp / "tiny.json").write_text(json.dumps(sidecar))
     (tmp / "bad.pt").write_bytes(b"\x00garbage" * 100)
     gray = np.zeros((4, 8, 8), np.uint8)
     labels = np.array([0, 1, 2, 3])

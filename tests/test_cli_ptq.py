@@ -78,7 +78,8 @@ def test_an_interrupted_lapq_run_resumes_without_making_its_images_again(
 def test_init_lapq_starts_gdfq_from_lapqs_student(small_teacher, tmp_path, capsys):
     out = tmp_path / "init"
     argv = tiny_distill_args(small_teacher, epochs=2)
-    argv += ["--init", "lapq", "--calib-size", "8", *LAPQ_FAST, "--out", str(out)]
+    argv += ["--init", "lapq", "--calib-size", "8", "--calib-opt", "steps=3", *LAPQ_FAST]
+    argv += ["--out", str(out)]
     argv = [a for a in argv if a not in ("--quiet", "--device", "cpu")]
     report = run(argv, capsys)
     init = report["init"]

@@ -148,6 +148,7 @@ def zero_shot_quantize(
     calib_size: int = CALIB_SIZE,
     lapq: LapqConfig | dict[str, Any] | None = None,
     init: str | None = None,
+    calib_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A fake-quantized student of ``teacher`` made without data by ``method``.
 
@@ -166,7 +167,9 @@ def zero_shot_quantize(
     result instead of the float copy. ``calib`` (post-training methods and ``init``): a sample
     source name (``gaussian``, ``zeroq``, ``gdfq``, ...; data-free) or a labelled Dataset (real
     images: not zero-shot), ``calib_size`` images of it; unset, the method's data-free default
-    (``gaussian`` for minmax, ``zeroq`` otherwise). ``spec`` replaces ``wbits``/``abits``.
+    (``gaussian`` for minmax, ``zeroq`` otherwise); ``calib_options`` configure a synthetic
+    calibration source (for a post-training method ``source_options`` do the same). ``spec``
+    replaces ``wbits``/``abits``.
     ``seed`` seeds every RNG first (the CLI's ``--seed``); None leaves them as they are.
     """
     check_method(method)
@@ -180,6 +183,7 @@ def zero_shot_quantize(
     calib_name = calib if isinstance(calib, str) else None
     calib_name = calib_name or (default_calib(method, init) if calib is None else None)
     if method in POST_TRAINING_METHODS:
+        source_options = {**(calib_options or {}), **(source_options or {})}
         _check_post_training(method, calib, calib_name, source_options, work_dir, lapq)
         refuse_unused(
             method,
@@ -214,7 +218,14 @@ def zero_shot_quantize(
         )
         return student, [report]
     if init is None:
-        refuse_unused(method, {"calib": calib is not None, "lapq": lapq is not None})
+        refuse_unused(
+            method,
+            {
+                "calib": calib is not None,
+                "lapq": lapq is not None,
+                "calib_options": bool(calib_options),
+            },
+        )
     full = resolve_recipe(recipe, ait=ait, overrides=overrides)
     work_dir = _checked_work_dir(work_dir, resume)
     execution = execution or Execution()
@@ -248,6 +259,7 @@ def zero_shot_quantize(
             work_dir=work_dir,
             progress=progress,
             seed=seed or 0,
+            calib_options=calib_options,
         )
     source_options = {"lr": full.gen_lr, "bns_weight": full.bns_weight, **(source_options or {})}
     source = build_source(
@@ -416,6 +428,7 @@ def _start_from_lapq(
     work_dir: Path | None,
     progress: bool,
     seed: int,
+    calib_options: dict[str, Any] | None = None,
 ) -> None:
     """``student`` takes LAPQ's bias-corrected quantized weights as its float weights and
     LAPQ's clipping ranges as the starting activation ranges (see docs/results.md)."""
@@ -430,6 +443,7 @@ def _start_from_lapq(
         num_classes=num_classes,
         image_shape=image_shape,
         seed=seed,
+        source_options=calib_options,
         work_dir=work_dir,
         progress=progress,
     )

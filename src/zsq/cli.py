@@ -229,6 +229,7 @@ def _refuse_unused_flags(args: argparse.Namespace) -> None:
         given = {
             "--calib": args.calib is not None and args.init is None,
             "--calib-size": args.calib_size is not None and args.init is None,
+            "--calib-opt": bool(args.calib_opt) and args.init is None,
         }
     else:
         given = {
@@ -264,6 +265,7 @@ def _method_options(args: argparse.Namespace) -> dict:
         "ait": args.ait,
         "overrides": overrides,
         "source_options": dict(_parse_option(item, "source option") for item in args.source_opt),
+        "calib_options": dict(_parse_option(item, "calibration option") for item in args.calib_opt),
         "execution": Execution.from_flags(args.precision, args.compile),
     }
 
@@ -392,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
         "spec (real training images: not zero-shot, and the report says so)",
     )
     g.add_argument("--calib-size", type=int, help="calibration images (default 512)")
+    g.add_argument(
+        "--calib-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option of a synthetic --calib source, e.g. steps=500 or cache=FILE for zeroq, "
+        "train_steps=200 for a generator (with a post-training method --source-opt is the same)",
+    )
     g.add_argument(
         "--lapq-layers",
         choices=("all", "paper"),

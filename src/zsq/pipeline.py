@@ -163,9 +163,7 @@ def calibration_set(
         num_classes=ctx.meta.num_classes,
         image_shape=ctx.image_shape,
         seed=cfg.seed,
-        source_options=cfg.method_options.get("source_options")
-        if cfg.method in POST_TRAINING_METHODS
-        else None,
+        source_options=calib_options(cfg),
         work_dir=work_dir,
         progress=cfg.progress,
         spec_text=ctx.calib,
@@ -173,6 +171,16 @@ def calibration_set(
     if mark_resumable and work_dir is not None and not made.real and ctx.calib != "gaussian":
         _keep_for_resume(work_dir)
     return made
+
+
+def calib_options(cfg: QuantizeConfig) -> dict[str, Any]:
+    """Options of the synthetic calibration source: ``--calib-opt``, and for a post-training
+    method (whose only source it is) ``--source-opt`` too."""
+    opts = cfg.method_options
+    options = dict(opts.get("calib_options") or {})
+    if cfg.method in POST_TRAINING_METHODS:
+        options.update(opts.get("source_options") or {})
+    return options
 
 
 def _keep_for_resume(work: Path) -> None:
@@ -290,14 +298,27 @@ def _check_method_options(cfg: QuantizeConfig) -> None:
                 "--method zeroq calibrates on its own distilled images; drop --calib, or use "
                 f"--method minmax or lapq with --calib {cfg.calib}"
             )
-        made = is_synthetic(calib) and calib != "gaussian"
-        if opts.get("source_options") and not made:
+        if opts.get("source_options") and opts.get("calib_options"):
             raise ZsqError(
-                f"--source-opt has no effect with --calib {calib} (it configures a synthetic "
-                "calibration source such as zeroq or gdfq); drop it"
+                f"method {cfg.method}'s only source is its calibration source: give its options "
+                "once, with --calib-opt (or --source-opt)"
             )
     else:
-        refuse_unused(cfg.method, {"--calib": cfg.calib is not None and init is None})
+        refuse_unused(
+            cfg.method,
+            {
+                "--calib": cfg.calib is not None and init is None,
+                "--calib-opt": bool(opts.get("calib_options")) and init is None,
+            },
+        )
+    uses_calib = cfg.method in POST_TRAINING_METHODS or init is not None
+    made = is_synthetic(calib) and calib != "gaussian"
+    if uses_calib and not made and calib_options(cfg):
+        flag = "--calib-opt" if opts.get("calib_options") else "--source-opt"
+        raise ZsqError(
+            f"{flag} has no effect with --calib {calib} (it configures a synthetic "
+            "calibration source such as zeroq or gdfq); drop it"
+        )
     if opts.get("lapq") and cfg.method != "lapq" and init != "lapq":
         raise ZsqError(
             f"--lapq-layers/--lapq-opt have no effect with method {cfg.method}; drop them, or "
@@ -437,6 +458,8 @@ def run_options(ctx: Context) -> dict[str, Any]:
         options.update({f"--set {key}": value for key, value in recipe.to_dict().items()})
     sources = cfg.method_options.get("source_options") or {}
     options.update({f"--source-opt {key}": value for key, value in sources.items()})
+    calib = cfg.method_options.get("calib_options") or {}
+    options.update({f"--calib-opt {key}": value for key, value in calib.items()})
     if cfg.method == "lapq" or cfg.method_options.get("init") == "lapq":
         lapq = LapqConfig.from_options(cfg.method_options.get("lapq")).to_dict()
         options.update({f"--lapq-opt {key}": value for key, value in lapq.items()})
