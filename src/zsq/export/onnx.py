@@ -143,7 +143,7 @@ class _OnnxWeight(nn.Module):
     """Integer weight codes and their per-channel DequantizeLinear (plus LAPQ's offset); the
     dequantized float weight where no exact integer form exists (see onnx_zero_point)."""
 
-    def _init_weight(self, layer: QuantConv2d | QuantLinear) -> None:
+    def _init_weight(self, layer: QuantConv2d | QuantLinear, name: str) -> None:
         scale, z = layer.weight_qparams()
         codes = layer.quantized_weight().codes
         channels = layer.weight.shape[0]
@@ -152,7 +152,11 @@ class _OnnxWeight(nn.Module):
         self.register_buffer("codes", None)
         self.register_buffer("w_float", None)
         if found is None:
-            log.warning("a weight range of this layer does not contain 0; stored as float")
+            log.warning(
+                "%s: an 8-bit weight range without 0 has no exact int8 Q/DQ form; its "
+                "dequantized weights are stored as float32",
+                name,
+            )
             self.w_float = layer.fake_quant_weight().detach().clone()
         else:
             zero_point, shift = found
@@ -178,9 +182,9 @@ class _OnnxWeight(nn.Module):
 
 
 class OnnxConv2d(_OnnxWeight):
-    def __init__(self, layer: QuantConv2d) -> None:
+    def __init__(self, layer: QuantConv2d, name: str = "") -> None:
         super().__init__()
-        self._init_weight(layer)
+        self._init_weight(layer, name)
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
         if layer.padding_mode != "zeros":
@@ -201,9 +205,9 @@ class OnnxConv2d(_OnnxWeight):
 
 
 class OnnxLinear(_OnnxWeight):
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, name: str = "") -> None:
         super().__init__()
-        self._init_weight(layer)
+        self._init_weight(layer, name)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quant_input(x), self.weight_value(), self.bias)
@@ -247,23 +251,25 @@ def _float_copy(layer: QuantConv2d | QuantLinear) -> nn.Module:
 def onnx_form(student: nn.Module) -> nn.Module:
     """A copy of ``student`` whose quantizers are the ONNX Q/DQ operations (eval mode)."""
     form = copy.deepcopy(student).eval()
-    _swap(form)
+    _swap(form, prefix="")
     return form
 
 
-def _swap(module: nn.Module) -> None:
+def _swap(module: nn.Module, prefix: str) -> None:
     for name, child in list(module.named_children()):
+        full = prefix + name
         if isinstance(child, QuantConv2d | QuantLinear):
-            setattr(module, name, _export_layer(child))
+            setattr(module, name, _export_layer(child, full))
         elif isinstance(child, ActQuantizer):
             setattr(module, name, OnnxActQuant(child) if child.bits is not None else nn.Identity())
         else:
-            _swap(child)
+            _swap(child, prefix=full + ".")
 
 
-def _export_layer(layer: QuantConv2d | QuantLinear) -> nn.Module:
+def _export_layer(layer: QuantConv2d | QuantLinear, name: str) -> nn.Module:
     if layer.wbits is not None:
-        return OnnxConv2d(layer) if isinstance(layer, QuantConv2d) else OnnxLinear(layer)
+        kind = OnnxConv2d if isinstance(layer, QuantConv2d) else OnnxLinear
+        return kind(layer, name)
     if layer.act_quant is not None and layer.act_quant.bits is not None:
         return _FloatInput(layer)
     return _float_copy(layer)
