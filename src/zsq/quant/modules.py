@@ -30,8 +30,8 @@ class ActQuantizer(nn.Module):
     ``minmax`` keeps the running extremes. Turning ``observing`` off freezes the range. The range
     starts at [0, 0], which maps every input into [0, 1e-8] (a zero-width range, widened to
     ``MIN_RANGE``): observe at least one batch before freezing (``calibrate_activations`` or the
-    first training epochs do). The observation state lives in buffers, so checkpoints capture it; the update has no host
-    synchronisation.
+    first training epochs do). The observation state lives in buffers, so checkpoints capture
+    it; the update has no host synchronisation.
     """
 
     def __init__(
