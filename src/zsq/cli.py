@@ -281,6 +281,116 @@ def _parse_option(item: str, what: str) -> tuple[str, Any]:
         return key, text
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Integer tensors + manifest, or ONNX Q/DQ, from a quantize output folder; checked after."""
+    from zsq.export import size_report, size_table, student_from_run
+    from zsq.export.verify import verify_export
+
+    if args.format == "onnx":
+        from zsq.export.onnx import require_onnx
+
+        require_onnx()
+    out = _export_path(args)
+    student, info = student_from_run(args.dir)
+    if args.format == "int":
+        from zsq.export import export_int
+
+        export_int(student, out, info)
+    else:
+        from zsq.export import export_onnx
+
+        export_onnx(student, out, tuple(info["image_shape"]), info)
+    sizes = size_report(student)
+    result = {
+        "format": args.format,
+        "out": str(out),
+        "bytes": out.stat().st_size,
+        "check": verify_export(student, out, args.format, tuple(info["image_shape"])),
+        "sizes": sizes if args.sizes else sizes["total"],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        check = result["check"]
+        print(f"wrote {out} ({result['bytes']:,} bytes); {check['summary']}")
+        if args.sizes:
+            print(size_table(sizes))
+    return 0
+
+
+def _export_path(args: argparse.Namespace) -> Path:
+    """``--out``, else the default file in the run folder; its folder must exist."""
+    default = "student.int.safetensors" if args.format == "int" else "student.onnx"
+    out = Path(args.out) if args.out else Path(args.dir) / default
+    if not out.parent.is_dir():
+        raise ZsqError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise ZsqError(f"--out {out} is a folder; give a file name")
+    if args.format == "int" and out.suffix != ".safetensors":
+        raise ZsqError(
+            f"--out {out}: an integer export is a .safetensors file (its manifest goes beside "
+            "it as .json)"
+        )
+    if args.format == "onnx" and out.suffix != ".onnx":
+        raise ZsqError(f"--out {out}: an ONNX export is a .onnx file")
+    return out
+
+
+def cmd_eval_export(args: argparse.Namespace) -> int:
+    """Top-1/top-5 of an exported model (integer export reloaded, or ONNX in onnxruntime)."""
+    from zsq.data import load_dataset
+    from zsq.evaluate import evaluate
+
+    started = time.perf_counter()
+    path = Path(args.file)
+    if path.suffix == ".onnx":
+        from zsq.export.onnx import OnnxRuntimeModel
+
+        model = OnnxRuntimeModel(path)
+        info, runtime = model.info, "onnxruntime (CPU)"
+    elif path.suffix == ".safetensors":
+        from zsq.export import load_int, read_manifest
+
+        model, info, runtime = load_int(path), read_manifest(path)[0]["model"], "zsq (PyTorch)"
+    else:
+        raise ZsqError(f"{path}: give a .onnx or .safetensors file written by zsq export")
+    if "image_shape" not in info or "num_classes" not in info:
+        raise ZsqError(f"{path} has no zsq metadata (image shape, classes); export it with zsq")
+    channels, size, _ = info["image_shape"]
+    dataset = load_dataset(
+        args.data,
+        split="test",
+        normalize_mean=info.get("normalize_mean"),
+        normalize_std=info.get("normalize_std"),
+        channels=channels,
+        image_size=size,
+        num_classes=info["num_classes"],
+    )
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ZsqError(f"--limit must be >= 1, got {args.limit}")
+        dataset = _first(dataset, args.limit)
+    result = evaluate(model, dataset, device="cpu", progress=not args.quiet)
+    out = {
+        "file": str(path),
+        "runtime": runtime,
+        "data": args.data,
+        "top1": round(result.top1, 2),
+        "top5": round(result.top5, 2),
+        "n": result.n,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    text = f"top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  ({result.n} images)"
+    print(json.dumps(out) if args.json else f"{path.name} in {runtime}: {text}")
+    return 0
+
+
+def _first(dataset: Any, limit: int) -> Any:
+    from torch.utils.data import Subset
+
+    return Subset(dataset, range(min(limit, len(dataset))))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from zsq.demo import run_demo
 
@@ -420,6 +530,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "export",
+        help="write a quantize run's student as integer tensors + manifest, or ONNX Q/DQ",
+    )
+    p.add_argument("dir", help="the output folder of a finished `zsq quantize` run")
+    p.add_argument(
+        "--format",
+        choices=("int", "onnx"),
+        required=True,
+        help="int: codes (two per byte at 4 bits and below), scales, zero points in safetensors "
+        "+ a JSON manifest; onnx: QuantizeLinear/DequantizeLinear graph (needs zsq[onnx])",
+    )
+    p.add_argument(
+        "--out",
+        help="file to write (default DIR/student.int.safetensors or DIR/student.onnx); its "
+        "folder must exist",
+    )
+    p.add_argument("--sizes", action="store_true", help="print FP32/int8/packed bytes per layer")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "eval-export",
+        help="top-1/top-5 of an exported model: an integer export reloaded, or ONNX in onnxruntime",
+    )
+    p.add_argument("file", help="a .safetensors integer export or a .onnx file from zsq export")
+    p.add_argument("--data", required=True, help="dataset spec (see zsq eval)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    p.set_defaults(func=cmd_eval_export)
 
     p = sub.add_parser(
         "demo",

@@ -32,6 +32,7 @@ from zsq.data import eval_transform, load_dataset
 from zsq.errors import ZsqError
 from zsq.evaluate import EvalResult, evaluate
 from zsq.execution import Execution
+from zsq.export.sizes import size_report
 from zsq.io import (
     atomic_output_dir,
     check_output_dir,
@@ -561,6 +562,7 @@ def _build_report(
         "python": platform.python_version(),
     }
     report.update(result.report)
+    report["sizes"] = size_report(result.student)
     report["sessions"] = [*previous, _seconds_since(started)]
     report["seconds"] = round(sum(report["sessions"]), 2)
     return report

@@ -28,10 +28,10 @@ class ActQuantizer(nn.Module):
     While ``observing`` is on, every forward updates the range from the batch min/max: ``ema``
     keeps ``m*range + (1-m)*batch`` (the reference's momentum 0.9; the first batch initialises it),
     ``minmax`` keeps the running extremes. Turning ``observing`` off freezes the range. The range
-    starts at [0, 0], which maps every input to 0 (a zero-width range, scale ~1e9): observe at least
-    one batch before freezing (``calibrate_activations`` or the first training epochs do). The
-    observation state lives in buffers, so checkpoints capture it; the update has no host
-    synchronisation.
+    starts at [0, 0], which maps every input into [0, 1e-8] (a zero-width range, widened to
+    ``MIN_RANGE``): observe at least one batch before freezing (``calibrate_activations`` or the
+    first training epochs do). The observation state lives in buffers, so checkpoints capture
+    it; the update has no host synchronisation.
     """
 
     def __init__(

@@ -71,10 +71,15 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """Quantize-dequantize ``x`` with a straight-through (identity) gradient."""
+    """Quantize-dequantize ``x`` with a straight-through (identity) gradient.
+
+    The value is exactly the dequantized code (``xq + (x - x)``, and ``x - x`` is exactly 0),
+    so a student rebuilt from its integer codes computes the same numbers bit for bit; the
+    gradient reaches ``x`` unchanged through the zero term.
+    """
     with torch.no_grad():
         xq = dequantize(quantize_codes(x, scale, zero_point, bits), scale, zero_point)
-    return x + (xq - x).detach()
+    return xq + (x - x.detach())
 
 
 @dataclass

@@ -1,0 +1,316 @@
+"""Export: packing, the integer round trip, the integer reference, ONNX Q/DQ in onnxruntime."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from zsq.cli import main
+from zsq.errors import ZsqError
+from zsq.export import (
+    export_int,
+    integer_conv2d,
+    integer_linear,
+    load_int,
+    pack_codes,
+    size_report,
+    unpack_codes,
+)
+from zsq.models import create_model
+from zsq.ptq import calibrate_activations
+from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model
+from zsq.quant.modules import ActQuantizer, QuantConv2d, QuantLinear
+
+INFO = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "image_shape": [3, 16, 16]}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("numel", [1, 2, 7, 64, 1001])
+def test_packed_codes_unpack_exactly(bits, numel):
+    gen = torch.Generator().manual_seed(bits * 1000 + numel)
+    for _ in range(5):
+        codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (numel,), generator=gen)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == (numel + 1) // 2
+        assert torch.equal(unpack_codes(packed, numel), codes.to(torch.int8))
+
+
+def test_packing_refuses_codes_outside_the_range():
+    with pytest.raises(ZsqError):
+        pack_codes(torch.tensor([8]), 4)
+
+
+def student(spec: QuantSpec, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("resnet20").eval()
+    s = quantize_model(model, spec)
+    calibrate_activations(s, [torch.randn(16, 3, 16, 16)])
+    return s.eval()
+
+
+SPECS = {
+    "w4a4 reference": QuantSpec(wbits=4, abits=4),
+    "w8a8 reference": QuantSpec(wbits=8, abits=8),
+    "w2a3 input placement": QuantSpec(wbits=2, abits=3, act_placement="input"),
+    "w5a6 per-tensor symmetric": QuantSpec(wbits=5, abits=6, per_channel=False, w_symmetric=True),
+    "w4 with fp layers": QuantSpec(wbits=4, abits=4, overrides={"linear": {"wbits": None}}),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_integer_export_reloads_to_bit_identical_outputs(name, tmp_path):
+    original = student(SPECS[name])
+    info = {**INFO, "act_placement": SPECS[name].act_placement}
+    manifest = export_int(original, tmp_path / "s.safetensors", info)
+    assert manifest["format"] == "zsq-int" and (tmp_path / "s.json").is_file()
+    reloaded = load_int(tmp_path / "s.safetensors")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), original(x))
+
+
+def test_lapq_students_export_their_fixed_ranges_and_offsets(tmp_path):
+    from zsq.ptq import CalibrationSet, LapqConfig, lapq_quantize
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet20").eval()
+    data = CalibrationSet(torch.randn(8, 3, 16, 16), None, "noise", real=False)
+    config = LapqConfig(stages="lw", max_samples=4096)
+    lapq, _ = lapq_quantize(teacher, QuantSpec(wbits=3, abits=4), data, config, progress=False)
+    manifest = export_int(lapq, tmp_path / "l.safetensors", {**INFO, "act_placement": "reference"})
+    entry = manifest["layers"]["layer1.0.conv1"]
+    assert entry["fixed_range"] and entry["has_offset"] and entry["packed"]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(load_int(tmp_path / "l.safetensors")(x), lapq(x))
+
+
+def test_an_edited_or_truncated_manifest_is_refused(tmp_path):
+    export_int(
+        student(SPECS["w4a4 reference"]),
+        tmp_path / "s.safetensors",
+        {**INFO, "act_placement": "reference"},
+    )
+    manifest = tmp_path / "s.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"wbits": 4', '"wbits": 3', 1))
+    with pytest.raises(ZsqError, match="edited or truncated"):
+        load_int(tmp_path / "s.safetensors")
+    manifest.write_text(text[: len(text) // 2])
+    with pytest.raises(ZsqError, match="edited or truncated"):
+        load_int(tmp_path / "s.safetensors")
+
+
+def quantized_input_layer(layer, bits=4, seed=0):
+    torch.manual_seed(seed)
+    aq = ActQuantizer(bits, observer="minmax")
+    return aq
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("offset", [False, True])
+def test_the_integer_reference_equals_the_fake_quant_conv(groups, offset):
+    torch.manual_seed(groups)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups)
+    aq = ActQuantizer(4, observer="minmax")
+    layer = QuantConv2d.from_float(conv, 3, act_quant=aq)
+    x = torch.randn(2, 4, 9, 9) * 2
+    layer(x)  # observe the input range
+    aq.observing = False
+    if offset:
+        layer.set_weight_offset(torch.randn(6) * 0.01)
+    with torch.no_grad():
+        assert torch.allclose(integer_conv2d(layer, x, aq), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_integer_reference_equals_the_fake_quant_linear():
+    torch.manual_seed(3)
+    aq = ActQuantizer(5, observer="minmax")
+    layer = QuantLinear.from_float(nn.Linear(12, 5), 4, act_quant=aq)
+    x = torch.randn(7, 12)
+    layer(x)
+    aq.observing = False
+    layer.set_weight_offset(torch.randn(5) * 0.01)
+    with torch.no_grad():
+        assert torch.allclose(integer_linear(layer, x, aq), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_size_report_counts_packed_codes_at_half_a_byte():
+    s = student(SPECS["w4a4 reference"])
+    sizes = size_report(s)
+    conv = sizes["layers"]["layer1.0.conv1"]
+    assert conv["fp32"] == 2304 * 4 and conv["packed"] == 1152 + 16 * 14
+    assert conv["int8"] == 2304 + 16 * 14
+    assert sizes["total"]["fp32"] > sizes["total"]["int8"] > sizes["total"]["packed"]
+
+
+def test_onnx_without_the_extra_names_it(run_dir, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    )
+    assert main(["export", str(run_dir), "--format", "onnx", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'zsq[onnx]'" in err and "\n" not in err
+    assert not (run_dir / "student.onnx").exists()
+
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.parametrize("name", ["w4a4 reference", "w2a3 input placement", "w8a8 reference"])
+def test_onnx_has_qdq_on_every_quantized_tensor_and_runs_in_onnxruntime(name, tmp_path):
+    from zsq.export import export_onnx
+
+    s = student(SPECS[name])
+    path = export_onnx(s, tmp_path / "s.onnx", (3, 16, 16), {"num_classes": 10})
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    n_acts = sum(aq.bits is not None for _, aq in act_quantizers(s))
+    n_weights = sum(layer.wbits is not None for _, layer in quant_layers(s))
+    assert ops.count("QuantizeLinear") == n_acts
+    assert ops.count("DequantizeLinear") == n_acts + n_weights
+    integer = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    dq_inputs = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert len(integer & dq_inputs) == n_weights  # every quantized weight is stored as codes
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": torch.randn(5, 3, 16, 16).numpy()})[0]
+    assert got.shape == (5, 10)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_onnx_qdq_equals_the_quantizer_except_at_exact_ties(bits, tmp_path):
+    """ONNX divides by 1/S where Eq. 1 multiplies by S (and multiplies by 1/S where Eq. 4
+    divides): codes differ only where S*x lands within float rounding of a half-integer, by one
+    step; values otherwise by float rounding."""
+    from zsq.export import export_onnx
+
+    aq = ActQuantizer(bits, observer="minmax")
+    x = torch.randn(20000) * 3 + 0.5
+    aq(x)
+    aq.observing = False
+    layer = nn.Sequential(nn.Flatten(), nn.Linear(4, 4))
+    s = quantize_model(layer, QuantSpec(wbits=8, abits=bits, act_placement="input"))
+    s[1].act_quant = aq
+    # read the dequantized input back through an identity weight: compare the Q/DQ node itself
+    with torch.no_grad():
+        s[1].weight.copy_(torch.eye(4))
+        s[1].bias.zero_()
+    path = export_onnx(s, tmp_path / "q.onnx", (1, 2, 2))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = x.reshape(-1, 1, 2, 2)
+    got = torch.from_numpy(session.run(None, {"input": inputs.numpy()})[0]).reshape(-1)
+    with torch.no_grad():
+        expected = aq(x)
+    step = 1.0 / float(aq.qparams()[0])
+    steps = ((got - expected) / step).round()  # codes apart; the rest is float rounding
+    assert steps.abs().max() <= 1 and (steps != 0).float().mean() < 1e-3
+    assert torch.allclose(got - steps * step, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_onnx_matches_a_trained_student(shared_data, tmp_path):
+    from zsq.export import export_onnx
+    from zsq.models import load_teacher
+
+    teacher, _ = load_teacher("resnet20", str(shared_data / "weights/resnet20_cifar10jpeg.pt"))
+    s = quantize_model(teacher.eval(), QuantSpec(wbits=4, abits=4))
+    calibrate_activations(
+        s, [torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    )
+    s.eval()
+    path = export_onnx(s, tmp_path / "r.onnx", (3, 32, 32))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        expected = s(x)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert (got - expected).abs().max() < 1e-3
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+@pytest.fixture
+def run_dir(small_teacher, tmp_path):
+    out = tmp_path / "run"
+    argv = ["quantize", *small_teacher, "--out", str(out), "--calib-size", "16"]
+    assert main([*argv, "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+def test_cli_exports_both_formats_and_evaluates_them(run_dir, tmp_path, capsys):
+    import numpy as np
+
+    for fmt, name in (("int", "s.safetensors"), ("onnx", "s.onnx")):
+        code = main(
+            [
+                "export",
+                str(run_dir),
+                "--format",
+                fmt,
+                "--out",
+                str(tmp_path / name),
+                "--json",
+                "--quiet",
+            ]
+        )
+        result = json.loads(capsys.readouterr().out)
+        assert code == 0 and result["bytes"] == (tmp_path / name).stat().st_size
+        check = result["check"]
+        assert check.get("identical_outputs", True) and check.get("argmax_agreement", 1.0) == 1.0
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (20, 8, 8), np.uint8), y=np.arange(20) % 10)
+    tops = []
+    for name in ("s.safetensors", "s.onnx"):
+        code = main(
+            [
+                "eval-export",
+                str(tmp_path / name),
+                "--data",
+                f"npz:{tmp_path}/d.npz",
+                "--json",
+                "--quiet",
+            ]
+        )
+        assert code == 0
+        tops.append(json.loads(capsys.readouterr().out)["top1"])
+    assert tops[0] == tops[1]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not a quantize folder", "missing --out folder", "edited manifest", "truncated manifest"],
+)
+def test_cli_export_errors_exit_2_with_one_line(case, run_dir, tmp_path, capsys):
+    if case == "not a quantize folder":
+        (tmp_path / "other").mkdir()
+        argv = ["export", str(tmp_path / "other"), "--format", "int"]
+    elif case == "missing --out folder":
+        argv = [
+            "export",
+            str(run_dir),
+            "--format",
+            "int",
+            "--out",
+            str(tmp_path / "no/s.safetensors"),
+        ]
+    else:
+        assert main(["export", str(run_dir), "--format", "int", "--quiet"]) == 0
+        manifest = run_dir / "student.int.json"
+        text = manifest.read_text()
+        edited = (
+            text.replace('"in_channels": 1', '"in_channels": 3') if "edited" in case else text[:50]
+        )
+        manifest.write_text(edited)
+        argv = ["eval-export", str(run_dir / "student.int.safetensors"), "--data", "digits"]
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zsq: error: ")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
