@@ -147,3 +147,16 @@ def test_default_recipe_is_announced_and_tf32_on_cpu_noted(teacher, caplog, monk
     text = caplog.text
     assert "no recipe given: using paper-cifar" in text and "80,000 iterations" in text
     assert "tf32 has no effect on cpu" in text
+
+
+def test_a_generator_run_keeps_its_trained_generator(teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    from zsq.synth import build_source
+
+    work = tmp_path / "run"
+    quantize(teacher, method="gdfq", recipe="demo", overrides=TINY, work_dir=str(work), seed=0)
+    state = load_file(str(work / "generator.safetensors"))
+    fresh = build_source("gdfq", teacher, num_classes=10, image_shape=(1, 8, 8))
+    fresh.load_state_dict(state)  # strict: the whole generator, nothing else
+    fresh.close()

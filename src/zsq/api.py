@@ -281,11 +281,25 @@ def zero_shot_quantize(
         if resume and not trainer.resume():
             raise ZsqError(f"no checkpoint to resume in {work_dir}; start without --resume")
         history = trainer.fit()
+        _keep_source(source, work_dir)
     finally:
         if trainer is not None:
             trainer.close()
         source.close()
     return student, history
+
+
+SOURCE_FILE = "generator.safetensors"  # the trained sample source, kept for analysis
+
+
+def _keep_source(source: nn.Module, work_dir: Path | None) -> None:
+    """The trained generator's weights in the run folder: the analyses draw their synthetic
+    batches from the run's own generator (``zsq analyze``)."""
+    from zsq.io import save_safetensors
+
+    state = source.state_dict()
+    if work_dir is not None and state:
+        save_safetensors(state, Path(work_dir) / SOURCE_FILE, {"source": type(source).__name__})
 
 
 def _check_teacher(teacher: Any) -> None:
