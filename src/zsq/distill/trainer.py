@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from zsq.analysis.gradients import GradientMeter, cosine_similarity, grads_or_zeros
 from zsq.distill.inundation import CrossingMeter, GradientInundation, InundationStats
 from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
 from zsq.errors import ZsqError
@@ -73,6 +74,7 @@ class _EpochTotals:
     terms: dict[str, Tensor]
     fraction: Tensor | None = None
     kappa: Tensor | None = None
+    grad_cosines: list[float] = field(default_factory=list)  # CE/KL, measured steps
     student_steps: int = 0
     source_steps: int = 0
 
@@ -135,6 +137,8 @@ class Distiller:
         )
         self.crossings = CrossingMeter(self.layers, count=recipe.gi_count)
         self.layer_names = [n for n, _ in self.crossings.layers]  # the layers GI and counts see
+        self._weights = [layer.weight for _, layer in self.crossings.layers]
+        self.grad_meter = GradientMeter()  # used when recipe.analyze_every is set
         self.optimizers = [self.optimizer]
         if source.optimizer is not None:
             self.optimizers.append(source.optimizer)
@@ -222,7 +226,9 @@ class Distiller:
             totals.add_terms(source_terms)
             totals.source_steps += 1
             if self.trains_student(epoch):
-                terms, fraction, kappa = self.student_step(batch)
+                every = self.recipe.analyze_every
+                measure = every is not None and i % every == 0
+                terms, fraction, kappa = self.student_step(batch, totals if measure else None)
                 totals.add_terms(terms)
                 totals.fraction = (
                     fraction if totals.fraction is None else totals.fraction + fraction
@@ -255,9 +261,13 @@ class Distiller:
             "" if phase else " (at least: student iterations cost more, estimated when they start)",
         )
 
-    def student_step(self, batch: SynthBatch) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+    def student_step(
+        self, batch: SynthBatch, measure: _EpochTotals | None = None
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
         """One optimiser step of the student on ``batch``. Returns loss terms, per-layer share
-        of weight levels changed, and per-layer kappa (GI only); all device tensors."""
+        of weight levels changed, and per-layer kappa (GI only); all device tensors. With
+        ``measure`` (every ``analyze_every`` steps) the CE/KL gradient cosine goes into it and
+        the applied gradient into the epoch mean, without changing the update."""
         with torch.no_grad(), self.execution.autocast(self.device):
             teacher_logits = self.teacher(batch.images).float()
         student_logits = self.student(batch.images)
@@ -269,8 +279,12 @@ class Distiller:
         if "ce" in self.recipe.loss:
             terms["student_ce"] = soft_cross_entropy(student_logits, batch.targets)
         loss = sum(terms.values())
+        if measure is not None:
+            measure.grad_cosines.append(self._ce_kl_cosine(student_logits, teacher_logits, batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if measure is not None:
+            self.grad_meter.update(grads_or_zeros([w.grad for w in self._weights], self._weights))
         if self.gi is not None:
             stats: InundationStats = self.gi.step()
             return terms, stats.fraction, stats.kappa
@@ -279,6 +293,20 @@ class Distiller:
         return terms, self.crossings.after(), None
 
     # --- measurement -----------------------------------------------------------------------
+    def _ce_kl_cosine(
+        self, student_logits: Tensor, teacher_logits: Tensor, batch: SynthBatch
+    ) -> float:
+        """Cosine between the CE and KL gradients at the quantized weights (paper Figs. 1, 5b),
+        whichever loss the run trains with; the graph is kept for the update's backward."""
+        ce = soft_cross_entropy(student_logits, batch.targets)
+        kl = kl_to_teacher(
+            student_logits, teacher_logits, self.recipe.temperature, self.recipe.kl_reduction
+        )
+        weights = self._weights
+        g_ce = torch.autograd.grad(ce, weights, retain_graph=True, allow_unused=True)
+        g_kl = torch.autograd.grad(kl, weights, retain_graph=True, allow_unused=True)
+        return cosine_similarity(grads_or_zeros(g_ce, weights), grads_or_zeros(g_kl, weights))
+
     @torch.no_grad()
     def probe_metrics(self) -> dict[str, float]:
         """True KL(teacher || student) (T=1, per sample) and top-1 agreement on the fixed batch."""
@@ -302,6 +330,10 @@ class Distiller:
             kappa = (totals.kappa / totals.student_steps).tolist()
             metrics["kappa"] = dict(zip(self.layer_names, kappa, strict=True))
             metrics["rho"] = self.gi.rho
+        if totals.grad_cosines:
+            metrics["grad_cos_ce_kl"] = sum(totals.grad_cosines) / len(totals.grad_cosines)
+            metrics["grad_cos_ce_kl_steps"] = totals.grad_cosines
+            metrics["grad_cos_epoch"] = self.grad_meter.end_epoch()
         if self.trains_student(epoch):
             set_observing(self.student, False)  # measuring must not move ranges; reset per epoch
             metrics.update(self.probe_metrics())
@@ -335,6 +367,7 @@ class Distiller:
                 None if self.source.optimizer is None else self.source.optimizer.state_dict()
             ),
             "gi": None if self.gi is None else self.gi.state_dict(),
+            "grad_mean": self.grad_meter.previous_mean,
             "probe": None if self.probe is None else vars(self.probe),
             "history": json.dumps(self.history),
             "recipe": json.dumps(self.recipe.to_dict()),
@@ -362,6 +395,7 @@ class Distiller:
             None if state["probe"] is None else SynthBatch(**state["probe"]).to(self.device)
         )
         self.history = json.loads(state["history"])
+        self.grad_meter.previous_mean = state.get("grad_mean")
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:

@@ -55,6 +55,9 @@ class DistillRecipe:
     # measurement
     eval_every: int = 1  # epochs between evaluations on --eval-data (the last epoch always)
     probe_batch_size: int = 256  # fixed synthetic batch for KL-to-teacher tracking
+    # every N-th student step: CE/KL gradient cosine and the epoch-mean gradient (paper Figs.
+    # 1, 3a, 5b), measured beside the update, never changing it; None: off
+    analyze_every: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("epochs", "iters_per_epoch", "batch_size", "eval_every", "probe_batch_size")
@@ -78,6 +81,8 @@ class DistillRecipe:
             raise ZsqError(f"unknown gi_count {self.gi_count!r}; use one of {GI_COUNTS}")
         if self.gi_search not in GI_SEARCHES:
             raise ZsqError(f"unknown gi_search {self.gi_search!r}; use one of {GI_SEARCHES}")
+        if self.analyze_every is not None and self.analyze_every < 1:
+            raise ZsqError(f"analyze_every={self.analyze_every} must be >= 1, or off")
         if not 0 < self.rho < 1:
             raise ZsqError(f"rho={self.rho} must be in (0, 1)")
         if self.student_lr <= 0 or self.lr_mult <= 0 or self.gen_lr <= 0:
@@ -135,6 +140,7 @@ _KIND_WORDS = {
     "bool": "true or false",
     "tuple": "comma-separated whole numbers",
     "str": "text",
+    "optint": "a whole number, or off",
 }
 
 
@@ -143,10 +149,14 @@ def _field_kind(field_type: Any) -> str:
     kind = str(field_type)
     if "tuple" in kind:
         return "tuple"
+    if kind == "int | None":
+        return "optint"
     return next((k for k in ("int", "float", "bool") if kind in (k, f"<class '{k}'>")), "str")
 
 
 def _from_text(kind: str, text: str) -> Any:
+    if kind == "optint":
+        return None if text.lower() in ("off", "none", "0") else int(text)
     if kind == "tuple":
         return tuple(int(v) for v in text.split(",") if v.strip())
     if kind == "bool":
@@ -159,6 +169,8 @@ def _from_text(kind: str, text: str) -> Any:
 def _from_value(kind: str, value: Any) -> Any:
     """A Python value (API overrides) of the field's type; bools are not numbers here."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "optint" and (value is None or is_int):
+        return value or None
     if kind == "int" and is_int:
         return value
     if kind == "float" and (is_int or isinstance(value, float)):
