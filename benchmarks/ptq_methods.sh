@@ -16,6 +16,7 @@
 #   lapq-real              LAPQ on 512 REAL training images (not zero-shot)
 #   lapq-zeroq lapq-gdfq   LAPQ on ZeroQ / GDFQ images (data-free; beyond both papers)
 #   lapq-lw lapq-qa        LAPQ's Table 3: layer-wise only (p=2), + quadratic p (real images)
+#   lapq-zeroq-lw lapq-zeroq-qa   the same two stages on ZeroQ images (data-free)
 #   lapq-nobc              LAPQ's Table 4: without bias correction (real images)
 #   lapq-paper             --lapq-layers paper (stem, last conv, classifier in FP; real images)
 #   ait ait-init           GDFQ+AIT short recipe, from the float copy / from LAPQ on ZeroQ data
@@ -37,6 +38,8 @@ row_flags() {  # row data-name train-spec
     lapq-gdfq)  echo "--method lapq --calib gdfq --source-opt cache=$OUT/cache/$2-gdfq.safetensors" ;;
     lapq-lw)    echo "--method lapq --calib $3 --lapq-opt stages=lw" ;;
     lapq-qa)    echo "--method lapq --calib $3 --lapq-opt stages=lw+qa" ;;
+    lapq-zeroq-lw) echo "--method lapq --calib zeroq $zq --lapq-opt stages=lw" ;;
+    lapq-zeroq-qa) echo "--method lapq --calib zeroq $zq --lapq-opt stages=lw+qa" ;;
     lapq-nobc)  echo "--method lapq --calib $3 --lapq-opt bias_correction=false" ;;
     lapq-paper) echo "--method lapq --calib $3 --lapq-layers paper" ;;
     ait)        echo "--method gdfq --ait --recipe short" ;;
@@ -63,7 +66,7 @@ DATASETS=${DATASETS:-"cifar10-jpeg fashion-mnist"}
 for data in $DATASETS; do
   for bits in $BITS; do
     for row in $ROWS; do
-      case $row in ait|ait-init|lapq-lw|lapq-qa|lapq-nobc|lapq-paper) [ "$bits" = 4/4 ] || continue ;; esac
+      case $row in ait|ait-init|lapq-lw|lapq-qa|lapq-nobc|lapq-paper|lapq-zeroq-*) [ "$bits" = 4/4 ] || continue ;; esac
       case $data in
         fashion-mnist) run_row fashion-mnist "$SHARED/weights/resnet20_fashionmnist.pt" \
           "fashion-mnist:$SHARED/fashion-mnist" "fashion-mnist:$SHARED/fashion-mnist" 28 "$row" "$bits" ;;

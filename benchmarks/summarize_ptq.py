@@ -20,6 +20,8 @@ ROWS = {
     "lapq-gdfq": "LAPQ on GDFQ images",
     "lapq-lw": "LAPQ layer-wise only, p=2 **(real data)**",
     "lapq-qa": "LAPQ layer-wise + quadratic p **(real data)**",
+    "lapq-zeroq-lw": "LAPQ layer-wise only on ZeroQ images",
+    "lapq-zeroq-qa": "LAPQ layer-wise + quadratic p on ZeroQ images",
     "lapq-nobc": "LAPQ without bias correction **(real data)**",
     "lapq-paper": "LAPQ, --lapq-layers paper **(real data)**",
     "ait": "GDFQ+AIT (short)",
