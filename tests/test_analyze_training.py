@@ -2,8 +2,8 @@
 the update and never changing it."""
 
 import torch
-
 from tests.test_api import TINY
+
 from zsq.api import zero_shot_quantize
 from zsq.demo import digits_cnn
 
