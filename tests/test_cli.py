@@ -163,7 +163,8 @@ def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, small_teache
 
     from safetensors.torch import load_file
 
-    args = [*tiny_distill_args(small_teacher, epochs=6), "--seed", "3"]
+    # enough epochs that the run is still going when the first checkpoint is seen
+    args = [*tiny_distill_args(small_teacher, epochs=40), "--seed", "3"]
     assert run_cli(*args, "--out", tmp_path / "full").returncode == 0
 
     out = tmp_path / "cut"
@@ -175,7 +176,7 @@ def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, small_teache
     checkpoint = tmp_path / "cut.partial" / "checkpoint" / "last.pt"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130, proc.stderr.read()
     assert checkpoint.exists() and not out.exists()
