@@ -20,6 +20,7 @@
 #   lapq-nobc              LAPQ's Table 4: without bias correction (real images)
 #   lapq-paper             --lapq-layers paper (stem, last conv, classifier in FP; real images)
 #   ait ait-init           GDFQ+AIT short recipe, from the float copy / from LAPQ on ZeroQ data
+#   ait-init-qa            ... from LAPQ's layer-wise + quadratic-p solution on ZeroQ data
 set -euo pipefail
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
 OUT=${OUT:-runs/ptq-methods}
@@ -44,6 +45,7 @@ row_flags() {  # row data-name train-spec
     lapq-paper) echo "--method lapq --calib $3 --lapq-layers paper" ;;
     ait)        echo "--method gdfq --ait --recipe short" ;;
     ait-init)   echo "--method gdfq --ait --recipe short --init lapq --calib-opt cache=$OUT/cache/$2-zeroq.safetensors" ;;
+    ait-init-qa) echo "--method gdfq --ait --recipe short --init lapq --lapq-opt stages=lw+qa --calib-opt cache=$OUT/cache/$2-zeroq.safetensors" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }
@@ -66,7 +68,7 @@ DATASETS=${DATASETS:-"cifar10-jpeg fashion-mnist"}
 for data in $DATASETS; do
   for bits in $BITS; do
     for row in $ROWS; do
-      case $row in ait|ait-init|lapq-lw|lapq-qa|lapq-nobc|lapq-paper|lapq-zeroq-*) [ "$bits" = 4/4 ] || continue ;; esac
+      case $row in ait|ait-init*|lapq-lw|lapq-qa|lapq-nobc|lapq-paper|lapq-zeroq-*) [ "$bits" = 4/4 ] || continue ;; esac
       case $data in
         fashion-mnist) run_row fashion-mnist "$SHARED/weights/resnet20_fashionmnist.pt" \
           "fashion-mnist:$SHARED/fashion-mnist" "fashion-mnist:$SHARED/fashion-mnist" 28 "$row" "$bits" ;;

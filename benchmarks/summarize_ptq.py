@@ -26,6 +26,7 @@ ROWS = {
     "lapq-paper": "LAPQ, --lapq-layers paper **(real data)**",
     "ait": "GDFQ+AIT (short)",
     "ait-init": "GDFQ+AIT (short), --init lapq (ZeroQ images)",
+    "ait-init-qa": "GDFQ+AIT (short), --init lapq --lapq-opt stages=lw+qa (ZeroQ images)",
 }
 
 
