@@ -172,6 +172,8 @@ def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, small_teache
         [sys.executable, "-m", "zsq", *map(str, args), "--out", str(out)],
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background jobs inherit SIGINT ignored; the user's Ctrl-C is what we test
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     checkpoint = tmp_path / "cut.partial" / "checkpoint" / "last.pt"
     deadline = time.time() + 300
