@@ -483,9 +483,8 @@ def carry_over_lapq(lapq_student: nn.Module, student: nn.Module) -> None:
         target = acts.get(name)
         if target is None or target.bits is None or aq.bits is None or aq.observing:
             continue
-        target.x_min.copy_(aq.x_min)
-        target.x_max.copy_(aq.x_max)
-        target.num_observed.fill_(1)
+        target.num_observed.fill_(0)  # LAPQ's range counts as the one observation
+        target.set_range(aq.x_min, aq.x_max, observing=True)
 
 
 def _has_checkpoint(work_dir: str | Path | None) -> bool:

@@ -35,6 +35,7 @@ from zsq.quant import (
     ActQuantizer,
     QuantSpec,
     act_quantizers,
+    code_range,
     dequantize,
     qparams_from_range,
     quant_layers,
@@ -237,23 +238,16 @@ def _load_act(aq: ActQuantizer, entry: dict) -> None:
     if aq.bits is None:
         return
     aq.symmetric = entry["symmetric"]
-    aq.x_min.fill_(entry["x_min"])
-    aq.x_max.fill_(entry["x_max"])
-    aq.num_observed.fill_(max(entry.get("observed", 1), 1))
+    aq.num_observed.fill_(entry.get("observed", 1))
+    aq.set_range(entry["x_min"], entry["x_max"])
 
 
 # --- what an integer engine computes ---------------------------------------------------------
 def _levels(x: Tensor, aq: ActQuantizer) -> tuple[Tensor, Tensor]:
     """Integer levels ``q + z`` of an input on ``aq``'s grid, and ``1 / S`` as float64."""
     scale, zero_point = aq.qparams()
-    codes = torch.clamp(torch.round(scale * x - zero_point), *_code_bounds(aq.bits))
+    codes = torch.clamp(torch.round(scale * x - zero_point), *code_range(aq.bits))
     return (codes + zero_point).to(torch.int64), 1.0 / scale.double()
-
-
-def _code_bounds(bits: int) -> tuple[int, int]:
-    from zsq.quant import code_range
-
-    return code_range(bits)
 
 
 def _weight_levels(layer: QuantConv2d | QuantLinear) -> tuple[Tensor, Tensor]:

@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from zsq.errors import ZsqError
 from zsq.ptq.calibration import CalibrationSet
 from zsq.quant import (
-    ActQuantizer,
     QuantSpec,
     act_quantizers,
     dequantize,
@@ -400,7 +399,7 @@ class Lapq:
                 if self.config.bias_correction:
                     bias_correct(clip.module)
             else:
-                _freeze_range(clip.module, 0.0 if clip.kind == "unsigned" else -alpha, alpha)
+                clip.module.set_range(0.0 if clip.kind == "unsigned" else -alpha, alpha)
 
     def layerwise(self, p: float) -> np.ndarray:
         values = []
@@ -504,13 +503,6 @@ def _subsample(x: Tensor, limit: int, gen: torch.Generator) -> Tensor:
     if len(x) <= limit:
         return x
     return x[torch.randperm(len(x), generator=gen)[:limit].to(x.device)]
-
-
-def _freeze_range(aq: ActQuantizer, lo: float, hi: float) -> None:
-    aq.x_min.fill_(lo)
-    aq.x_max.fill_(hi)
-    aq.num_observed.fill_(max(int(aq.num_observed), 1))
-    aq.observing = False
 
 
 @torch.no_grad()

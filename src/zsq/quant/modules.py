@@ -74,6 +74,17 @@ class ActQuantizer(nn.Module):
         self.x_max.copy_(torch.where(first, batch_max, new_max))
         self.num_observed += 1
 
+    @torch.no_grad()
+    def set_range(
+        self, x_min: float | Tensor, x_max: float | Tensor, observing: bool = False
+    ) -> None:
+        """Set the range from outside (a clip, a loaded export): counted as observed, so an
+        EMA that keeps ``observing`` blends new batches into it instead of replacing it."""
+        self.x_min.copy_(torch.as_tensor(x_min, dtype=self.x_min.dtype))
+        self.x_max.copy_(torch.as_tensor(x_max, dtype=self.x_max.dtype))
+        self.num_observed.clamp_(min=1)
+        self.observing = observing
+
     def qparams(self) -> tuple[Tensor, Tensor]:
         if self.bits is None:
             raise ZsqError("a full-precision activation quantizer has no scale or zero point")
