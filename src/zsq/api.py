@@ -295,10 +295,11 @@ SOURCE_FILE = "generator.safetensors"  # the trained sample source, kept for ana
 def _keep_source(source: nn.Module, work_dir: Path | None) -> None:
     """The trained generator's weights in the run folder: the analyses draw their synthetic
     batches from the run's own generator (``zsq analyze``)."""
+    from zsq.distributed import world
     from zsq.io import save_safetensors
 
     state = source.state_dict()
-    if work_dir is not None and state:
+    if work_dir is not None and state and world().is_main:
         save_safetensors(state, Path(work_dir) / SOURCE_FILE, {"source": type(source).__name__})
 
 

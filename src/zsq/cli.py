@@ -189,6 +189,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    """One run; under torchrun every process runs this and rank 0 prints the report."""
+    from zsq import distributed
+
+    try:
+        current = distributed.init_from_env(args.device)
+        report = _quantize(args)
+    finally:
+        distributed.shutdown()
+    if not current.is_main:
+        return 0
+    if args.json:
+        print(json.dumps(report))
+    else:
+        from zsq.pipeline import report_markdown
+
+        print(report_markdown(report), end="")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> dict:
     from zsq.pipeline import QuantizeConfig, run_quantize
 
     if bool(args.out) == bool(args.resume):
@@ -210,14 +230,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    report = run_quantize(cfg)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        from zsq.pipeline import report_markdown
-
-        print(report_markdown(report), end="")
-    return 0
+    return run_quantize(cfg)
 
 
 def _refuse_unused_flags(args: argparse.Namespace) -> None:
@@ -778,9 +791,18 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
     """What an interrupted command left behind: a run to resume (and the command), or nothing."""
+    hint = _resume_hint(args, argv)
+    if hint is None:
+        return "interrupted"
+    return "interrupted" + hint
+
+
+def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """`` before the first checkpoint; nothing was kept`` or ``; continue with: zsq ...``; None
+    for commands that leave no run behind."""
     target = getattr(args, "out", None) or getattr(args, "resume", None)
     if args.command != "quantize" or not target:
-        return "interrupted"
+        return None
     from zsq.io import checkpoint_file, partial_dir
 
     try:
@@ -788,8 +810,37 @@ def _interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
     except ZsqError:
         resumable = False
     if not resumable:
-        return "interrupted before the first checkpoint; nothing was kept"
-    return "interrupted; continue with: " + shlex.join(["zsq", *_resume_argv(argv)])
+        return " before the first checkpoint; nothing was kept"
+    return "; continue with: " + shlex.join([*_launcher(), *_resume_argv(argv)])
+
+
+def _launcher() -> list[str]:
+    """``zsq``, or the torchrun command this process was started by (same process count)."""
+    import os
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return ["zsq"]
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(size))
+    return ["torchrun", f"--nproc-per-node={per_node}", "-m", "zsq"]
+
+
+def _is_process_group_failure(err: Exception) -> bool:
+    """A collective that failed because another rank stopped (or the group timed out)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(err, (dist.DistError, RuntimeError))
+
+
+def _group_failure_message(err: Exception, args: argparse.Namespace, argv: list[str]) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[0][:160] if lines else type(err).__name__
+    hint = _resume_hint(args, argv) or ""
+    return f"the process group failed ({detail}); another process of the run stopped{hint}"
 
 
 def _resume_argv(argv: list[str]) -> list[str]:
@@ -806,9 +857,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; the other ranks only warn
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.WARNING if args.quiet or rank else logging.INFO,
+        format=("" if not rank else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s",
     )
     try:
         with _sigterm_as_interrupt():
@@ -816,6 +870,11 @@ def main(argv: list[str] | None = None) -> int:
     except ZsqError as err:
         print(f"zsq: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not _is_process_group_failure(err):
+            raise
+        print(f"zsq: error: {_group_failure_message(err, args, argv)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:
         print(f"zsq: {_interrupted_message(args, argv)}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from zsq.distributed import World, sum_counts
+from zsq.distributed import world as dist_world
 from zsq.errors import ZsqError
 from zsq.models import input_channels
 from zsq.runtime import resolve_device
@@ -42,6 +44,7 @@ def evaluate(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    distributed: bool = False,
 ) -> EvalResult:
     """Run ``model`` over ``dataset`` in order and count top-1/top-5 hits.
 
@@ -49,7 +52,9 @@ def evaluate(
     run; its previous train/eval mode is restored afterwards. Top-5 becomes top-k with
     k = min(5, number of classes) so small-class-count models still get a meaningful number.
     Measuring leaves the random number generators as it found them, so a training run that
-    evaluates on schedule ends with the same model as one that does not.
+    evaluates on schedule ends with the same model as one that does not. ``distributed=True``
+    under torchrun: every rank of the process group calls this, scores every ``size``-th image
+    from its rank on, and all get the counts summed over ranks (the single-process result).
     """
     if len(dataset) == 0:
         raise ZsqError("cannot evaluate on an empty dataset; check the dataset spec and split")
@@ -57,6 +62,9 @@ def evaluate(
         raise ZsqError(f"batch_size must be >= 1, got {batch_size}")
     _check_channels(model, dataset)
     device = resolve_device(device)
+    current = dist_world() if distributed else World()
+    if current.active:
+        dataset = Subset(dataset, range(current.rank, len(dataset), current.size))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -71,6 +79,8 @@ def evaluate(
     try:
         with _rng_untouched(device):
             hits1, hits5, seen = _count_hits(model, loader, device, progress)
+        if current.active:
+            hits1, hits5, seen = sum_counts([hits1, hits5, seen])
     finally:
         model.train(was_training)
     result = EvalResult(100.0 * hits1 / seen, 100.0 * hits5 / seen, seen)

@@ -7,6 +7,7 @@ same in a few lines. Methods register a function in ``METHODS``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import zsq
+from zsq import distributed
 from zsq.api import (
     CALIB_SIZE,
     INIT_REPORT,
@@ -329,11 +331,6 @@ def _check_method_options(cfg: QuantizeConfig) -> None:
         LapqConfig.from_options(opts["lapq"])  # bad names or values fail before any work
 
 
-def _check_config(cfg: QuantizeConfig) -> None:
-    _check_inputs(cfg)
-    check_output_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
-
-
 def prepare(cfg: QuantizeConfig) -> tuple[nn.Module, ModelMeta, Dataset | None, torch.device]:
     """Load and validate every input before anything is written."""
     _check_inputs(cfg)
@@ -390,14 +387,26 @@ def _shape_source(t: TeacherConfig, meta: ModelMeta) -> str:
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
-    """Quantize, evaluate and write ``student.safetensors``, ``quant.json``, ``report.json/.md``."""
+    """Quantize, evaluate and write ``student.safetensors``, ``quant.json``, ``report.json/.md``.
+
+    Under ``torchrun`` (a process group set up, :mod:`zsq.distributed`) every rank calls this;
+    rank 0 checks and writes the output folder, and every rank trains and evaluates its share.
+    """
     started = time.perf_counter()
-    _check_config(cfg)
+    current = distributed.world()
+    cfg = _for_this_rank(cfg, current)
+    _check_inputs(cfg)
+    out, overwrite, resume = cfg.out, cfg.overwrite, cfg.resume
+    distributed.on_main(lambda: check_output_dir(out, overwrite=overwrite, resume=resume))
     ctx = build_context(cfg, cfg.out)
     _check_teacher_fits(ctx)
     options = run_options(ctx)
-    previous = _sessions_before(cfg, options)
+    previous = distributed.on_main(lambda: _sessions_before(cfg, options))
     seed_everything(cfg.seed)
+    if not current.is_main:  # trains and evaluates its share; rank 0 writes
+        ctx.work_dir = partial_dir(cfg.out)
+        result = METHODS[cfg.method](ctx)
+        return _build_report(ctx, result, started, previous)
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume) as work:
         ctx.work_dir = work
         write_marker(work, _run_record(options, previous))
@@ -412,6 +421,24 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
         write_marker(work, _run_record(options, report["sessions"]))
     log.info("wrote %s", cfg.out)
     return report
+
+
+def _for_this_rank(cfg: QuantizeConfig, current: distributed.World) -> QuantizeConfig:
+    """The rank's device (its own GPU under NCCL) and progress bars on rank 0 only; methods
+    that do not run over several processes are refused."""
+    if not current.active:
+        return cfg
+    if cfg.method in POST_TRAINING_METHODS or cfg.method_options.get("init"):
+        what = f"--method {cfg.method}" if cfg.method in POST_TRAINING_METHODS else "--init"
+        raise ZsqError(
+            f"{what} runs in one process (it takes minutes, not GPU-days); start it without "
+            "torchrun, or use a generator method (gdfq, qimera, arc) over several processes"
+        )
+    return dataclasses.replace(
+        cfg,
+        device=distributed.device_for(cfg.device, current),
+        progress=cfg.progress and current.is_main,
+    )
 
 
 # --- the run record: what defines a run, checked on --resume --------------------------------
@@ -444,6 +471,7 @@ def run_options(ctx: Context) -> dict[str, Any]:
         "--symmetric": quant.pop("w_symmetric"),
         "--act-placement": quant.pop("act_placement"),
         "--layer": quant.pop("overrides"),
+        "world size": distributed.world().size if distributed.world().active else None,
         **{f"quant {key}": value for key, value in quant.items()},
     }
     if cfg.method in GENERATOR_METHODS:
@@ -489,6 +517,7 @@ def _sessions_before(cfg: QuantizeConfig, options: dict[str, Any]) -> list[float
     restart = f"start again with --out {cfg.out} --overwrite"
     if "options" not in record:
         raise ZsqError(f"{work} does not record the options it started with; {restart}")
+    _check_same_world(record["options"], options, cfg.out)
     changed = _differences(record["options"], options)
     if changed:
         raise ZsqError(
@@ -497,6 +526,20 @@ def _sessions_before(cfg: QuantizeConfig, options: dict[str, Any]) -> list[float
         )
     read_verified(checkpoint_file(work), fix=restart)
     return [float(s) for s in record.get("sessions", [])]
+
+
+def _check_same_world(saved: dict[str, Any], current: dict[str, Any], out: Path) -> None:
+    """A run continues with the number of processes it started with (each has its own RNG
+    stream, and the batch is split that many ways)."""
+    before, now = saved.get("world size") or 1, current.get("world size") or 1
+    if before != now:
+        raise ZsqError(
+            f"cannot resume {out}: it ran as {before} process(es), this is {now}; resume with "
+            f"torchrun and {before} processes in all (--nproc-per-node x nodes)"
+            if before > 1
+            else f"cannot resume {out}: it ran as one process, this is {now}; resume it without "
+            "torchrun"
+        )
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], shown: int = 6) -> str:
@@ -527,7 +570,7 @@ def _short(value: Any) -> str:
 def _score(model: nn.Module, eval_set: Dataset | None, device, progress: bool) -> EvalResult | None:
     if eval_set is None:
         return None
-    return evaluate(model, eval_set, device=device, progress=progress)
+    return evaluate(model, eval_set, device=device, progress=progress, distributed=True)
 
 
 def _build_report(
@@ -552,6 +595,7 @@ def _build_report(
         "n_eval": student_score.n if student_score else 0,
         "seed": cfg.seed,
         "device": device_description(ctx.device),
+        **distributed.world().describe(),
         "calibration": "none",
         "real_data": False,
         "quant_spec": cfg.quant.to_dict(),
@@ -626,7 +670,9 @@ def run_distillation(ctx: Context) -> MethodResult:
     if ctx.eval_set is not None:
 
         def evaluate_fn(student: nn.Module) -> float:
-            return evaluate(student, ctx.eval_set, device=ctx.device, progress=False).top1
+            return evaluate(
+                student, ctx.eval_set, device=ctx.device, progress=False, distributed=True
+            ).top1
 
     init, calib = opts.get("init"), None
     if init is not None and not (cfg.resume and checkpoint_file(ctx.work_dir).exists()):

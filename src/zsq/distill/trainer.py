@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from zsq import distributed
 from zsq.analysis.gradients import GradientMeter, cosine_similarity, grads_or_zeros
 from zsq.distill.inundation import CrossingMeter, GradientInundation, InundationStats
 from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
@@ -33,7 +34,7 @@ from zsq.execution import Execution, compile_in_place, release_compiled
 from zsq.io import checkpoint_file, read_verified, write_text, write_verified
 from zsq.quant import quant_layers, set_observing
 from zsq.recipes import DistillRecipe
-from zsq.runtime import module_digest, rng_state, set_rng_state
+from zsq.runtime import module_digest, rng_state, seed_everything, set_rng_state
 from zsq.synth import SampleSource, SynthBatch
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class Distiller:
     ``work_dir`` receives ``metrics.jsonl`` and ``checkpoint/last.pt`` every epoch; ``evaluate``
     (optional) scores the student on real data for the log only, never to select or train.
     ``execution`` sets precision and ``torch.compile`` (see :mod:`zsq.execution`); compiled
-    modules get their eager forward back from :meth:`close`.
+    modules get their eager forward back from :meth:`close`. Under ``torchrun`` every rank runs
+    this loop on its share of each batch (:mod:`zsq.distributed`); rank 0 writes.
     """
 
     def __init__(
@@ -120,6 +122,10 @@ class Distiller:
         for p in self.student.parameters():  # the student may be a copy of a frozen teacher
             p.requires_grad_(True)
 
+        self.world = distributed.world()
+        self.local_batch = distributed.local_batch_size(recipe.batch_size, self.world)
+        if self.world.active:
+            self._join_ranks()
         self.layers = list(quant_layers(student))
         self.optimizer = build_optimizer(list(student.parameters()), recipe)
         self.gi = (
@@ -151,6 +157,16 @@ class Distiller:
         if self.execution.compile:
             modules = [teacher, student, *source.children()]
             self._compiled = compile_in_place(modules, self.execution.compile)
+
+    def _join_ranks(self) -> None:
+        """Rank 0's student and source everywhere, global BatchNorm statistics in the source,
+        and this rank's own RNG stream for its share of the samples."""
+        for module in (self.student, self.source):
+            for tensor in module.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        distributed.use_global_batchnorm(self.source)
+        seed = distributed.rank_seed(torch.initial_seed(), self.world.rank)
+        seed_everything(seed)
 
     def close(self) -> None:
         """Undo what the trainer did to shared objects: compiled forwards, the source's autocast."""
@@ -195,7 +211,7 @@ class Distiller:
         self._eta_pending = {False, True}  # one estimate per phase: warm-up, student epochs
         while self.epoch < stop:
             started = time.perf_counter()
-            with self.execution.tensor_core_scope():
+            with self.execution.tensor_core_scope(), distributed.synced_statistics():
                 metrics = self.train_epoch(self.epoch)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             self.history.append(metrics)
@@ -222,7 +238,7 @@ class Distiller:
         for i in bar:
             if i == min(ETA_AFTER_ITERATIONS, self.recipe.iters_per_epoch - 1):
                 self._log_eta(epoch, i, started)
-            batch, source_terms = self.source.step(self.recipe.batch_size)
+            batch, source_terms = self.source.step(self.local_batch)
             totals.add_terms(source_terms)
             totals.source_steps += 1
             if self.trains_student(epoch):
@@ -283,6 +299,7 @@ class Distiller:
             measure.grad_cosines.append(self._ce_kl_cosine(student_logits, teacher_logits, batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.student.parameters())
         if measure is not None:
             self.grad_meter.update(grads_or_zeros([w.grad for w in self._weights], self._weights))
         if self.gi is not None:
@@ -305,7 +322,10 @@ class Distiller:
         weights = self._weights
         g_ce = torch.autograd.grad(ce, weights, retain_graph=True, allow_unused=True)
         g_kl = torch.autograd.grad(kl, weights, retain_graph=True, allow_unused=True)
-        return cosine_similarity(grads_or_zeros(g_ce, weights), grads_or_zeros(g_kl, weights))
+        g_ce, g_kl = grads_or_zeros(g_ce, weights), grads_or_zeros(g_kl, weights)
+        n = len(g_ce)
+        both = distributed.average_tensors([*g_ce, *g_kl])  # the global batch's gradients
+        return cosine_similarity(both[:n], both[n:])
 
     @torch.no_grad()
     def probe_metrics(self) -> dict[str, float]:
@@ -373,6 +393,7 @@ class Distiller:
             "recipe": json.dumps(self.recipe.to_dict()),
             "teacher": self._teacher_digest(),
             "rng": rng_state(),
+            "world_size": self.world.size,
         }
 
     def _teacher_digest(self) -> str:
@@ -396,14 +417,22 @@ class Distiller:
         )
         self.history = json.loads(state["history"])
         self.grad_meter.previous_mean = state.get("grad_mean")
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        set_rng_state(state["rng"] if ranks is None else ranks[self.world.rank])
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes (atomically, with its sha256); every rank's RNG state goes in."""
         path = self._checkpoint_path()
         if path is None:
             return
+        rngs = distributed.gather_objects(rng_state()) if self.world.active else None
+        if not self.world.is_main:
+            return
+        state = self.state_dict()
+        if rngs is not None:
+            state["rng_ranks"] = rngs
         buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
+        torch.save(state, buffer)
         write_verified(path, buffer.getvalue())  # with its sha256: a damaged file is refused
         lines = "".join(json.dumps(m) + "\n" for m in self.history)
         write_text(self.work_dir / METRICS_FILE, lines)
@@ -415,9 +444,11 @@ class Distiller:
         recipe, and one whose tensors do not fit this student and source (another teacher).
         """
         path = self._checkpoint_path()
-        if path is None or not path.exists():
+        if path is None:
             return False
-        payload = read_verified(path)
+        payload = distributed.on_main(lambda: read_verified(path) if path.exists() else None)
+        if payload is None:
+            return False
         try:
             state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as err:  # a torn or foreign file: say which and what to do
@@ -431,6 +462,12 @@ class Distiller:
             raise ZsqError(
                 f"checkpoint {path} was made with a different recipe (fields {changed}); resume "
                 "with the same options"
+            )
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world.size:
+            raise ZsqError(
+                f"checkpoint {path} was made by {saved_world} process(es), this run has "
+                f"{self.world.size}; resume with --nproc-per-node (times nodes) = {saved_world}"
             )
         if state.get("teacher", self._teacher_digest()) != self._teacher_digest():
             raise ZsqError(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zsq import distributed
 from zsq.errors import ZsqError
 from zsq.quant.quantizer import (
     QuantizedTensor,
@@ -62,6 +63,7 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         batch_min, batch_max = x.detach().min().float(), x.detach().max().float()
+        batch_min, batch_max = distributed.global_extremes(batch_min, batch_max)
         first = self.num_observed == 0
         if self.observer == "ema":
             m = self.momentum

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zsq import distributed
 from zsq.errors import ZsqError
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,15 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over every dim but 1, as BN computes them.
 
-    Half-precision inputs are upcast so the statistics are compared in float32.
+    Half-precision inputs are upcast so the statistics are compared in float32. In a run over
+    several processes (:mod:`zsq.distributed`) they cover every rank's share of the batch.
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     dims = [0, *range(2, x.dim())]
+    if distributed.syncing():
+        mean, var, _ = distributed.global_mean_var(x, dims)
+        return mean, var
     var, mean = torch.var_mean(x, dim=dims, correction=0)
     return mean, var
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zsq import distributed
 from zsq.errors import ZsqError
 from zsq.synth.base import (
     SampleSource,
@@ -278,6 +279,7 @@ class GdfqSource(SampleSource):
         loss = ce + self.bns_weight * bns
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(distributed.optimized_params(self.optimizer))
         self.optimizer.step()
         self.bns.records = []  # drop the graph-holding stats until the next step
         terms = {"gen_ce": ce.detach(), "gen_bns": bns.detach(), "gen_loss": loss.detach()}
