@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tests._ddp_worker import GLOBAL_BATCH, eval_set, gradient_case, spawn
 from tests._teachers import tiny_teacher
 
@@ -170,3 +171,9 @@ def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, small_teache
     report = json.loads(stdout)
     assert report["world_size"] == 2 and report["backend"] == "gloo"
     assert report["epochs_run"] == 5 and len(report["sessions"]) == 2
+
+    whole = _torchrun([*args, "--out", tmp_path / "whole"])  # never interrupted
+    assert whole.wait(timeout=300) == 0, whole.communicate()[1][-2000:]
+    resumed_state = load_file(out / "student.safetensors")
+    whole_state = load_file(tmp_path / "whole" / "student.safetensors")
+    assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)

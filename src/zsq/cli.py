@@ -229,6 +229,7 @@ def _quantize(args: argparse.Namespace) -> dict:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        mixed=_mixed_config(args),
     )
     return run_quantize(cfg)
 
@@ -652,10 +653,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="LAPQ option: stages=lw|lw+qa|lw+qa+powell, bias_correction=false, maxiter=1, "
         "maxfev=N, p_grid=2,2.5,3,..., lw_p=2, xtol=0.01",
     )
+    _add_mixed_args(p)
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "budget", help="per-layer parameters, MACs, bytes and BOPs; totals at uniform 2..8 bits"
+    )
+    _add_model_args(p)
+    p.add_argument("--abits", default="4", help="activation bits for the BOPs columns (4)")
+    p.add_argument("--budget", help="also show what this budget allows, e.g. wbits=3.5")
+    p.add_argument("--quiet", action="store_true", help="no info logs")
+    p.set_defaults(func=cmd_budget)
 
     p = sub.add_parser(
         "export",
@@ -700,6 +711,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_analyze(sub)
     return parser
+
+
+def _add_mixed_args(p: argparse.ArgumentParser) -> None:
+    from zsq.mixed.allocate import ALLOCATORS
+
+    g = p.add_argument_group("mixed precision (per-layer weight bits under a budget)")
+    g.add_argument(
+        "--budget",
+        help="hard budget: size=1.2MB (packed weights), bops=2.5G, or wbits=4.0 (mean weight "
+        "bits, parameter-weighted); see `zsq budget`",
+    )
+    g.add_argument("--bit-choices", help="candidate weight widths (default 2,3,4,5,6,8)")
+    g.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        help="sensitivity (default; ZeroQ's KL per layer), hessian (HAWQ-V2), constrained "
+        "(HDX-style search with a hard budget), penalty (its soft-penalty baseline)",
+    )
+    g.add_argument("--penalty", type=float, help="penalty weight (--allocator penalty)")
+    g.add_argument("--bits-from", metavar="FILE", help="reuse a run's bits.json (or its folder)")
+    g.add_argument(
+        "--alloc-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="source=zeroq|gaussian|gdfq|... (the allocator's synthetic images), samples=64, "
+        "probes=20 (hessian), steps=200 (search); other keys go to the source, e.g. cache=FILE",
+    )
+
+
+def _mixed_config(args: argparse.Namespace):
+    from zsq.mixed.allocate import MixedConfig
+
+    options = dict(_parse_option(item, "allocator option") for item in args.alloc_opt)
+    return MixedConfig.from_flags(
+        args.budget, args.allocator, args.bit_choices, args.penalty, args.bits_from, options
+    )
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    """The cost model of a teacher: what each layer costs, and uniform widths in total."""
+    from zsq.mixed.allocate import cost_problem
+    from zsq.mixed.cost import cost_table, layer_costs, parse_budget
+    from zsq.models import load_teacher
+    from zsq.pipeline import model_image_shape
+    from zsq.quant import parse_bits
+
+    teacher_cfg = _teacher_config(args)
+    fields = {k: v for k, v in vars(teacher_cfg).items() if k not in ("model", "weights")}
+    teacher, meta = load_teacher(teacher_cfg.model, teacher_cfg.weights, **fields)
+    shape = model_image_shape(args.model, meta)
+    abits = parse_bits(args.abits)
+    costs = layer_costs(teacher, shape)
+    print(f"{args.model} at input {shape}, activations {abits or 32} bits\n")
+    print(cost_table(costs, abits))
+    if args.budget:
+        budget = parse_budget(args.budget)
+        _, _, limit = cost_problem(teacher, shape, budget, (2, 3, 4, 5, 6, 8), abits)
+        print(f"\nbudget {budget.text}: {limit:.6g} in layer-cost units ({budget.kind})")
+    return 0
 
 
 def _add_analyze(sub: Any) -> None:

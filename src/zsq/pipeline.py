@@ -57,6 +57,7 @@ from zsq.methods import (
     default_calib,
     refuse_unused,
 )
+from zsq.mixed.allocate import BITS_FILE, Allocation, MixedConfig
 from zsq.models import ModelMeta, default_image_size, load_teacher
 from zsq.ptq import CalibrationSet, LapqConfig, is_synthetic
 from zsq.quant import QuantSpec, quant_params
@@ -89,7 +90,8 @@ class QuantizeConfig:
     ``recipe``, ``ait``, ``overrides``, ``execution`` (generator methods), ``source_options``
     (the generator, or the synthetic calibration source of a post-training method), ``init``
     and ``lapq`` (LapqConfig fields). ``download`` lets torchvision fetch the
-    ``eval_data``/``calib`` datasets it knows.
+    ``eval_data``/``calib`` datasets it knows. ``mixed`` chooses per-layer weight bits under a
+    budget before the method runs (:mod:`zsq.mixed`).
     """
 
     teacher: TeacherConfig
@@ -107,6 +109,7 @@ class QuantizeConfig:
     progress: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
     download: bool = False
+    mixed: MixedConfig | None = None  # --budget / --bits-from: per-layer weight bits
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Context:
     work_dir: Path
     eval_set: Dataset | None
     calib_set: Dataset | None = None  # real calibration images (--calib SPEC), else None
+    allocation: Allocation | None = None  # per-layer bits chosen under --budget
 
     @property
     def calib(self) -> str:
@@ -269,6 +273,8 @@ def _check_inputs(cfg: QuantizeConfig) -> None:
         )
     if cfg.eval_limit is not None and cfg.eval_data is None:
         raise ZsqError("--eval-limit has no effect without --eval-data; drop it or add the data")
+    if cfg.mixed is not None:
+        cfg.mixed.check()
     size = cfg.teacher.image_size
     if size is not None and size < 1:
         raise ZsqError(f"--image-size must be >= 1, got {size}; give the model's input size")
@@ -400,17 +406,23 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     distributed.on_main(lambda: check_output_dir(out, overwrite=overwrite, resume=resume))
     ctx = build_context(cfg, cfg.out)
     _check_teacher_fits(ctx)
+    check_budget(ctx)
     options = run_options(ctx)
     previous = distributed.on_main(lambda: _sessions_before(cfg, options))
     seed_everything(cfg.seed)
     if not current.is_main:  # trains and evaluates its share; rank 0 writes
         ctx.work_dir = partial_dir(cfg.out)
+        if cfg.mixed is not None:
+            apply_allocation(ctx, distributed.broadcast_object(None))
         result = METHODS[cfg.method](ctx)
         return _build_report(ctx, result, started, previous)
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume) as work:
         ctx.work_dir = work
         write_marker(work, _run_record(options, previous))
         try:
+            if cfg.mixed is not None:
+                allocation = run_allocation(ctx, work)
+                apply_allocation(ctx, distributed.broadcast_object(allocation))
             result = METHODS[cfg.method](ctx)
             report = _build_report(ctx, result, started, previous)
         except BaseException:  # the time this session spent counts when the run is resumed
@@ -439,6 +451,85 @@ def _for_this_rank(cfg: QuantizeConfig, current: distributed.World) -> QuantizeC
         device=distributed.device_for(cfg.device, current),
         progress=cfg.progress and current.is_main,
     )
+
+
+# --- mixed precision: bits per layer under a budget, before the method ----------------------
+def check_budget(ctx: Context) -> None:
+    """Before anything is written: a reused allocation fits the teacher; a budget is
+    achievable at the narrowest width (else one line naming the smallest achievable cost)."""
+    from zsq.mixed.allocate import check_feasible, check_fits, read_bits
+
+    mixed = ctx.config.mixed
+    if mixed is None:
+        return
+    if mixed.bits_from is not None:
+        check_fits(read_bits(mixed.bits_from), ctx.teacher)
+    else:
+        check_feasible(ctx.teacher, ctx.image_shape, mixed, ctx.config.quant)
+
+
+def run_allocation(ctx: Context, work: Path) -> Allocation:
+    """The run's allocation: kept from an earlier session, reused (--bits-from) or made now on
+    synthetic images from the configured source, and written to ``bits.json``."""
+    from zsq.mixed.allocate import allocate, read_bits, write_bits
+
+    cfg, mixed = ctx.config, ctx.config.mixed
+    kept = work / BITS_FILE
+    if kept.is_file():
+        return read_bits(kept)
+    if mixed.bits_from is not None:
+        allocation = read_bits(mixed.bits_from)
+    else:
+        folder = work / "allocation"
+        folder.mkdir(exist_ok=True)
+        images = make_calibration(
+            mixed.source,
+            ctx.teacher,
+            size=mixed.samples,
+            num_classes=ctx.meta.num_classes,
+            image_shape=ctx.image_shape,
+            seed=cfg.seed,
+            source_options=mixed.source_options,
+            work_dir=folder,
+            progress=cfg.progress,
+        )
+        allocation = allocate(
+            ctx.teacher,
+            image_shape=ctx.image_shape,
+            budget=mixed.budget,
+            allocator=mixed.allocator,
+            choices=mixed.choices,
+            spec=cfg.quant,
+            images=images.images.to(ctx.device),
+            samples=images.description,
+            penalty=1.0 if mixed.penalty is None else mixed.penalty,
+            search_steps=mixed.steps,
+            probes=mixed.probes,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+    write_bits(allocation, kept)
+    return allocation
+
+
+def apply_allocation(ctx: Context, allocation: Allocation) -> None:
+    ctx.allocation = allocation
+    ctx.config = dataclasses.replace(ctx.config, quant=allocation.apply(ctx.config.quant))
+
+
+def allocation_report(allocation: Allocation) -> dict[str, Any]:
+    """What the report says about the bits: per layer, the cost beside the budget, the time."""
+    return {
+        "allocator": allocation.allocator,
+        "budget": allocation.budget,
+        "cost": allocation.cost,
+        "limit": allocation.limit,
+        "within_budget": allocation.cost <= allocation.limit * (1 + 1e-9),
+        "wbits": dict(zip(allocation.layers, allocation.wbits, strict=True)),
+        "seconds": allocation.seconds,
+        "samples": allocation.samples,
+        "file": BITS_FILE,
+    }
 
 
 # --- the run record: what defines a run, checked on --resume --------------------------------
@@ -471,6 +562,7 @@ def run_options(ctx: Context) -> dict[str, Any]:
         "--symmetric": quant.pop("w_symmetric"),
         "--act-placement": quant.pop("act_placement"),
         "--layer": quant.pop("overrides"),
+        "mixed precision": cfg.mixed.to_dict() if cfg.mixed is not None else None,
         "world size": distributed.world().size if distributed.world().active else None,
         **{f"quant {key}": value for key, value in quant.items()},
     }
@@ -606,6 +698,8 @@ def _build_report(
         "python": platform.python_version(),
     }
     report.update(result.report)
+    if ctx.allocation is not None:
+        report["allocation"] = allocation_report(ctx.allocation)
     report["sizes"] = size_report(result.student)
     report["sessions"] = [*previous, _seconds_since(started)]
     report["seconds"] = round(sum(report["sessions"]), 2)

@@ -1,0 +1,491 @@
+"""Per-layer weight bit widths under a hard budget, chosen without data.
+
+Four allocators see only the teacher and synthetic images:
+
+- ``sensitivity`` (ZeroQ): the KL between the teacher and the model with only one layer
+  quantized, for every layer and width; the allocation minimising the summed KL under the budget
+  is solved exactly (:func:`zsq.mixed.solver.solve_allocation`).
+- ``hessian`` (HAWQ-V2's criterion): the layer's mean Hessian diagonal (Hutchinson trace / weight
+  count, of the KL at the full-precision model, i.e. its Fisher information) times the squared
+  weight-quantization error at each width; the same exact solver.
+- ``constrained`` (HDX's idea for bit widths) and ``penalty`` (its plain baseline): a
+  differentiable search over per-layer width probabilities while the model is distilled, the
+  hard budget kept by projecting the gradient (:mod:`zsq.mixed.search`).
+
+The result is an :class:`Allocation`, applied through :class:`QuantSpec` overrides and kept as
+``bits.json`` so another run can reuse it (``--bits-from``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from zsq.distill.losses import kl_to_teacher
+from zsq.errors import ZsqError
+from zsq.mixed.cost import Budget, budget_limit, layer_cost, layer_costs, parse_budget
+from zsq.mixed.solver import cheapest_cost, solve_allocation
+from zsq.quant import QuantSpec, parse_bits, quant_layers, quantize_model
+
+log = logging.getLogger(__name__)
+
+ALLOCATORS = ("sensitivity", "hessian", "constrained", "penalty")
+DEFAULT_CHOICES = (2, 3, 4, 5, 6, 8)
+BITS_FILE = "bits.json"
+EVAL_BATCH = 64
+
+
+@dataclass
+class Allocation:
+    """Weight bits per quantized layer, the budget they meet and how they were found."""
+
+    allocator: str
+    budget: str
+    kind: str
+    limit: float
+    layers: list[str]
+    wbits: list[int]
+    abits: int | None
+    cost: float
+    choices: list[int]
+    seconds: float = 0.0
+    samples: str = ""
+    scores: list[list[float]] | None = None  # what the solver minimised, per layer and width
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def overrides(self) -> dict[str, dict[str, int | None]]:
+        """``QuantSpec.overrides`` entries naming each layer exactly (glob-safe names)."""
+        pairs = zip(self.layers, self.wbits, strict=True)
+        return {_glob_literal(name): {"wbits": bits} for name, bits in pairs}
+
+    def apply(self, spec: QuantSpec) -> QuantSpec:
+        """``spec`` with this allocation's widths (after the spec's own overrides)."""
+        return replace(spec, overrides={**spec.overrides, **self.overrides()})
+
+    def mean_wbits(self, params: Sequence[int]) -> float:
+        return sum(b * n for b, n in zip(self.wbits, params, strict=True)) / sum(params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = ["| layer | wbits |", "|---|---|"]
+        lines += [f"| {n} | {b} |" for n, b in zip(self.layers, self.wbits, strict=True)]
+        return "\n".join(lines)
+
+
+def _glob_literal(name: str) -> str:
+    """A module name as a glob pattern matching only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def parse_choices(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"2,3,4,5,6,8"`` -> (2, 3, 4, 5, 6, 8): distinct widths 2..8, at least two."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    widths = []
+    for item in items:
+        bits = parse_bits(str(item).strip())
+        if bits is None:
+            raise ZsqError("--bit-choices takes bit widths 2..8, not 'off'")
+        widths.append(bits)
+    widths = sorted(set(widths))
+    if len(widths) < 2:
+        raise ZsqError(f"--bit-choices needs at least two widths, got {text!r}; e.g. 2,3,4,5,6,8")
+    return tuple(widths)
+
+
+def check_allocator(name: str) -> str:
+    if name not in ALLOCATORS:
+        raise ZsqError(f"unknown allocator {name!r}; use one of {', '.join(ALLOCATORS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    """``--budget``/``--bits-from`` and their options, as ``zsq quantize`` takes them.
+
+    ``source``/``samples``: the synthetic images the allocator sees (any registered source;
+    ZeroQ's distilled data by default); ``probes`` (hessian), ``steps`` (constrained, penalty);
+    ``source_options`` go to the source (e.g. ``steps`` or ``cache`` for zeroq).
+    """
+
+    budget: str | None = None
+    allocator: str = "sensitivity"
+    choices: tuple[int, ...] = DEFAULT_CHOICES
+    penalty: float | None = None
+    bits_from: str | None = None
+    source: str = "zeroq"
+    samples: int = 64
+    probes: int = 20
+    steps: int = 200
+    source_options: dict[str, Any] = field(default_factory=dict)
+
+    OPTIONS = ("source", "samples", "probes", "steps")  # --alloc-opt keys; others go to the source
+
+    def check(self) -> None:
+        if (self.budget is None) == (self.bits_from is None):
+            raise ZsqError("give one of --budget SPEC (choose the bits) or --bits-from FILE")
+        if self.budget is not None:
+            parse_budget(self.budget)
+        check_allocator(self.allocator)
+        parse_choices(list(self.choices))
+        if self.penalty is not None and self.allocator != "penalty":
+            raise ZsqError("--penalty has no effect without --allocator penalty; drop it")
+        if self.penalty is not None and self.penalty < 0:
+            raise ZsqError(f"--penalty must be >= 0, got {self.penalty}")
+        for key, low in (("samples", 1), ("probes", 1), ("steps", 1)):
+            if getattr(self, key) < low:
+                raise ZsqError(f"--alloc-opt {key} must be >= {low}, got {getattr(self, key)}")
+
+    @classmethod
+    def from_flags(
+        cls,
+        budget: str | None,
+        allocator: str | None,
+        choices: str | None,
+        penalty: float | None,
+        bits_from: str | None,
+        options: dict[str, Any],
+    ) -> MixedConfig | None:
+        """None when no mixed-precision flag is given; the leftovers of ``options`` configure
+        the sample source."""
+        given = budget or bits_from or allocator or choices or penalty is not None or options
+        if not given:
+            return None
+        if budget is None and bits_from is None:
+            raise ZsqError(
+                "--allocator/--bit-choices/--penalty/--alloc-opt need --budget SPEC; add it"
+            )
+        if bits_from is not None and (allocator or choices or penalty is not None or options):
+            raise ZsqError("--bits-from reuses a finished allocation: drop the allocator flags")
+        own = {k: options[k] for k in cls.OPTIONS if k in options}
+        config = cls(
+            budget=budget,
+            allocator=allocator or "sensitivity",
+            choices=parse_choices(choices) if choices else DEFAULT_CHOICES,
+            penalty=penalty,
+            bits_from=bits_from,
+            source_options={k: v for k, v in options.items() if k not in cls.OPTIONS},
+            **own,
+        )
+        config.check()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- bits.json ----------------------------------------------------------------------------
+def write_bits(allocation: Allocation, path: Path) -> None:
+    from zsq.io import write_json
+
+    write_json(path, allocation.to_dict())
+
+
+def read_bits(path: str | Path) -> Allocation:
+    """An allocation written by an earlier run (``DIR/bits.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BITS_FILE
+    if not path.is_file():
+        raise ZsqError(f"--bits-from {path}: no such file; give a run's bits.json")
+    try:
+        raw = json.loads(path.read_text())
+        allocation = Allocation(**raw)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ZsqError(f"--bits-from {path} is not a zsq bits.json ({err})") from None
+    for bits in allocation.wbits:
+        parse_bits(bits)
+    return allocation
+
+
+def check_fits(allocation: Allocation, model: nn.Module) -> None:
+    """The allocation names exactly the model's quantizable layers."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    if names != allocation.layers:
+        missing = sorted(set(allocation.layers) ^ set(names))[:3]
+        raise ZsqError(
+            f"the bit allocation does not fit this model (layers differ: {missing}...); make it "
+            "for this model with --budget"
+        )
+
+
+# --- the allocators -----------------------------------------------------------------------
+def allocate(
+    teacher: nn.Module,
+    *,
+    image_shape: tuple[int, int, int],
+    budget: Budget | str,
+    allocator: str = "sensitivity",
+    choices: Sequence[int] = DEFAULT_CHOICES,
+    spec: QuantSpec | None = None,
+    images: Tensor | None = None,
+    samples: str = "",
+    penalty: float = 1.0,
+    search_steps: int = 200,
+    probes: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+) -> Allocation:
+    """Widths for every Conv2d/Linear of ``teacher`` meeting ``budget``, chosen by ``allocator``
+    on the synthetic ``images`` (in the teacher's input space, on its device)."""
+    started = time.perf_counter()
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    check_allocator(allocator)
+    choices = parse_choices(list(choices))
+    spec = spec or QuantSpec()
+    costs, table, limit = cost_problem(teacher, image_shape, budget, choices, spec.abits)
+    if images is None:
+        raise ZsqError("an allocator needs synthetic images (images=...)")
+    details: dict[str, Any] = {}
+    scores = None
+    if allocator in ("sensitivity", "hessian"):
+        if allocator == "sensitivity":
+            scores = sensitivity_scores(teacher, spec, choices, images, progress=progress)
+        else:
+            scores, traces = hessian_scores(
+                teacher, spec, choices, images, probes=probes, seed=seed, progress=progress
+            )
+            details["mean_hessian_diagonal"] = traces
+        picked = solve_allocation(scores, table, limit)
+    else:
+        picked, details = _search(
+            teacher,
+            spec,
+            choices,
+            table,
+            limit,
+            images,
+            allocator,
+            penalty,
+            search_steps,
+            seed,
+            progress,
+        )
+    wbits = [choices[i] for i in picked]
+    cost = sum(row[i] for row, i in zip(table, picked, strict=True))
+    allocation = Allocation(
+        allocator=allocator,
+        budget=budget.text,
+        kind=budget.kind,
+        limit=limit,
+        layers=[c.name for c in costs],
+        wbits=wbits,
+        abits=spec.abits,
+        cost=cost,
+        choices=list(choices),
+        seconds=round(time.perf_counter() - started, 2),
+        samples=samples,
+        scores=scores,
+        details=details,
+    )
+    log.info(
+        "%s allocation: cost %.6g of %.6g (%s); widths %s; %.1f s",
+        allocator,
+        cost,
+        limit,
+        budget.text,
+        wbits,
+        allocation.seconds,
+    )
+    return allocation
+
+
+def cost_problem(
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    budget: Budget,
+    choices: Sequence[int],
+    abits: int | None,
+) -> tuple[list[Any], list[list[float]], float]:
+    """Layer costs, the cost of every layer at every width, and the limit; an impossible budget
+    (below every layer at its narrowest width) is an error naming the smallest achievable."""
+    costs = layer_costs(model, image_shape)
+    limit = budget_limit(budget, costs)
+    table = [[layer_cost(c, budget.kind, b, abits) for b in choices] for c in costs]
+    cheapest = cheapest_cost(table)
+    if cheapest > limit * (1 + 1e-9):
+        raise ZsqError(
+            f"budget {budget.text} is below the smallest achievable cost "
+            f"{_in_budget_units(cheapest, budget, costs)} (every layer at {min(choices)} bits); "
+            "raise it or add narrower --bit-choices"
+        )
+    return costs, table, limit
+
+
+def check_feasible(
+    model: nn.Module, image_shape: tuple[int, int, int], mixed: MixedConfig, spec: QuantSpec
+) -> None:
+    cost_problem(model, image_shape, parse_budget(mixed.budget), mixed.choices, spec.abits)
+
+
+def _in_budget_units(cost: float, budget: Budget, costs: Sequence[Any]) -> str:
+    if budget.kind == "wbits":
+        return f"wbits={cost / sum(c.params for c in costs):.3f}"
+    if budget.kind == "size":
+        return f"size={cost / 1e6:.4g}MB"
+    return f"bops={cost:.4g}"
+
+
+def _full_precision_copy(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
+    """The teacher with quant layers at full precision: one layer's width can then be set."""
+    fp = replace(spec, wbits=None, abits=None, overrides={})
+    model = quantize_model(teacher, fp).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _teacher_logits(teacher: nn.Module, images: Tensor) -> list[Tensor]:
+    with torch.no_grad():
+        return [teacher(x) for x in images.split(EVAL_BATCH)]
+
+
+def sensitivity_scores(
+    teacher: nn.Module,
+    spec: QuantSpec,
+    choices: Sequence[int],
+    images: Tensor,
+    progress: bool = True,
+) -> list[list[float]]:
+    """ZeroQ's sensitivity: KL(teacher || model with only layer l at width b), mean per image."""
+    model = _full_precision_copy(teacher, spec)
+    targets = _teacher_logits(teacher, images)
+    layers = list(quant_layers(model))
+    scores = []
+    with torch.no_grad():
+        for _, layer in tqdm(layers, desc="sensitivity", disable=not progress, leave=False):
+            row = []
+            for bits in choices:
+                layer.wbits = bits
+                total = sum(
+                    float(kl_to_teacher(model(x), t, 1.0, "batchmean")) * len(x)
+                    for x, t in zip(images.split(EVAL_BATCH), targets, strict=True)
+                )
+                row.append(total / len(images))
+            layer.wbits = None
+            scores.append(row)
+    return scores
+
+
+def weight_errors(layer: nn.Module, choices: Sequence[int]) -> list[float]:
+    """||W - Q_b(W)||^2 at each width, with the layer's own quantizer settings."""
+    saved = layer.wbits
+    errors = []
+    with torch.no_grad():
+        for bits in choices:
+            layer.wbits = bits
+            errors.append(float((layer.fake_quant_weight() - layer.weight).pow(2).sum()))
+    layer.wbits = saved
+    return errors
+
+
+def hessian_scores(
+    teacher: nn.Module,
+    spec: QuantSpec,
+    choices: Sequence[int],
+    images: Tensor,
+    *,
+    probes: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[list[float]], list[float]]:
+    """HAWQ-V2: mean Hessian diagonal of each layer (Hutchinson, one shared set of Rademacher
+    probes for all layers) x squared quantization error. Returns the scores and the means."""
+    from zsq.analysis.hessian import HessianOperator, unflatten
+
+    model = _full_precision_copy(teacher, spec)
+    layers = [layer for _, layer in quant_layers(model)]
+    weights = [layer.weight for layer in layers]
+    for w in weights:
+        w.requires_grad_(True)
+    targets = torch.cat(_teacher_logits(teacher, images))
+
+    def loss() -> Tensor:
+        return kl_to_teacher(model(images), targets, 1.0, "batchmean")
+
+    op = HessianOperator(loss, weights)
+    gen = torch.Generator(device=op.device).manual_seed(seed)
+    sums = torch.zeros(len(weights), dtype=torch.float64)
+    for _ in tqdm(range(probes), desc="hessian probes", disable=not progress, leave=False):
+        v = torch.randint(0, 2, (op.dim,), generator=gen, device=op.device).to(op.dtype) * 2 - 1
+        hv = op(v)
+        pairs = zip(unflatten(v, weights), unflatten(hv, weights), strict=True)
+        for i, (a, b) in enumerate(pairs):
+            sums[i] += float((a.double() * b.double()).sum())
+    means = [float(s) / probes / w.numel() for s, w in zip(sums, weights, strict=True)]
+    scores = [
+        [max(m, 0.0) * e for e in weight_errors(layer, choices)]
+        for m, layer in zip(means, layers, strict=True)
+    ]
+    return scores, means
+
+
+def _search(
+    teacher: nn.Module,
+    spec: QuantSpec,
+    choices: Sequence[int],
+    table: list[list[float]],
+    limit: float,
+    images: Tensor,
+    mode: str,
+    penalty: float,
+    steps: int,
+    seed: int,
+    progress: bool,
+) -> tuple[list[int], dict[str, Any]]:
+    """The differentiable search on a student at the widest choice, activations observed on
+    the synthetic images first."""
+    from zsq.mixed.search import differentiable_search
+    from zsq.quant import set_observing
+
+    student = quantize_model(teacher, replace(spec, wbits=max(choices), overrides={})).eval()
+    with torch.no_grad():
+        for x in images.split(EVAL_BATCH):
+            student(x)
+    set_observing(student, False)
+    sample = _sampler(images, seed)
+    result = differentiable_search(
+        teacher,
+        student,
+        choices,
+        table,
+        limit,
+        sample,
+        mode="constrained" if mode == "constrained" else "penalty",
+        penalty=penalty,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+    )
+    details = {
+        "steps": steps,
+        "final_expected_cost": result.final_expected_cost,
+        "repaired": result.repaired,
+        "argmax_wbits": [choices[i] for i in result.argmax_choice],
+        "expected_cost": result.expected_cost,
+        "probs": result.probs,
+    }
+    if mode == "penalty":
+        details["penalty"] = penalty
+    return result.choice, details
+
+
+def _sampler(images: Tensor, seed: int) -> Callable[[int], Tensor]:
+    """Random batches from the fixed synthetic set (its own generator: the caller's RNG stays)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(n: int) -> Tensor:
+        index = torch.randint(0, len(images), (n,), generator=gen)
+        return images[index.to(images.device)]
+
+    return sample
