@@ -80,7 +80,7 @@ def test_one_hot_mixture_is_the_layers_own_fake_quantization(symmetric):
     student = quantize_model(teacher, QuantSpec(wbits=4, abits=None, w_symmetric=symmetric))
     logits = torch.tensor([[-1e4, 1e4, -1e4]])  # softmax exactly (0, 1, 0): 4 bits
     for _, layer in quant_layers(student):
-        mixed = _mixture_weight(layer, CHOICES, logits, 0)
+        mixed = _mixture_weight(layer, CHOICES, logits, torch.ones(()), 0)
         assert torch.equal(mixed, layer.fake_quant_weight())
 
 
@@ -92,10 +92,8 @@ def test_constrained_search_ends_inside_the_budget(problem):
         )
         assert result.expected_cost[0] < total(costs, [1, 1, 1])  # uniform start: 4.67 bits
         assert result.final_expected_cost <= limit * (1 + 1e-3)
-        assert max(result.expected_cost[5:]) <= limit * (1 + 1e-3)
-        assert total(costs, result.argmax_choice) <= limit
-        assert not result.repaired and result.choice == result.argmax_choice
-        assert result.final_cost == total(costs, result.choice)
+        assert max(result.expected_cost) <= limit * (1 + 1e-3)  # every step within the budget
+        assert result.final_cost == total(costs, result.choice) <= limit
         assert len(result.expected_cost) == 60 and result.seconds > 0
         assert all(sum(p) == pytest.approx(1.0) for p in result.probs)
 

@@ -41,6 +41,7 @@ MODES = ("constrained", "penalty")
 KL_REDUCTION = "batchmean"  # the true KL per sample: the logits' lr does not scale with classes
 WEIGHT_MOMENTUM = 0.9  # Nesterov SGD as zsq's trainer (DistillRecipe.momentum)
 POSTFIX_EVERY = 10  # steps between progress-bar updates of the expected cost
+FINAL_SHARPNESS = 20.0  # softmax(sharpness * logits): 1 at the start, this at the last step
 
 
 @dataclass
@@ -57,9 +58,18 @@ class SearchResult:
     seconds: float
 
 
-def expected_cost(logits: Tensor, costs: Tensor) -> Tensor:
-    """``sum_l sum_c softmax(logits_l)_c * costs[l, c]`` (differentiable in ``logits``)."""
-    return (torch.softmax(logits, dim=1) * costs).sum()
+def expected_cost(logits: Tensor, costs: Tensor, sharpness: float | Tensor = 1.0) -> Tensor:
+    """``sum_l sum_c softmax(sharpness * logits_l)_c * costs[l, c]`` (differentiable)."""
+    return (torch.softmax(logits * sharpness, dim=1) * costs).sum()
+
+
+def sharpness_at(step: int, steps: int, final: float = FINAL_SHARPNESS) -> float:
+    """The softmax's inverse temperature, raised geometrically from 1 to ``final``: the width
+    probabilities end nearly one-hot, so the expected cost the budget bounds is (nearly) the
+    cost of the discrete choice read off at the end."""
+    if steps <= 1:
+        return final
+    return final ** (step / (steps - 1))
 
 
 def constrained_gradient(
@@ -104,10 +114,14 @@ def differentiable_search(
     ``student`` is ``quantize_model(teacher, spec)`` with activation ranges observed and frozen;
     it is not modified (the search trains a deep copy). ``costs[l][c]`` is the cost of layer
     ``l`` (``quant_layers`` order) at ``choices[c]``, in any additive unit shared with
-    ``limit``. The loss is ``kl_to_teacher(..., temperature, reduction="batchmean")``; logits
-    take plain SGD steps of ``lr`` (the projection assumes one), the copy's weights Nesterov SGD
-    with ``weight_lr`` (0 freezes them). ``mode="penalty"`` adds
-    ``penalty * relu(E / limit - 1)`` to the loss instead of projecting: the baseline.
+    ``limit``. The loss is ``kl_to_teacher(..., temperature, reduction="batchmean")``; the
+    logits step ``lr`` along the loss gradient's direction (normalised: the KL's scale varies by
+    orders of magnitude between models, the cost's pull must not drown it), projected when the
+    expected cost is over the budget (the projection assumes a plain step); the width
+    probabilities are ``softmax(s * logits)`` with ``s`` raised from 1 to ``FINAL_SHARPNESS``
+    (:func:`sharpness_at`). The copy's weights take Nesterov SGD steps of ``weight_lr`` (0
+    freezes them). ``mode="penalty"`` adds ``penalty * relu(E / limit - 1)`` to the loss
+    instead of projecting: the baseline.
     """
     layers = [layer for _, layer in quant_layers(student)]
     cost_table = _check_arguments(layers, choices, costs, limit, mode, penalty, steps, batch_size)
@@ -153,7 +167,8 @@ def _search(
     work = copy.deepcopy(student).eval()  # BN on running statistics, as zsq's trainer
     cost_table = cost_table.to(device, torch.float32)
     logits = torch.zeros(cost_table.shape, device=device, requires_grad=True)
-    _install_mixtures(work, choices, logits)
+    sharpness = torch.ones((), device=device)  # updated in place every step
+    _install_mixtures(work, choices, logits, sharpness)
     weights = [p for p in work.parameters() if p.requires_grad]
     optimizer = None
     if cfg.weight_lr > 0 and weights:
@@ -169,7 +184,10 @@ def _search(
     try:
         bar = tqdm(range(cfg.steps), desc=f"{cfg.mode} bit search", disable=not cfg.progress)
         for step in bar:
-            cost = _step(teacher, work, logits, cost_table, limit, sample, optimizer, cfg, device)
+            sharpness.fill_(sharpness_at(step, cfg.steps))
+            cost = _step(
+                teacher, work, logits, sharpness, cost_table, limit, sample, optimizer, cfg, device
+            )
             trajectory.append(cost)
             if cfg.progress and step % POSTFIX_EVERY == 0:  # a host sync: not every step
                 bar.set_postfix(expected_cost=f"{float(cost):.4g}", limit=f"{limit:.4g}")
@@ -182,6 +200,7 @@ def _step(
     teacher: nn.Module,
     work: nn.Module,
     logits: Tensor,
+    sharpness: Tensor,
     cost_table: Tensor,
     limit: float,
     sample: Callable[[int], Tensor],
@@ -194,29 +213,52 @@ def _step(
     with torch.no_grad():
         teacher_logits = teacher(x)
     loss = kl_to_teacher(work(x), teacher_logits, cfg.temperature, reduction=KL_REDUCTION)
-    cost = expected_cost(logits, cost_table)
-    if cfg.mode == "penalty":
-        loss = loss + cfg.penalty * torch.relu(cost / limit - 1)
-    else:
-        (cost_grad,) = torch.autograd.grad(cost, logits)
+    cost = expected_cost(logits, cost_table, sharpness)
+    (cost_grad,) = torch.autograd.grad(cost, logits)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     logits.grad = None
     loss.backward()
     grad = logits.grad if logits.grad is not None else torch.zeros_like(logits)
-    if cfg.mode == "constrained":
+    grad = grad / grad.norm().clamp(min=1e-12)  # the direction of lower KL, a step of lr
+    step_lr = cfg.lr / sharpness  # a step of lr in the sharpened logits
+    if cfg.mode == "penalty":  # the baseline: the penalty's own gradient, unprojected
+        over = (cost.detach() > limit).to(grad.dtype)
+        grad = grad + cfg.penalty * over * cost_grad / limit
+    else:
         grad = constrained_gradient(
-            grad.flatten(), cost_grad.flatten(), cost.detach(), limit, cfg.lr
+            grad.flatten(), cost_grad.flatten(), cost.detach(), limit, step_lr
         ).view_as(logits)
     with torch.no_grad():
-        logits.sub_(cfg.lr * grad)
+        logits.sub_(step_lr * grad)
+    if cfg.mode == "constrained":
+        back_to_budget(logits, cost_table, sharpness, limit)
     if optimizer is not None:
         optimizer.step()
     with torch.no_grad():
-        return expected_cost(logits, cost_table)
+        return expected_cost(logits, cost_table, sharpness)
 
 
-def _install_mixtures(work: nn.Module, choices: Sequence[int], logits: Tensor) -> None:
+def back_to_budget(
+    logits: Tensor, cost_table: Tensor, sharpness: Tensor, limit: float, tries: int = 20
+) -> None:
+    """Newton steps on the expected cost alone until it is within the budget again: the
+    projected step meets the budget only to first order, and softmax curves."""
+    for _ in range(tries):
+        with torch.enable_grad():
+            cost = expected_cost(logits, cost_table, sharpness)
+            (grad,) = torch.autograd.grad(cost, logits)
+        excess = float(cost.detach()) - limit
+        norm2 = float(grad.pow(2).sum())
+        if excess <= 0 or norm2 == 0:
+            return
+        with torch.no_grad():
+            logits.sub_(grad * (excess * 1.01 / norm2))
+
+
+def _install_mixtures(
+    work: nn.Module, choices: Sequence[int], logits: Tensor, sharpness: Tensor
+) -> None:
     """Make every quant layer of ``work`` (a private copy) use the mixture of widths."""
     for index, (name, layer) in enumerate(quant_layers(work)):
         if layer.w_range_min is not None or layer.w_offset is not None:
@@ -227,17 +269,17 @@ def _install_mixtures(work: nn.Module, choices: Sequence[int], logits: Tensor) -
                 layer.wbits,
             )
         layer.fake_quant_weight = functools.partial(
-            _mixture_weight, layer, tuple(choices), logits, index
+            _mixture_weight, layer, tuple(choices), logits, sharpness, index
         )
 
 
 def _mixture_weight(
-    layer: QuantLayer, choices: tuple[int, ...], logits: Tensor, index: int
+    layer: QuantLayer, choices: tuple[int, ...], logits: Tensor, sharpness: Tensor, index: int
 ) -> Tensor:
     """``sum_c p_c * FQ_c(W)`` with the layer's granularity and symmetry; the straight-through
     gradient reaches ``W`` with weight ``sum_c p_c = 1``."""
     weight = layer.weight
-    probs = torch.softmax(logits[index], dim=0)
+    probs = torch.softmax(logits[index] * sharpness, dim=0)
     with torch.no_grad():
         wmin, wmax = tensor_minmax(weight, layer.w_channel_axis)
     mixed = weight.new_zeros(())
@@ -256,11 +298,11 @@ def _result(
     logits: Tensor, cost_table: Tensor, limit: float, trajectory: list[float], seconds: float
 ) -> SearchResult:
     table = cost_table.tolist()
-    log_probs = torch.log_softmax(logits.double().cpu(), dim=1)
+    log_probs = torch.log_softmax(logits.double().cpu() * FINAL_SHARPNESS, dim=1)
     argmax = log_probs.argmax(dim=1).tolist()
     # The most probable allocation within the budget (exact): the argmax itself when it fits.
     choice = argmax if _total(argmax, table) <= limit else most_probable(log_probs, table, limit)
-    final_expected = float(expected_cost(logits.double().cpu(), cost_table))
+    final_expected = float(expected_cost(logits.double().cpu(), cost_table, FINAL_SHARPNESS))
     final_cost = _total(choice, table)
     repaired = choice != argmax
     log.info(
