@@ -10,7 +10,7 @@ import json
 import logging
 import pickle
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from zsq.errors import ZsqError
-from zsq.models.registry import create_model
+from zsq.models.registry import create_model, is_timm_name
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +29,21 @@ PREFIXES_TO_STRIP = ("module.",)
 MAX_LISTED_KEYS = 10
 
 
+# model_kwargs keys that also say what the model expects (timm's names for them)
+KWARG_FIELDS = {"num_classes": "num_classes", "in_channels": "in_chans", "image_size": "img_size"}
+SHAPE_HINT = "pass the checkpoint's --num-classes / --in-channels (or fix the model name)"
+KWARGS_HINT = "fix model_kwargs (the weights' .json sidecar or --model-kwarg) to match the weights"
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """What a teacher expects: class count, input channels, normalisation and input size.
 
     Fields are ``None`` when unknown (a sidecar may leave some out); ``load_teacher`` resolves all
     but ``image_size``, which stays ``None`` unless given (then the model's usual size applies:
-    :func:`zsq.models.default_image_size`).
+    :func:`zsq.models.default_image_size`). ``model`` (the model's name) and ``model_kwargs``
+    (extra keyword arguments of its factory, e.g. a timm ViT's ``embed_dim``) say how to build
+    it; they are left out of comparisons, which are about what the model expects.
     """
 
     num_classes: int | None = None
@@ -43,12 +51,21 @@ class ModelMeta:
     normalize_mean: tuple[float, ...] | None = None
     normalize_std: tuple[float, ...] | None = None
     image_size: int | None = None
+    model: str | None = field(default=None, compare=False)
+    model_kwargs: dict[str, Any] | None = field(default=None, compare=False)
 
 
-def load_weights(model: nn.Module, path: str | Path, trust_checkpoint: bool = False) -> None:
-    """Load a checkpoint into ``model`` strictly, with errors that say which tensors disagree."""
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    trust_checkpoint: bool = False,
+    *,
+    fix_hint: str = SHAPE_HINT,
+) -> None:
+    """Load a checkpoint into ``model`` strictly, with errors that say which tensors disagree
+    (ending with ``fix_hint``: how to build the model that fits)."""
     state = load_state_dict(path, trust_checkpoint=trust_checkpoint)
-    _check_compatible(model, state, Path(path))
+    _check_compatible(model, state, Path(path), fix_hint)
     model.load_state_dict(state, strict=False)  # strictness checked above, modulo BN counters
     logger.info("loaded %d tensors from %s", len(state), path)
 
@@ -158,7 +175,9 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+def _check_compatible(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, fix_hint: str
+) -> None:
     expected = model.state_dict()
     # Old checkpoints predate BatchNorm's num_batches_tracked counter; it does not affect eval.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -166,15 +185,14 @@ def _check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], path:
     if missing or unexpected:
         raise ZsqError(
             f"weights file {path} does not match the model: missing keys {_preview(missing)}, "
-            f"unexpected keys {_preview(unexpected)}; check the model name (and --num-classes / "
-            "--in-channels) matches the checkpoint"
+            f"unexpected keys {_preview(unexpected)}; {fix_hint}"
         )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
+    for key in expected:  # the model's order: the first mismatch is the earliest layer's
+        tensor = state.get(key)
+        if tensor is not None and tensor.shape != expected[key].shape:
             raise ZsqError(
                 f"weights file {path}: tensor {key!r} has shape {tuple(tensor.shape)} in the file "
-                f"but {tuple(expected[key].shape)} in the model; pass the checkpoint's "
-                "--num-classes / --in-channels (or fix the model name)"
+                f"but {tuple(expected[key].shape)} in the model; {fix_hint}"
             )
 
 
@@ -193,7 +211,11 @@ def sidecar_path(weights_path: str | Path) -> Path:
 
 def read_sidecar(weights_path: str | Path) -> ModelMeta | None:
     """Read the JSON beside a checkpoint (num_classes, in_channels, normalize_mean/std,
-    image_size), if any."""
+    image_size, model, model_kwargs), if any.
+
+    ``model_kwargs`` may stand in for the first three (timm's ``num_classes``, ``in_chans``,
+    ``img_size``); the top-level fields win where both are given.
+    """
     path = sidecar_path(weights_path)
     if not path.is_file():
         return None
@@ -203,13 +225,48 @@ def read_sidecar(weights_path: str | Path) -> ModelMeta | None:
         raise ZsqError(f"cannot read model sidecar {path}: {exc}; fix or delete the file") from exc
     if not isinstance(raw, dict):
         raise ZsqError(f"model sidecar {path} must hold a JSON object; fix or delete the file")
-    return ModelMeta(
+    kwargs = _optional_kwargs(raw, path)
+    meta = ModelMeta(
         num_classes=_optional_int(raw, "num_classes", path),
         in_channels=_optional_int(raw, "in_channels", path),
         normalize_mean=_optional_floats(raw, "normalize_mean", path),
         normalize_std=_optional_floats(raw, "normalize_std", path),
         image_size=_optional_int(raw, "image_size", path),
+        model=_optional_name(raw, path),
+        model_kwargs=kwargs,
     )
+    return _fill(meta, meta_from_kwargs(kwargs))
+
+
+def _optional_name(raw: Mapping[str, Any], path: Path) -> str | None:
+    value = raw.get("model")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ZsqError(f"model sidecar {path}: 'model' must be a model name, got {value!r}")
+    return value.strip()
+
+
+def _optional_kwargs(raw: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+    value = raw.get("model_kwargs")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ZsqError(
+            f"model sidecar {path}: 'model_kwargs' must be a JSON object of keyword arguments, "
+            f"got {value!r}"
+        )
+    return dict(value)
+
+
+def meta_from_kwargs(kwargs: Mapping[str, Any] | None) -> ModelMeta:
+    """The class count, channels and (square) input size that model_kwargs name, if any."""
+    found: dict[str, int] = {}
+    for meta_field, key in KWARG_FIELDS.items():
+        value = (kwargs or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            found[meta_field] = value
+    return ModelMeta(**found)
 
 
 def _optional_int(raw: Mapping[str, Any], key: str, path: Path) -> int | None:
@@ -237,7 +294,7 @@ def _is_number(value: Any) -> bool:
 
 
 def load_teacher(
-    name: str,
+    name: str | None,
     weights: str | Path | None = None,
     *,
     num_classes: int | None = None,
@@ -246,42 +303,73 @@ def load_teacher(
     normalize_std: Sequence[float] | None = None,
     image_size: int | None = None,
     trust_checkpoint: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelMeta]:
     """Build ``name``, load ``weights`` and return it in eval mode with its resolved metadata.
 
     Explicit arguments override the sidecar JSON next to the weights; what neither gives falls
     back to 10 classes, 3 channels and no normalisation (mean 0, std 1), with a warning for the
-    latter because a wrong normalisation silently costs accuracy.
+    latter because a wrong normalisation silently costs accuracy. ``name`` may be None when the
+    sidecar names the model (``"model": "timm:vit_tiny_patch16_224"``); ``model_kwargs`` are
+    merged over the sidecar's (a timm model is built from them, e.g. its ``embed_dim``).
     """
     if weights is not None:
         weights = _existing_file(weights)  # fail on a bad path before anything else is said
-    sidecar = read_sidecar(weights) if weights is not None else None
-    meta = resolve_meta(
-        ModelMeta(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            normalize_mean=_as_tuple(normalize_mean),
-            normalize_std=_as_tuple(normalize_std),
-            image_size=image_size,
-        ),
-        sidecar or ModelMeta(),
+    sidecar = (read_sidecar(weights) if weights is not None else None) or ModelMeta()
+    name = _model_name(name, sidecar, weights)
+    kwargs = {**(sidecar.model_kwargs or {}), **(model_kwargs or {})}
+    explicit = ModelMeta(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        normalize_mean=_as_tuple(normalize_mean),
+        normalize_std=_as_tuple(normalize_std),
+        image_size=image_size,
+        model=name,
+        model_kwargs=kwargs or None,
     )
-    model = create_model(name, num_classes=meta.num_classes, in_channels=meta.in_channels)
+    meta = resolve_meta(_fill(explicit, meta_from_kwargs(model_kwargs)), sidecar)
+    model = create_model(
+        name, num_classes=meta.num_classes, in_channels=meta.in_channels, model_kwargs=kwargs
+    )
     if weights is None:
         logger.warning("no weights given for teacher %r: it is randomly initialised", name)
     else:
-        load_weights(model, weights, trust_checkpoint=trust_checkpoint)
-    if (
-        normalize_mean is None
-        and normalize_std is None
-        and not (sidecar and sidecar.normalize_mean)
-    ):
+        hint = KWARGS_HINT if kwargs or is_timm_name(name) else SHAPE_HINT
+        load_weights(model, weights, trust_checkpoint=trust_checkpoint, fix_hint=hint)
+    if normalize_mean is None and normalize_std is None and not sidecar.normalize_mean:
         logger.warning(
             "no input normalisation given: using mean 0, std 1; pass --normalize-mean/"
             "--normalize-std or add them to the checkpoint's .json sidecar"
         )
     model.eval()
     return model, meta
+
+
+def _model_name(name: str | None, sidecar: ModelMeta, weights: Path | None) -> str:
+    """The explicit name, else the one the sidecar gives."""
+    if name is not None and name.strip():
+        if sidecar.model is not None and sidecar.model != name.strip():
+            logger.warning(
+                "building %r as asked, though the weights' sidecar names %r", name, sidecar.model
+            )
+        return name.strip()
+    if sidecar.model is None:
+        where = f"the sidecar of {weights} names none" if weights else "no weights were given"
+        raise ZsqError(
+            f'no model name given and {where}; pass --model NAME (or add "model": NAME to the '
+            "weights' .json sidecar)"
+        )
+    return sidecar.model
+
+
+def _fill(meta: ModelMeta, defaults: ModelMeta) -> ModelMeta:
+    """``meta`` with its unknown class count, channels and image size taken from ``defaults``."""
+    return replace(
+        meta,
+        num_classes=_first(meta.num_classes, defaults.num_classes),
+        in_channels=_first(meta.in_channels, defaults.in_channels),
+        image_size=_first(meta.image_size, defaults.image_size),
+    )
 
 
 def resolve_meta(explicit: ModelMeta, sidecar: ModelMeta) -> ModelMeta:
@@ -297,7 +385,9 @@ def resolve_meta(explicit: ModelMeta, sidecar: ModelMeta) -> ModelMeta:
     image_size = _first(explicit.image_size, sidecar.image_size)
     if image_size is not None and image_size < 1:
         raise ZsqError(f"image size must be >= 1, got {image_size}; fix --image-size")
-    return ModelMeta(num_classes, in_channels, mean, std, image_size)
+    model = _first(explicit.model, sidecar.model)
+    kwargs = {**(sidecar.model_kwargs or {}), **(explicit.model_kwargs or {})}
+    return ModelMeta(num_classes, in_channels, mean, std, image_size, model, kwargs or None)
 
 
 def _first(*values: Any) -> Any:

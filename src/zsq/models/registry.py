@@ -1,4 +1,5 @@
-"""Build a model from a name: CIFAR ResNets, torchvision classifiers, or ``pkg.mod:fn``."""
+"""Build a model from a name: CIFAR ResNets, torchvision classifiers, ``timm:NAME`` or
+``pkg.mod:fn``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import difflib
 import importlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -17,11 +19,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CIFAR_MODELS",
+    "TIMM_PREFIX",
     "available_models",
     "create_model",
     "default_image_size",
     "input_channels",
+    "is_timm_name",
 ]
+
+TIMM_PREFIX = "timm:"
+TIMM_EXTRA_HINT = "pip install 'zsq[vit]'"
 
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": cifar_resnet.resnet20,
@@ -55,25 +62,113 @@ def available_models() -> list[str]:
     return sorted(CIFAR_MODELS) + [n for n in _torchvision_names() if n not in CIFAR_MODELS]
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """Build a randomly initialised classifier by name.
 
     The CIFAR names (``resnet20`` ...) win over torchvision's, which has no CIFAR ResNets but
-    uses names like ``resnet18``; ``pkg.mod:fn`` imports and calls a user's factory.
+    uses names like ``resnet18``; ``timm:NAME`` builds ``timm.create_model(NAME,
+    pretrained=False, **model_kwargs)`` (never downloads); ``pkg.mod:fn`` imports and calls a
+    user's factory. ``model_kwargs`` are passed to the factory as extra keyword arguments;
+    ``num_classes``/``in_channels`` given here win over theirs, and where neither gives them
+    they default to 10 and 3.
     """
+    name, kwargs = name.strip(), dict(model_kwargs or {})
+    if name.startswith(TIMM_PREFIX):
+        return _create_timm_model(name[len(TIMM_PREFIX) :], num_classes, in_channels, kwargs)
+    num_classes = kwargs.pop("num_classes", 10) if num_classes is None else num_classes
+    in_channels = kwargs.pop("in_channels", 3) if in_channels is None else in_channels
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_channels")}
+    _check_counts(num_classes, in_channels)
+    if ":" in name:
+        return _create_user_model(name, num_classes, in_channels, kwargs)
+    if name.lower() in CIFAR_MODELS:
+        counts = {"num_classes": num_classes, "in_channels": in_channels}
+        return _call_with_kwargs(name, CIFAR_MODELS[name.lower()], counts, kwargs)
+    if name.lower() in _torchvision_names():
+        return _create_torchvision_model(name.lower(), num_classes, in_channels, kwargs)
+    raise ZsqError(_unknown_name_message(name))
+
+
+def is_timm_name(name: str | None) -> bool:
+    """Whether ``name`` asks for a timm model (``timm:NAME``)."""
+    return name is not None and name.strip().startswith(TIMM_PREFIX)
+
+
+def _check_counts(num_classes: int, in_channels: int) -> None:
     if num_classes < 1 or in_channels < 1:
         raise ZsqError(
             f"num_classes and in_channels must be >= 1 (got {num_classes}, {in_channels}); "
             "pass positive values"
         )
-    name = name.strip()
-    if ":" in name:
-        return _create_user_model(name, num_classes, in_channels)
-    if name.lower() in CIFAR_MODELS:
-        return CIFAR_MODELS[name.lower()](num_classes=num_classes, in_channels=in_channels)
-    if name.lower() in _torchvision_names():
-        return _create_torchvision_model(name.lower(), num_classes, in_channels)
-    raise ZsqError(_unknown_name_message(name))
+
+
+def _call_with_kwargs(
+    name: str, factory: Callable[..., Any], fixed: Mapping[str, Any], extra: Mapping[str, Any]
+) -> Any:
+    """``factory(**fixed, **extra)``; a TypeError there, with ``extra`` (the model_kwargs) given,
+    is said as a bad model_kwargs error."""
+    try:
+        return factory(**{**fixed, **extra})
+    except TypeError as exc:
+        if not extra:
+            raise
+        raise _bad_kwargs_error(name, extra, exc) from exc
+
+
+def _bad_kwargs_error(name: str, kwargs: Mapping[str, Any], exc: Exception) -> ZsqError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ZsqError(
+        f"cannot build model {name!r} with model_kwargs {dict(kwargs)} ({reason}); fix the "
+        "model_kwargs (the weights' .json sidecar or --model-kwarg)"
+    )
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ZsqError(
+            f"timm models need the timm package, which is not installed; {TIMM_EXTRA_HINT}"
+        ) from exc
+    return timm
+
+
+def _create_timm_model(
+    name: str, num_classes: int | None, in_channels: int | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, ...)``: architecture only, never a download."""
+    timm = _import_timm()
+    if not name or not timm.is_model(name):
+        raise ZsqError(_unknown_timm_message(timm, name))
+    kwargs.setdefault("num_classes", 10)
+    kwargs.setdefault("in_chans", 3)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_channels is not None:
+        kwargs["in_chans"] = in_channels
+    _check_counts(kwargs["num_classes"], kwargs["in_chans"])
+    if kwargs.pop("pretrained", False):
+        logger.warning("ignoring pretrained=True in model_kwargs: zsq loads only --weights")
+    logger.debug("timm.create_model(%r, pretrained=False, **%s)", name, kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise _bad_kwargs_error(TIMM_PREFIX + name, kwargs, exc) from exc
+
+
+def _unknown_timm_message(timm: Any, name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return (
+        f"unknown timm model {name!r}{hint}; pick a name from timm.list_models('*vit*') "
+        "(or another pattern) and write it as timm:NAME"
+    )
 
 
 def _torchvision_names() -> list[str]:
@@ -82,7 +177,9 @@ def _torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _create_torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def _create_torchvision_model(
+    name: str, num_classes: int, in_channels: int, kwargs: Mapping[str, Any]
+) -> nn.Module:
     import torchvision
 
     if in_channels != 3:
@@ -91,15 +188,20 @@ def _create_torchvision_model(name: str, num_classes: int, in_channels: int) -> 
             f"ResNet ({', '.join(sorted(CIFAR_MODELS))}) or your own 'pkg.mod:fn' factory for "
             "other channel counts"
         )
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    fixed = {"name": name, "weights": None, "num_classes": num_classes}
+    return _call_with_kwargs(name, torchvision.models.get_model, fixed, kwargs)
 
 
-def _create_user_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
-    """Import ``pkg.mod:fn`` and call it, passing num_classes/in_channels only if it takes them."""
+def _create_user_model(
+    spec: str, num_classes: int, in_channels: int, extra: Mapping[str, Any]
+) -> nn.Module:
+    """Import ``pkg.mod:fn`` and call it, passing num_classes/in_channels only if it takes them
+    (``extra``, the model_kwargs, always)."""
     factory = _import_factory(spec)
-    kwargs = _supported_kwargs(factory, {"num_classes": num_classes, "in_channels": in_channels})
-    logger.debug("calling %s(**%s)", spec, kwargs)
-    model = factory(**kwargs)
+    wanted = {"num_classes": num_classes, "in_channels": in_channels}
+    counts = _supported_kwargs(factory, wanted)
+    logger.debug("calling %s(**%s, **%s)", spec, counts, dict(extra))
+    model = _call_with_kwargs(spec, factory, counts, extra)
     if not isinstance(model, nn.Module):
         raise ZsqError(
             f"{spec} returned {type(model).__name__}, not a torch.nn.Module; make the factory "
@@ -150,6 +252,6 @@ def _unknown_name_message(name: str) -> str:
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (
         f"unknown model {name!r}{hint}; use a CIFAR ResNet ({', '.join(sorted(CIFAR_MODELS))}), "
-        "any torchvision classification model name (e.g. resnet18, mobilenet_v2), or "
-        "'package.module:function' for your own model"
+        "any torchvision classification model name (e.g. resnet18, mobilenet_v2), "
+        "'timm:NAME' for a timm model, or 'package.module:function' for your own model"
     )

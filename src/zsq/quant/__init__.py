@@ -1,5 +1,12 @@
-"""Fake quantization (paper Eq. 1-4) and module swapping."""
+"""Fake quantization (paper Eq. 1-4), module swapping and quantized attention."""
 
+from zsq.quant.attention import (
+    QuantAttention,
+    UnitRangeQuantizer,
+    attention_maps,
+    expose_attention,
+    set_keep_attention,
+)
 from zsq.quant.model import (
     act_quantizers,
     quant_layers,
@@ -25,13 +32,17 @@ __all__ = [
     "ActQuantizer",
     "LayerQuant",
     "QuantAfter",
+    "QuantAttention",
     "QuantConv2d",
     "QuantLinear",
     "QuantSpec",
     "QuantizedTensor",
+    "UnitRangeQuantizer",
     "act_quantizers",
+    "attention_maps",
     "code_range",
     "dequantize",
+    "expose_attention",
     "fake_quantize",
     "parse_bits",
     "parse_override",
@@ -42,6 +53,7 @@ __all__ = [
     "quantize_model",
     "quantize_tensor",
     "set_act_observer",
+    "set_keep_attention",
     "set_observing",
     "tensor_minmax",
 ]

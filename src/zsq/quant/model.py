@@ -1,7 +1,8 @@
 """``quantize_model``: turn any nn.Module into a fake-quantized student by module swapping.
 
 No graph tracing: every ``nn.Conv2d`` / ``nn.Linear`` child is replaced by its Quant* wrapper,
-so models with data-dependent control flow work unchanged. The input model is never mutated.
+and every timm ``Attention`` by a :class:`~zsq.quant.attention.QuantAttention`, so models with
+data-dependent control flow work unchanged. The input model is never mutated.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from zsq.errors import ZsqError
+from zsq.quant.attention import QuantAttention, UnitRangeQuantizer, timm_attention_class
 from zsq.quant.modules import ActQuantizer, QuantAfter, QuantConv2d, QuantLayer, QuantLinear
 from zsq.quant.spec import QuantSpec
 
@@ -29,18 +31,35 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     BatchNorm is kept unfolded and in full precision. Activation ranges start unobserved and
     observing: run calibration batches (or the first training epochs), then
     ``set_observing(student, False)`` to freeze them.
+
+    Transformers (a model holding timm ``Attention`` modules): each attention module becomes a
+    ``QuantAttention`` whose two matmuls get quantized inputs (``NAME.q_quant``, ``.k_quant``,
+    ``.v_quant``: per tensor, bits from ``spec.for_layer`` of those names; ``.attn_quant``: the
+    softmax output on [0, 1]); LayerNorm, softmax and GELU stay float. With the ``reference``
+    placement, every nn.Linear (qkv, proj, fc1, fc2, head) also gets its input quantized, as
+    ``input`` placement does, while the image entering the patch embedding stays float, as the
+    reference placement keeps a CNN's image. Why: the reference placement quantizes ReLU
+    outputs, and a ViT has none (GELU, and LayerNorm before every Linear), so read literally it
+    would quantize nothing but the attention matmuls and ``QuantSpec(wbits=4, abits=4)`` would
+    leave most activations float; every Linear input is where a transformer's integer kernels
+    take 8/4-bit operands. ``input`` placement quantizes the image too.
     """
     spec = spec or QuantSpec()
     student = copy.deepcopy(model)
-    n_layers = _swap_layers(student, spec, prefix="")
+    n_attention = _swap_attention(student, spec, prefix="")
+    linear_inputs = n_attention > 0 and spec.act_placement == "reference"
+    n_layers = _swap_layers(student, spec, prefix="", linear_inputs=linear_inputs)
     if n_layers == 0:
         raise ZsqError(
             f"{type(model).__name__} has no nn.Conv2d or nn.Linear layers to quantize; zsq "
             "quantizes modules of those types"
         )
+    if n_attention:
+        log.info("quantized %d attention modules (both matmuls)", n_attention)
+    _warn_unswapped_attention(student)
     if spec.act_placement == "reference":
         n_acts = _wrap_activations(student, spec, prefix="")
-        if n_acts == 0 and spec.abits is not None:
+        if n_acts == 0 and spec.abits is not None and not linear_inputs:
             raise ZsqError(
                 f"{type(model).__name__} has no nn.ReLU/nn.ReLU6 modules (functional relu?), so "
                 "the reference activation placement would quantize no activation; use "
@@ -55,23 +74,74 @@ def _make_act_quant(spec: QuantSpec, bits: int | None) -> ActQuantizer | None:
     return ActQuantizer(bits, spec.act_observer, spec.act_momentum, spec.a_symmetric)
 
 
-def _swap_layers(module: nn.Module, spec: QuantSpec, prefix: str) -> int:
+def _swap_attention(module: nn.Module, spec: QuantSpec, prefix: str) -> int:
+    """Replace every timm ``Attention`` (exact class: subclasses may compute otherwise)."""
+    attention_cls = timm_attention_class()
+    if attention_cls is None:
+        return 0
+    count = 0
+    for child_name, child in list(module.named_children()):
+        name = f"{prefix}{child_name}"
+        if type(child) is attention_cls:
+            setattr(module, child_name, _quant_attention(child, name, spec))
+            count += 1
+        else:
+            count += _swap_attention(child, spec, prefix=f"{name}.")
+    return count
+
+
+def _quant_attention(attn: nn.Module, name: str, spec: QuantSpec) -> QuantAttention:
+    def quantizer(part: str) -> ActQuantizer | None:
+        return _make_act_quant(spec, spec.for_layer(f"{name}.{part}").abits)
+
+    prob_bits = spec.for_layer(f"{name}.attn_quant").abits
+    return QuantAttention.from_timm(
+        attn,
+        q_quant=quantizer("q_quant"),
+        k_quant=quantizer("k_quant"),
+        v_quant=quantizer("v_quant"),
+        attn_quant=None if prob_bits is None else UnitRangeQuantizer(prob_bits),
+    )
+
+
+def _warn_unswapped_attention(model: nn.Module) -> None:
+    others = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if type(m).__name__.endswith("Attention") and not isinstance(m, QuantAttention)
+        }
+    )
+    if others:
+        log.warning(
+            "attention modules of type %s are not timm's vision_transformer.Attention: their "
+            "Linears are quantized but their matmuls stay in full precision",
+            ", ".join(others),
+        )
+
+
+def _swap_layers(module: nn.Module, spec: QuantSpec, prefix: str, linear_inputs: bool) -> int:
     count = 0
     for child_name, child in list(module.named_children()):
         name = f"{prefix}{child_name}"
         if isinstance(child, nn.Conv2d | nn.Linear) and not isinstance(
             child, QuantConv2d | QuantLinear
         ):
-            setattr(module, child_name, _quant_layer(child, name, spec))
+            setattr(module, child_name, _quant_layer(child, name, spec, linear_inputs))
             count += 1
         else:
-            count += _swap_layers(child, spec, prefix=f"{name}.")
+            count += _swap_layers(child, spec, f"{name}.", linear_inputs)
     return count
 
 
-def _quant_layer(layer: nn.Conv2d | nn.Linear, name: str, spec: QuantSpec) -> QuantLayer:
+def _quant_layer(
+    layer: nn.Conv2d | nn.Linear, name: str, spec: QuantSpec, linear_inputs: bool = False
+) -> QuantLayer:
+    """The Quant* wrapper; its input is quantized with ``input`` placement, or when
+    ``linear_inputs`` (a transformer under ``reference`` placement) and it is a Linear."""
     bits = spec.for_layer(name)
-    act_quant = _make_act_quant(spec, bits.abits) if spec.act_placement == "input" else None
+    quant_input = spec.act_placement == "input" or (linear_inputs and isinstance(layer, nn.Linear))
+    act_quant = _make_act_quant(spec, bits.abits) if quant_input else None
     wrapper = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
     return wrapper.from_float(
         layer,
