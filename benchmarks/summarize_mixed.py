@@ -53,6 +53,13 @@ def widths(runs: dict, data: str, bits: int) -> str:
     return "\n".join(lines)
 
 
+def bit_size_kb(report: dict) -> float:
+    """Weights at exactly their bits (sum of params x wbits / 8), kB: the size a bit-packed
+    format stores; zsq's integer export rounds codes up to 4 or 8 bits (``sizes.packed``)."""
+    layers = report["sizes"]["layers"].values()
+    return sum(v["params"] * (v["wbits"] or 32) for v in layers) / 8 / 1e3
+
+
 def plot(runs: dict, path: Path) -> None:
     import matplotlib
 
@@ -63,18 +70,18 @@ def plot(runs: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, data in zip(axes[0], datasets, strict=True):
         uniform = sorted(
-            (r["sizes"]["total"]["packed"] / 1e3, r["student_top1"], b)
+            (bit_size_kb(r), r["student_top1"], b)
             for (d, b, m, row), r in runs.items()
             if d == data and m == "minmax" and row == "uniform"
         )
         if uniform:
             ax.plot([u[0] for u in uniform], [u[1] for u in uniform], "k.-", label="uniform W2..8")
             for size, top1, b in uniform:
-                ax.annotate(f"W{b}", (size, top1), textcoords="offset points", xytext=(4, -10))
+                ax.annotate(f"W{b}", (size, top1), textcoords="offset points", xytext=(3, -12))
         for row, marker in zip(ROWS[1:], "os^v", strict=True):
             for method, fill in (("minmax", "none"), ("ait", None)):
                 points = [
-                    (r["sizes"]["total"]["packed"] / 1e3, r["student_top1"])
+                    (bit_size_kb(r), r["student_top1"])
                     for (d, _, m, rr), r in runs.items()
                     if d == data and m == method and rr == row
                 ]
@@ -88,7 +95,7 @@ def plot(runs: dict, path: Path) -> None:
                         label=f"{row}, {METHODS[method]}",
                     )
         ax.set_title(f"ResNet-20 on {data}, activations 4 bits")
-        ax.set_xlabel("model size, packed (kB)")
+        ax.set_xlabel("weights at their bit widths (kB, sum of params x bits / 8)")
         ax.set_ylabel("top-1 on the test set (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
