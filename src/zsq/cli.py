@@ -38,7 +38,17 @@ def _floats(text: str) -> tuple[float, ...]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("teacher")
     g.add_argument(
-        "--model", required=True, help="resnet20/32/44/56, a torchvision name, or pkg.mod:fn"
+        "--model",
+        help="resnet20/32/44/56, a torchvision name, timm:NAME (zsq[vit]) or pkg.mod:fn; may be "
+        "left out when the weights' .json sidecar names it",
+    )
+    g.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="constructor argument of the model (over the sidecar's model_kwargs), e.g. "
+        "img_size=28 for a timm ViT",
     )
     g.add_argument("--weights", help=".safetensors/.pt/.pth/.th; a <stem>.json sidecar is read")
     g.add_argument("--num-classes", type=int, help="class count (default: sidecar, else 10)")
@@ -110,6 +120,7 @@ def _teacher_config(args: argparse.Namespace):
     return TeacherConfig(
         model=args.model,
         weights=args.weights,
+        model_kwargs=dict(_parse_option(i, "model argument") for i in args.model_kwarg) or None,
         num_classes=args.num_classes,
         in_channels=args.in_channels,
         normalize_mean=args.normalize_mean,
@@ -164,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = run_minmax(ctx).student if quantized else ctx.teacher
     result = evaluate(model, ctx.eval_set, device=ctx.device, progress=not args.quiet)
     out = {
-        "model": args.model,
+        "model": ctx.config.teacher.model,
         "weights": args.weights,
         "data": args.data,
         "image_shape": list(ctx.image_shape),
@@ -182,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         bits = f"W{spec.wbits or 32}A{spec.abits or 32}"
         print(
-            f"{args.model} {bits} on {args.data}: top-1 {out['top1']:.2f}  "
+            f"{ctx.config.teacher.model} {bits} on {args.data}: top-1 {out['top1']:.2f}  "
             f"top-5 {out['top5']:.2f}  ({result.n} images)"
         )
     return 0
@@ -761,10 +772,11 @@ def cmd_budget(args: argparse.Namespace) -> int:
     teacher_cfg = _teacher_config(args)
     fields = {k: v for k, v in vars(teacher_cfg).items() if k not in ("model", "weights")}
     teacher, meta = load_teacher(teacher_cfg.model, teacher_cfg.weights, **fields)
-    shape = model_image_shape(args.model, meta)
+    name = teacher_cfg.model or meta.model
+    shape = model_image_shape(name, meta)
     abits = parse_bits(args.abits)
     costs = layer_costs(teacher, shape)
-    print(f"{args.model} at input {shape}, activations {abits or 32} bits\n")
+    print(f"{name} at input {shape}, activations {abits or 32} bits\n")
     print(cost_table(costs, abits))
     if args.budget:
         budget = parse_budget(args.budget)

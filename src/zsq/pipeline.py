@@ -70,8 +70,9 @@ log = logging.getLogger(__name__)
 class TeacherConfig:
     """Which pretrained model to quantize. Unset fields come from the weights' JSON sidecar."""
 
-    model: str
+    model: str | None  # None: the weights' sidecar names it ("model")
     weights: str | None = None
+    model_kwargs: dict[str, Any] | None = None  # e.g. a timm model's constructor arguments
     num_classes: int | None = None
     in_channels: int | None = None
     normalize_mean: tuple[float, ...] | None = None
@@ -345,6 +346,7 @@ def prepare(cfg: QuantizeConfig) -> tuple[nn.Module, ModelMeta, Dataset | None, 
     teacher, meta = load_teacher(
         t.model,
         t.weights,
+        model_kwargs=t.model_kwargs,
         num_classes=t.num_classes,
         in_channels=t.in_channels,
         normalize_mean=t.normalize_mean,
@@ -352,6 +354,7 @@ def prepare(cfg: QuantizeConfig) -> tuple[nn.Module, ModelMeta, Dataset | None, 
         image_size=t.image_size,
         trust_checkpoint=t.trust_checkpoint,
     )
+    t.model = t.model or meta.model  # named by the sidecar
     check_layer_patterns(teacher, cfg.quant)
     shape = model_image_shape(t.model, meta)
     eval_set = load_eval_set(cfg.eval_data, meta, shape, cfg.eval_limit, cfg.download)
@@ -544,6 +547,7 @@ def run_options(ctx: Context) -> dict[str, Any]:
     options: dict[str, Any] = {
         "--method": cfg.method,
         "--model": cfg.teacher.model,
+        "--model-kwarg": meta.model_kwargs or None,
         "--weights (sha256)": _file_digest(cfg.teacher.weights),
         "--num-classes": meta.num_classes,
         "--in-channels": meta.in_channels,

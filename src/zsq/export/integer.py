@@ -191,7 +191,10 @@ def load_int(path: str | Path) -> nn.Module:
     manifest, tensors = read_manifest(path)
     info = manifest["model"]
     model = create_model(
-        info["name"], num_classes=info["num_classes"], in_channels=info["in_channels"]
+        info["name"],
+        num_classes=info["num_classes"],
+        in_channels=info["in_channels"],
+        model_kwargs=info.get("model_kwargs"),
     )
     has_acts = any(a["bits"] is not None for a in manifest["activations"].values())
     spec = QuantSpec(wbits=8, abits=8 if has_acts else None, act_placement=info["act_placement"])

@@ -36,6 +36,7 @@ def student_from_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         options["--model"],
         num_classes=options["--num-classes"],
         in_channels=options["--in-channels"],
+        model_kwargs=options.get("--model-kwarg"),
     )
     spec = _student_spec(report, model)
     student = quantize_model(model, spec)
@@ -48,6 +49,7 @@ def student_from_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         "name": options["--model"],
         "num_classes": options["--num-classes"],
         "in_channels": options["--in-channels"],
+        "model_kwargs": options.get("--model-kwarg"),
         "image_shape": options["--image-size (input shape)"],
         "normalize_mean": options.get("--normalize-mean"),
         "normalize_std": options.get("--normalize-std"),
