@@ -30,7 +30,9 @@ from zsq.methods import (
     DEFAULT_RECIPE,
     GENERATOR_METHODS,
     METHOD_NAMES,
+    METHOD_RECIPE,
     POST_TRAINING_METHODS,
+    VIT_METHODS,
     check_init,
     check_method,
     default_calib,
@@ -80,11 +82,14 @@ def resolve_recipe(
     *,
     ait: bool = False,
     overrides: dict[str, Any] | list[str] | None = None,
+    method: str | None = None,
 ) -> DistillRecipe:
-    """Preset (``paper-cifar`` when None), then AIT's changes (when ``ait``), then overrides."""
+    """Preset (``paper-cifar`` when None), then AIT's changes (when ``ait``), then what the
+    method sets (:data:`zsq.methods.METHOD_RECIPE`), then overrides."""
     base = get_recipe(recipe or DEFAULT_RECIPE) if not isinstance(recipe, DistillRecipe) else recipe
     if ait:
         base = apply_overrides(base, AIT_CHANGES)
+    base = apply_overrides(base, METHOD_RECIPE.get(method or "", {}))
     return apply_overrides(base, overrides or {})
 
 
@@ -226,7 +231,7 @@ def zero_shot_quantize(
                 "calib_options": bool(calib_options),
             },
         )
-    full = resolve_recipe(recipe, ait=ait, overrides=overrides)
+    full = resolve_recipe(recipe, ait=ait, overrides=overrides, method=method)
     work_dir = _checked_work_dir(work_dir, resume)
     execution = execution or Execution()
     dev = resolve_device(device) if isinstance(device, str) else device
@@ -261,7 +266,7 @@ def zero_shot_quantize(
             seed=seed or 0,
             calib_options=calib_options,
         )
-    source_options = {"lr": full.gen_lr, "bns_weight": full.bns_weight, **(source_options or {})}
+    source_options = _source_defaults(method, full, work_dir) | (source_options or {})
     source = build_source(
         method, teacher, num_classes=num_classes, image_shape=image_shape, **source_options
     ).to(dev)
@@ -290,6 +295,15 @@ def zero_shot_quantize(
 
 
 SOURCE_FILE = "generator.safetensors"  # the trained sample source, kept for analysis
+POOL_FILE = "synthetic.safetensors"  # a ViT method's synthesised images, kept for a resume
+
+
+def _source_defaults(method: str, recipe: DistillRecipe, work_dir: Path | None) -> dict[str, Any]:
+    """A BN generator's lr and BNS weight come from the recipe; a ViT method's image pool is
+    kept in the run folder so a resumed run does not synthesise it again."""
+    if method in VIT_METHODS:
+        return {"cache": Path(work_dir) / POOL_FILE} if work_dir is not None else {}
+    return {"lr": recipe.gen_lr, "bns_weight": recipe.bns_weight}
 
 
 def _keep_source(source: nn.Module, work_dir: Path | None) -> None:

@@ -10,9 +10,14 @@ from collections.abc import Mapping
 from zsq.errors import ZsqError
 
 POST_TRAINING_METHODS = ("minmax", "zeroq", "lapq")  # calibrate ranges/clips, no training
-GENERATOR_METHODS = ("gdfq", "qimera", "arc")  # distil the student on generated samples
+BN_GENERATOR_METHODS = ("gdfq", "qimera", "arc")  # generators trained on BN statistics (CNNs)
+VIT_METHODS = ("psaq", "mimiq")  # images synthesised from a ViT's attention, then distilled on
+GENERATOR_METHODS = (*BN_GENERATOR_METHODS, *VIT_METHODS)  # distil the student on samples
 METHOD_NAMES = (*POST_TRAINING_METHODS, *GENERATOR_METHODS)
 DEFAULT_RECIPE = "paper-cifar"  # what a generator method runs when no recipe is named
+# recipe fields a method sets before the user's overrides: the ViT methods distil with the
+# output KL only (MimiQ's QAT), MimiQ adds its head-wise attention distillation at weight 10
+METHOD_RECIPE = {"psaq": {"loss": "kl"}, "mimiq": {"loss": "kl", "attn_distill": 10.0}}
 INITS = ("lapq",)  # where a generator method's student can start instead of the float copy
 # calibration images when --calib is not given: data-free in every case
 DEFAULT_CALIB = {"minmax": "gaussian", "zeroq": "zeroq", "lapq": "zeroq", "init": "zeroq"}

@@ -50,8 +50,10 @@ from zsq.io import (
     write_verified,
 )
 from zsq.methods import (
+    BN_GENERATOR_METHODS,
     GENERATOR_METHODS,
     POST_TRAINING_METHODS,
+    VIT_METHODS,
     check_init,
     check_method,
     default_calib,
@@ -375,16 +377,23 @@ def build_context(cfg: QuantizeConfig, work_dir: Path) -> Context:
 
 
 def _check_teacher_fits(ctx: Context) -> None:
-    """A source that synthesises from BatchNorm statistics needs a teacher with BatchNorm."""
+    """A source that synthesises from BatchNorm statistics needs a teacher with BatchNorm; one
+    that synthesises from attention needs a vision transformer."""
+    from zsq.synth.vit_losses import require_attention
     from zsq.synth.zeroq import require_batchnorm
 
     cfg = ctx.config
-    if cfg.method in GENERATOR_METHODS:
+    if cfg.method in BN_GENERATOR_METHODS:
         require_batchnorm(ctx.teacher, f"--method {cfg.method}")
+    if cfg.method in VIT_METHODS:
+        require_attention(ctx.teacher, f"--method {cfg.method}")
     uses_calib = cfg.method in POST_TRAINING_METHODS or cfg.method_options.get("init")
     if uses_calib and is_synthetic(ctx.calib) and ctx.calib != "gaussian":
         name = "--method zeroq" if cfg.method == "zeroq" else f"--calib {ctx.calib}"
-        require_batchnorm(ctx.teacher, name)
+        if ctx.calib in VIT_METHODS:
+            require_attention(ctx.teacher, name)
+        else:
+            require_batchnorm(ctx.teacher, name)
 
 
 def _shape_source(t: TeacherConfig, meta: ModelMeta) -> str:
@@ -578,6 +587,7 @@ def run_options(ctx: Context) -> dict[str, Any]:
             opts.get("recipe"),  # None: the default preset
             ait=opts.get("ait", False),
             overrides=opts.get("overrides"),
+            method=cfg.method,
         )
         options["--ait"] = bool(opts.get("ait", False))
         options.update({f"--set {key}": value for key, value in recipe.to_dict().items()})
@@ -763,7 +773,7 @@ def run_distillation(ctx: Context) -> MethodResult:
         "ait": opts.get("ait", False),
         "overrides": opts.get("overrides"),
     }
-    recipe = resolve_recipe(**recipe_options)
+    recipe = resolve_recipe(**recipe_options, method=cfg.method)
     evaluate_fn = None
     if ctx.eval_set is not None:
 

@@ -145,6 +145,7 @@ class Distiller:
         self.layer_names = [n for n, _ in self.crossings.layers]  # the layers GI and counts see
         self._weights = [layer.weight for _, layer in self.crossings.layers]
         self.grad_meter = GradientMeter()  # used when recipe.analyze_every is set
+        self.attention_teacher = self._attention_teacher() if recipe.attn_distill else None
         self.optimizers = [self.optimizer]
         if source.optimizer is not None:
             self.optimizers.append(source.optimizer)
@@ -167,6 +168,21 @@ class Distiller:
         distributed.use_global_batchnorm(self.source)
         seed = distributed.rank_seed(torch.initial_seed(), self.world.rank)
         seed_everything(seed)
+
+    def _attention_teacher(self) -> nn.Module:
+        """A float copy of the ViT teacher that keeps its attention maps, and the student set to
+        keep its own (MimiQ's head-wise attention distillation)."""
+        from zsq.quant.attention import attention_modules, expose_attention, set_keep_attention
+
+        if not attention_modules(self.student):
+            raise ZsqError(
+                "attn_distill needs a vision transformer (timm attention modules); drop "
+                "--set attn_distill for this model"
+            )
+        set_keep_attention(self.student, True)
+        copy = expose_attention(self.teacher)
+        set_keep_attention(copy, True)
+        return copy
 
     def close(self) -> None:
         """Undo what the trainer did to shared objects: compiled forwards, the source's autocast."""
@@ -284,10 +300,13 @@ class Distiller:
         of weight levels changed, and per-layer kappa (GI only); all device tensors. With
         ``measure`` (every ``analyze_every`` steps) the CE/KL gradient cosine goes into it and
         the applied gradient into the epoch mean, without changing the update."""
+        teacher = self.attention_teacher or self.teacher
         with torch.no_grad(), self.execution.autocast(self.device):
-            teacher_logits = self.teacher(batch.images).float()
+            teacher_logits = teacher(batch.images).float()
         student_logits = self.student(batch.images)
         terms: dict[str, Tensor] = {}
+        if self.attention_teacher is not None:
+            terms["student_attn"] = self.recipe.attn_distill * self._attention_loss()
         if "kl" in self.recipe.loss:
             terms["student_kl"] = kl_to_teacher(
                 student_logits, teacher_logits, self.recipe.temperature, self.recipe.kl_reduction
@@ -308,6 +327,16 @@ class Distiller:
         self.crossings.before()
         self.optimizer.step()
         return terms, self.crossings.after(), None
+
+    def _attention_loss(self) -> Tensor:
+        from zsq.distill.attention import structural_attention_loss
+        from zsq.quant.attention import attention_maps
+        from zsq.synth.vit_losses import vit_layout
+
+        prefix, grid = vit_layout(self.teacher)
+        return structural_attention_loss(
+            attention_maps(self.student), attention_maps(self.attention_teacher), prefix, grid
+        )
 
     # --- measurement -----------------------------------------------------------------------
     def _ce_kl_cosine(

@@ -103,7 +103,7 @@ def synthetic_calibration(
             if cache is not None and path != cache:
                 save_images(cache, images, key, teacher, report)
             return CalibrationSet(images, None, _describe(name, size), real=False, report=report)
-    if name == "zeroq":
+    if name in ("zeroq", "psaq", "mimiq"):  # pool sources: a pool of the calibration size
         options.setdefault("num_images", size)
         options.setdefault("progress", progress)
     source = build_source(

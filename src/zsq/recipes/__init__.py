@@ -58,6 +58,9 @@ class DistillRecipe:
     # every N-th student step: CE/KL gradient cosine and the epoch-mean gradient (paper Figs.
     # 1, 3a, 5b), measured beside the update, never changing it; None: off
     analyze_every: int | None = None
+    # MimiQ's head-wise structural attention distillation (ViTs): its weight beside the output
+    # loss; None: off (the paper uses 10)
+    attn_distill: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("epochs", "iters_per_epoch", "batch_size", "eval_every", "probe_batch_size")
@@ -83,6 +86,8 @@ class DistillRecipe:
             raise ZsqError(f"unknown gi_search {self.gi_search!r}; use one of {GI_SEARCHES}")
         if self.analyze_every is not None and self.analyze_every < 1:
             raise ZsqError(f"analyze_every={self.analyze_every} must be >= 1, or off")
+        if self.attn_distill is not None and self.attn_distill < 0:
+            raise ZsqError(f"attn_distill={self.attn_distill} must be >= 0, or off")
         if not 0 < self.rho < 1:
             raise ZsqError(f"rho={self.rho} must be in (0, 1)")
         if self.student_lr <= 0 or self.lr_mult <= 0 or self.gen_lr <= 0:
@@ -141,6 +146,7 @@ _KIND_WORDS = {
     "tuple": "comma-separated whole numbers",
     "str": "text",
     "optint": "a whole number, or off",
+    "optfloat": "a finite number, or off",
 }
 
 
@@ -151,12 +157,16 @@ def _field_kind(field_type: Any) -> str:
         return "tuple"
     if kind == "int | None":
         return "optint"
+    if kind == "float | None":
+        return "optfloat"
     return next((k for k in ("int", "float", "bool") if kind in (k, f"<class '{k}'>")), "str")
 
 
 def _from_text(kind: str, text: str) -> Any:
     if kind == "optint":
         return None if text.lower() in ("off", "none", "0") else int(text)
+    if kind == "optfloat":
+        return None if text.lower() in ("off", "none") else float(text)
     if kind == "tuple":
         return tuple(int(v) for v in text.split(",") if v.strip())
     if kind == "bool":
@@ -171,6 +181,8 @@ def _from_value(kind: str, value: Any) -> Any:
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind == "optint" and (value is None or is_int):
         return value or None
+    if kind == "optfloat" and (value is None or is_int or isinstance(value, float)):
+        return None if value is None else float(value)
     if kind == "int" and is_int:
         return value
     if kind == "float" and (is_int or isinstance(value, float)):
@@ -189,7 +201,7 @@ def _convert(field_type: Any, value: Any, name: str) -> Any:
     kind = _field_kind(field_type)
     try:
         converted = _from_text(kind, value) if isinstance(value, str) else _from_value(kind, value)
-        if kind == "float" and not math.isfinite(converted):
+        if kind in ("float", "optfloat") and converted is not None and not math.isfinite(converted):
             raise ValueError(value)
         return converted
     except (TypeError, ValueError):

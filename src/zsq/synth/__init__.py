@@ -22,8 +22,16 @@ from zsq.synth.gdfq import (
     GdfqSource,
     build_gdfq_generator,
 )
+from zsq.synth.mimiq import MimiqSource
 from zsq.synth.noise import GaussianSource
+from zsq.synth.psaq import AttentionPoolSource, PsaqSource
 from zsq.synth.qimera import QimeraSource
+from zsq.synth.vit_losses import (
+    head_alignment_loss,
+    mean_interhead_similarity,
+    patch_similarity_entropy,
+    total_variation,
+)
 from zsq.synth.zeroq import ZeroQOptions, ZeroQSource, distill_images
 
 SourceFactory = Callable[..., SampleSource]
@@ -81,10 +89,13 @@ register_source("gaussian", GaussianSource)
 register_source("qimera", QimeraSource)
 register_source("arc", ArcSource)
 register_source("zeroq", ZeroQSource)
+register_source("psaq", PsaqSource)
+register_source("mimiq", MimiqSource)
 
 __all__ = [
     "ArcGenerator",
     "ArcSource",
+    "AttentionPoolSource",
     "BatchNormStatsLoss",
     "CellGenotype",
     "ConditionalBatchNorm2d",
@@ -92,6 +103,8 @@ __all__ = [
     "GaussianSource",
     "GdfqGenerator",
     "GdfqSource",
+    "MimiqSource",
+    "PsaqSource",
     "QimeraSource",
     "SampleSource",
     "SynthBatch",
@@ -104,5 +117,9 @@ __all__ = [
     "build_source",
     "distill_images",
     "freeze_teacher",
+    "head_alignment_loss",
+    "mean_interhead_similarity",
+    "patch_similarity_entropy",
     "register_source",
+    "total_variation",
 ]

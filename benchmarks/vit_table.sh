@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Data-free quantization of the Fashion-MNIST ViT teacher (issue 16): min/max on Gaussian noise,
+# PSAQ-ViT (min/max calibrated on its images), MimiQ (KL + head-wise attention distillation on
+# its images), MimiQ + AIT (+ gradient inundation), at W8A8, W4A8, W4A4.
+#
+#   PATH=.venv/bin:$PATH bash benchmarks/vit_table.sh
+#   python benchmarks/summarize_runs.py runs/vit-table     # or read each DIR/report.json
+#
+# Environment: OUT (runs/vit-table), SEED (0), BITS ("8/8 4/8 4/4"), ROWS (below), RECIPE (short),
+# DEVICE (cpu). Synthetic images are made once (OUT/cache) and reused by every bit width.
+# Rows: minmax, psaq, mimiq, mimiq+ait.
+set -euo pipefail
+SHARED=${ZSQ_SHARED_DATA:-../shared/data}
+OUT=${OUT:-runs/vit-table}
+SEED=${SEED:-0}
+BITS=${BITS:-"8/8 4/8 4/4"}
+ROWS=${ROWS:-"minmax psaq mimiq mimiq+ait"}
+RECIPE=${RECIPE:-short}
+mkdir -p "$OUT/cache"
+
+row_flags() {
+  case $1 in
+    minmax) echo "--method minmax" ;;
+    psaq) echo "--method minmax --calib psaq --calib-size 32 --calib-opt cache=$OUT/cache/psaq.safetensors" ;;
+    mimiq) echo "--method mimiq --recipe $RECIPE --source-opt cache=$OUT/cache/mimiq.safetensors" ;;
+    mimiq+ait) echo "--method mimiq --ait --recipe $RECIPE --source-opt cache=$OUT/cache/mimiq.safetensors" ;;
+    *) echo "unknown row $1" >&2; return 2 ;;
+  esac
+}
+
+for bits in $BITS; do
+  for row in $ROWS; do
+    w=${bits%/*} a=${bits#*/}
+    dir="$OUT/w${w}a${a}/$row"
+    [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; continue; }
+    where=(--out "$dir")
+    [ -d "$dir.partial/checkpoint" ] && where=(--resume "$dir")
+    mkdir -p "$(dirname "$dir")"
+    # shellcheck disable=SC2046
+    zsq quantize --weights "$SHARED/weights/vit_fashionmnist.safetensors" --wbits "$w" --abits "$a" \
+      --eval-data "fashion-mnist:$SHARED/fashion-mnist" --seed "$SEED" --device "${DEVICE:-cpu}" \
+      --quiet --json $(row_flags "$row") "${where[@]}" > "$dir.json" 2> "$dir.log"
+    echo "done $dir"
+  done
+done
