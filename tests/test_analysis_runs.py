@@ -154,6 +154,27 @@ def test_analyze_hessian_cli_on_real_data(runs, tmp_path, capsys):
     with torch.no_grad():
         expected = float(F.cross_entropy(student(images), labels))
     assert result["terms"]["ce"]["loss"] == pytest.approx(expected, rel=1e-6)
+    # the CE/KL gradient cosine at the student, recomputed from the teacher's logits by hand
+    from safetensors.torch import load_file
+
+    from zsq.demo import digits_cnn
+    from zsq.quant import quant_layers
+
+    teacher = digits_cnn()
+    teacher.load_state_dict(load_file(runs["minmax"].parent / "digits.safetensors"))
+    teacher.eval()
+    weights = [m.weight for _, m in quant_layers(student) if m.wbits is not None]
+    for w in weights:
+        w.requires_grad_(True)
+    with torch.no_grad():
+        target = F.softmax(teacher(images) / 20.0, dim=1)
+    kl = F.kl_div(F.log_softmax(student(images) / 20.0, dim=1), target, reduction="batchmean")
+    grad_kl = torch.cat([g.flatten() for g in torch.autograd.grad(kl, weights)])
+    ce = F.cross_entropy(student(images), labels)
+    grad_ce = torch.cat([g.flatten() for g in torch.autograd.grad(ce, weights)])
+    cosine = float(F.cosine_similarity(grad_ce.double(), grad_kl.double(), dim=0))
+    assert result["kl"]["temperature"] == 20.0
+    assert result["grad_cos_ce_kl"] == pytest.approx(cosine, abs=1e-4)
     assert "real:" in capsys.readouterr().out
 
 

@@ -42,7 +42,7 @@ def test_cli_and_api_share_one_list_of_methods():
     quantize_parser = build_parser()._subparsers._group_actions[0].choices["quantize"]
     method = next(a for a in quantize_parser._actions if a.dest == "method")
     assert tuple(method.choices) == METHOD_NAMES
-    assert METHOD_NAMES == ("minmax", "zeroq", "lapq", "gdfq", "qimera", "arc")
+    assert METHOD_NAMES == ("minmax", "zeroq", "lapq", "gdfq", "qimera", "arc", "psaq", "mimiq")
 
 
 def test_minmax_through_the_api_is_the_gaussian_baseline(teacher):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zsq.analysis.gradients import cosine_similarity, flat_grad
 from zsq.analysis.hessian import hutchinson_trace, loss_along, slq_density, top_eigenpairs
 from zsq.analysis.runs import FinishedRun, finished_run
 from zsq.errors import ZsqError
@@ -178,6 +179,11 @@ def _measure(
         "ce_labels": "true labels" if batch.real else "the teacher's argmax",
         "kl": {"temperature": temperature, "reduction": reduction, "times_T_squared": True},
         "student_agreement_on_batch": _agreement(student, batch),
+        # the CE/KL gradient cosine at the final student on this batch: with --data, the
+        # real-data reference for the per-step synthetic measurements (paper Fig. 1)
+        "grad_cos_ce_kl": _finite(
+            cosine_similarity(flat_grad(losses["ce"], params), flat_grad(losses["kl"], params))
+        ),
         "parameters": {"layers": names, "count": _count(params), "weight_norm": weight_norm},
         "surface": {"k": ks, "radius": radius, "radius_over_weight_norm": s.surface_radius},
         "settings": {"probes": s.probes, "iters": s.iters, "top_k": s.top_k, "slq_runs": 1},
