@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Data-free quantization of the Fashion-MNIST ViT teacher (issue 16): min/max on Gaussian noise,
 # PSAQ-ViT (min/max calibrated on its images), MimiQ (KL + head-wise attention distillation on
-# its images), MimiQ + AIT (+ gradient inundation), at W8A8, W4A8, W4A4.
+# its images), MimiQ + AIT (+ gradient inundation), and the Gaussian-noise baseline (MimiQ's
+# distillation on 32 unoptimised noise images), at W8A8, W4A8, W4A4.
 #
 #   PATH=.venv/bin:$PATH bash benchmarks/vit_table.sh
 #   python benchmarks/summarize_runs.py runs/vit-table     # or read each DIR/report.json
 #
 # Environment: OUT (runs/vit-table), SEED (0), BITS ("8/8 4/8 4/4"), ROWS (below), RECIPE (short),
 # DEVICE (cpu). Synthetic images are made once (OUT/cache) and reused by every bit width.
-# Rows: minmax, psaq, mimiq, mimiq+ait.
+# Rows: minmax, psaq, mimiq, mimiq+ait, noise.
 set -euo pipefail
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
 OUT=${OUT:-runs/vit-table}
 SEED=${SEED:-0}
 BITS=${BITS:-"8/8 4/8 4/4"}
-ROWS=${ROWS:-"minmax psaq mimiq mimiq+ait"}
+ROWS=${ROWS:-"minmax psaq mimiq mimiq+ait noise"}
 RECIPE=${RECIPE:-short}
 mkdir -p "$OUT/cache"
 
@@ -24,6 +25,7 @@ row_flags() {
     psaq) echo "--method minmax --calib psaq --calib-size 32 --calib-opt cache=$OUT/cache/psaq.safetensors" ;;
     mimiq) echo "--method mimiq --recipe $RECIPE --source-opt cache=$OUT/cache/mimiq.safetensors" ;;
     mimiq+ait) echo "--method mimiq --ait --recipe $RECIPE --source-opt cache=$OUT/cache/mimiq.safetensors" ;;
+    noise) echo "--method mimiq --recipe $RECIPE --source-opt steps=0 --source-opt cache=$OUT/cache/noise.safetensors" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

@@ -166,6 +166,27 @@ def test_cli_budget_run_and_reuse(tmp_path, small_teacher):
     assert json.loads(again.stdout)["allocation"]["wbits"] == report["wbits"]
 
 
+def test_cli_bops_budget_mixes_activations(tmp_path, small_teacher):
+    """Under bops= the sensitivity allocator picks activation widths too (the quantized ReLU
+    feeding the second conv), and the run quantizes that site at the chosen width."""
+    opts = ["--alloc-opt", "source=gaussian", "--alloc-opt", "samples=16"]
+    budget = ["--budget", "bops=25M", "--bit-choices", "2,4,8", "--act-choices", "2,4,8"]
+    result = _quantize(small_teacher, tmp_path / "a", *budget, *opts)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["allocation"]
+    assert report["within_budget"] and list(report["abits"]) == ["2"]
+    bits = json.loads((tmp_path / "a" / "bits.json").read_text())
+    assert bits["act_sites"] == ["2"] and bits["act_bits"] == [report["abits"]["2"]]
+    activations = json.loads((tmp_path / "a" / "quant.json").read_text())["activations"]
+    assert activations["2.act_quant"]["abits"] == report["abits"]["2"]
+    assert activations["5.act_quant"]["abits"] == 4  # feeds a pool, not a layer: --abits
+    refused = _quantize(
+        small_teacher, tmp_path / "b", "--budget", "wbits=3", "--act-choices", "4,8"
+    )
+    assert refused.returncode == 2 and "bops= budget only" in refused.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def _params(small_teacher):
     from zsq.models import load_teacher
 

@@ -245,9 +245,21 @@ def test_cnn_teacher_is_refused_with_one_line(name):
     assert "psaq" not in cnn_sources and "mimiq" not in cnn_sources
 
 
+@pytest.mark.parametrize("name", ["psaq", "mimiq"])
+def test_zero_steps_is_the_gaussian_noise_baseline(vit, name):
+    """steps=0 keeps the pool's starting draw: standard Gaussian noise, labelled as it was."""
+    source = _build(name, vit[0], steps=0, num_images=64, batch_size=None)
+    torch.manual_seed(3)
+    labels = torch.randint(0, 10, (64,))
+    noise = torch.randn(64, *SHAPE)
+    torch.manual_seed(3)
+    assert torch.equal(source.images(), noise) and torch.equal(source.labels(), labels)
+    assert source.report["batches"] == [{"images": 64}]
+
+
 def test_bad_options_say_how_to_fix(vit):
     with pytest.raises(ZsqError, match="steps"):
-        _build("mimiq", vit[0], steps=0)
+        _build("mimiq", vit[0], steps=-1)
     with pytest.raises(ZsqError, match="normalize_mean needs 1 value"):
         _build("psaq", vit[0], normalize_mean=[0.1, 0.2])
     with pytest.raises(ZsqError, match="does not take"):

@@ -266,7 +266,7 @@ def zero_shot_quantize(
             seed=seed or 0,
             calib_options=calib_options,
         )
-    source_options = _source_defaults(method, full, work_dir) | (source_options or {})
+    source_options = _source_defaults(method, full, work_dir, progress) | (source_options or {})
     source = build_source(
         method, teacher, num_classes=num_classes, image_shape=image_shape, **source_options
     ).to(dev)
@@ -298,11 +298,15 @@ SOURCE_FILE = "generator.safetensors"  # the trained sample source, kept for ana
 POOL_FILE = "synthetic.safetensors"  # a ViT method's synthesised images, kept for a resume
 
 
-def _source_defaults(method: str, recipe: DistillRecipe, work_dir: Path | None) -> dict[str, Any]:
+def _source_defaults(
+    method: str, recipe: DistillRecipe, work_dir: Path | None, progress: bool
+) -> dict[str, Any]:
     """A BN generator's lr and BNS weight come from the recipe; a ViT method's image pool is
-    kept in the run folder so a resumed run does not synthesise it again."""
+    kept in the run folder so a resumed run does not synthesise it again, and its synthesis
+    shows progress as the run does."""
     if method in VIT_METHODS:
-        return {"cache": Path(work_dir) / POOL_FILE} if work_dir is not None else {}
+        cache = {"cache": Path(work_dir) / POOL_FILE} if work_dir is not None else {}
+        return {"progress": progress, **cache}
     return {"lr": recipe.gen_lr, "bns_weight": recipe.bns_weight}
 
 

@@ -584,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="minmax",
         choices=METHOD_NAMES,
         help="post-training: minmax (default; seconds), zeroq (min/max on ZeroQ distilled "
-        "images), lapq (loss-aware clipping); or a generator method: gdfq, qimera, arc",
+        "images), lapq (loss-aware clipping); or a distillation method: gdfq, qimera, arc (CNNs "
+        "with BatchNorm), psaq, mimiq (vision transformers)",
     )
     p.add_argument("--out", help="output directory (created atomically)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run writing to DIR")
@@ -727,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_mixed_args(p: argparse.ArgumentParser) -> None:
     from zsq.mixed.allocate import ALLOCATORS
 
-    g = p.add_argument_group("mixed precision (per-layer weight bits under a budget)")
+    g = p.add_argument_group("mixed precision (per-layer bit widths under a budget)")
     g.add_argument(
         "--budget",
         help="hard budget: size=1.2MB (packed weights), bops=2.5G, or wbits=4.0 (mean weight "
@@ -739,6 +740,11 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         choices=ALLOCATORS,
         help="sensitivity (default; ZeroQ's KL per layer), hessian (HAWQ-V2), constrained "
         "(HDX-style search with a hard budget), penalty (its soft-penalty baseline)",
+    )
+    g.add_argument(
+        "--act-choices",
+        help="candidate activation widths under a bops= budget (sensitivity allocator; default "
+        "the --bit-choices, 'off' keeps every activation at --abits)",
     )
     g.add_argument("--penalty", type=float, help="penalty weight (--allocator penalty)")
     g.add_argument("--bits-from", metavar="FILE", help="reuse a run's bits.json (or its folder)")
@@ -757,7 +763,13 @@ def _mixed_config(args: argparse.Namespace):
 
     options = dict(_parse_option(item, "allocator option") for item in args.alloc_opt)
     return MixedConfig.from_flags(
-        args.budget, args.allocator, args.bit_choices, args.penalty, args.bits_from, options
+        args.budget,
+        args.allocator,
+        args.bit_choices,
+        args.penalty,
+        args.bits_from,
+        options,
+        act_choices=args.act_choices,
     )
 
 

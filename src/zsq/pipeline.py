@@ -519,6 +519,7 @@ def run_allocation(ctx: Context, work: Path) -> Allocation:
             probes=mixed.probes,
             seed=cfg.seed,
             progress=cfg.progress,
+            act_choices=mixed.act_choices,
         )
     write_bits(allocation, kept)
     return allocation
@@ -538,6 +539,11 @@ def allocation_report(allocation: Allocation) -> dict[str, Any]:
         "limit": allocation.limit,
         "within_budget": allocation.cost <= allocation.limit * (1 + 1e-9),
         "wbits": dict(zip(allocation.layers, allocation.wbits, strict=True)),
+        "abits": (
+            dict(zip(allocation.act_sites, allocation.act_bits, strict=True))
+            if allocation.act_sites
+            else allocation.abits
+        ),
         "seconds": allocation.seconds,
         "samples": allocation.samples,
         "file": BITS_FILE,

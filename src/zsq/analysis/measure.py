@@ -199,18 +199,35 @@ def _count(params: list[Tensor]) -> int:
 
 
 def _require_generator(run: FinishedRun) -> None:
-    from zsq.methods import GENERATOR_METHODS
+    from zsq.methods import GENERATOR_METHODS, VIT_METHODS
 
     if run.base_method not in GENERATOR_METHODS:
         raise ZsqError(
             f"{run.folder} is a {run.method} run: it has no generator to draw a synthetic batch "
             "from; give --data SPEC to measure on real images"
         )
-    if not (run.folder / GENERATOR_FILE).is_file():
+    if run.base_method in VIT_METHODS:
+        _pool_file(run)
+    elif not (run.folder / GENERATOR_FILE).is_file():
         raise ZsqError(
             f"{run.folder}: this run predates {GENERATOR_FILE}; rerun it, or give --data SPEC "
             "to measure on real images"
         )
+
+
+def _pool_file(run: FinishedRun) -> Path:
+    """The synthetic images a ViT run distilled on: kept in its folder, or where its
+    ``cache`` source option put them."""
+    from zsq.api import POOL_FILE
+
+    cache = (run.report.get("source_options") or {}).get("cache")
+    for path in (run.folder / POOL_FILE, Path(cache) if cache else None):
+        if path is not None and path.is_file():
+            return path
+    raise ZsqError(
+        f"{run.folder}: the {run.base_method} images it distilled on are gone ({POOL_FILE}"
+        f"{', ' + str(cache) if cache else ''}); give --data SPEC to measure on real images"
+    )
 
 
 def _student(run: FinishedRun, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
@@ -285,12 +302,16 @@ def synthetic_batch(
     seed: int,
     device: torch.device,
 ) -> Batch:
-    """A batch from the run's trained generator, drawn under ``seed`` with the global RNG state
-    restored afterwards; CE labels are the teacher's argmax."""
+    """A batch from the run's trained generator (a ViT run: its pool of synthesised images),
+    drawn under ``seed`` with the global RNG state restored afterwards; CE labels are the
+    teacher's argmax."""
     from safetensors.torch import load_file
 
+    from zsq.methods import VIT_METHODS
     from zsq.synth import build_source
 
+    if run.base_method in VIT_METHODS:
+        return _pool_batch(run, teacher, info, batch_size, seed, device)
     source = build_source(
         run.base_method,
         teacher,
@@ -318,6 +339,41 @@ def synthetic_batch(
     description = (
         f"synthetic: {batch_size} images from the run's trained {run.base_method} generator "
         f"({GENERATOR_FILE}), seed {seed}"
+    )
+    return Batch(images, logits.argmax(1), logits, description, real=False)
+
+
+@torch.no_grad()
+def _pool_batch(
+    run: FinishedRun,
+    teacher: nn.Module,
+    info: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> Batch:
+    """``batch_size`` images of a ViT run's pool, drawn as its distillation drew them."""
+    from zsq.synth import build_source
+
+    pool = _pool_file(run)
+    options = {**(run.report.get("source_options") or {}), "cache": pool, "progress": False}
+    source = build_source(
+        run.base_method,
+        teacher,
+        num_classes=info["num_classes"],
+        image_shape=info["image_shape"],
+        **options,
+    ).to(device)
+    try:
+        forked = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):
+            torch.manual_seed(seed)
+            images = source.sample(batch_size).images.float()
+    finally:
+        source.close()
+    logits = teacher(images)
+    description = (
+        f"synthetic: {batch_size} of the run's {run.base_method} images ({pool.name}), seed {seed}"
     )
     return Batch(images, logits.argmax(1), logits, description, real=False)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from zsq.errors import ZsqError
 from zsq.io import read_marker
-from zsq.methods import POST_TRAINING_METHODS
+from zsq.methods import GENERATOR_METHODS, POST_TRAINING_METHODS
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.json"
@@ -147,7 +147,8 @@ def read_metrics_rows(run: FinishedRun) -> list[dict[str, Any]]:
     if not path.is_file() and run.base_method in POST_TRAINING_METHODS:
         raise ZsqError(
             f"{run.folder} has no {METRICS_FILE}: method {run.method} is post-training (no "
-            "training epochs to analyse); use a generator-method run (gdfq, qimera, arc)"
+            "training epochs to analyse); use a run of a distillation method "
+            f"({', '.join(GENERATOR_METHODS)})"
         )
     if not path.is_file():
         raise ZsqError(f"{run.folder} has no {METRICS_FILE}; the run folder is incomplete")

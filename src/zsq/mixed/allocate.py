@@ -32,6 +32,14 @@ from tqdm.auto import tqdm
 
 from zsq.distill.losses import kl_to_teacher
 from zsq.errors import ZsqError
+from zsq.mixed.activations import (
+    build_groups,
+    group_costs,
+    group_scores,
+    padded,
+    site_sensitivities,
+    sites_of,
+)
 from zsq.mixed.cost import Budget, budget_limit, layer_cost, layer_costs, parse_budget
 from zsq.mixed.solver import cheapest_cost, solve_allocation
 from zsq.quant import QuantSpec, parse_bits, quant_layers, quantize_model
@@ -61,11 +69,18 @@ class Allocation:
     samples: str = ""
     scores: list[list[float]] | None = None  # what the solver minimised, per layer and width
     details: dict[str, Any] = field(default_factory=dict)
+    act_sites: list[str] = field(default_factory=list)  # mixed activations (a bops budget)
+    act_bits: list[int] = field(default_factory=list)  # the width of each site
 
     def overrides(self) -> dict[str, dict[str, int | None]]:
-        """``QuantSpec.overrides`` entries naming each layer exactly (glob-safe names)."""
+        """``QuantSpec.overrides`` entries naming each layer (and activation site) exactly."""
         pairs = zip(self.layers, self.wbits, strict=True)
-        return {_glob_literal(name): {"wbits": bits} for name, bits in pairs}
+        out: dict[str, dict[str, int | None]] = {
+            _glob_literal(name): {"wbits": bits} for name, bits in pairs
+        }
+        for site, bits in zip(self.act_sites, self.act_bits, strict=True):
+            out[_glob_literal(site)] = {**out.get(_glob_literal(site), {}), "abits": bits}
+        return out
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
         """``spec`` with this allocation's widths (after the spec's own overrides)."""
@@ -80,6 +95,9 @@ class Allocation:
     def table(self) -> str:
         lines = ["| layer | wbits |", "|---|---|"]
         lines += [f"| {n} | {b} |" for n, b in zip(self.layers, self.wbits, strict=True)]
+        if self.act_sites:
+            lines += ["", "| activation | abits |", "|---|---|"]
+            lines += [f"| {n} | {b} |" for n, b in zip(self.act_sites, self.act_bits, strict=True)]
         return "\n".join(lines)
 
 
@@ -128,6 +146,7 @@ class MixedConfig:
     probes: int = 20
     steps: int = 200
     source_options: dict[str, Any] = field(default_factory=dict)
+    act_choices: tuple[int, ...] | None = None  # mixed activation widths (bops + sensitivity)
 
     OPTIONS = ("source", "samples", "probes", "steps")  # --alloc-opt keys; others go to the source
 
@@ -140,6 +159,15 @@ class MixedConfig:
         parse_choices(list(self.choices))
         if self.penalty is not None and self.allocator != "penalty":
             raise ZsqError("--penalty has no effect without --allocator penalty; drop it")
+        if self.act_choices is not None:
+            parse_choices(list(self.act_choices))
+            if self.budget is None or parse_budget(self.budget).kind != "bops":
+                raise ZsqError("--act-choices mixes activation widths under a bops= budget only")
+            if self.allocator != "sensitivity":
+                raise ZsqError(
+                    "--act-choices needs --allocator sensitivity (the other allocators keep "
+                    "activations at --abits); use it or drop --act-choices"
+                )
         if self.penalty is not None and self.penalty < 0:
             raise ZsqError(f"--penalty must be >= 0, got {self.penalty}")
         for key, low in (("samples", 1), ("probes", 1), ("steps", 1)):
@@ -155,26 +183,33 @@ class MixedConfig:
         penalty: float | None,
         bits_from: str | None,
         options: dict[str, Any],
+        act_choices: str | None = None,
     ) -> MixedConfig | None:
         """None when no mixed-precision flag is given; the leftovers of ``options`` configure
-        the sample source."""
+        the sample source. Under a ``bops=`` budget the sensitivity allocator mixes activation
+        widths too (``act_choices``: the weight choices unless given; ``off``: ``--abits``)."""
         given = budget or bits_from or allocator or choices or penalty is not None or options
-        if not given:
+        if not given and act_choices is None:
             return None
         if budget is None and bits_from is None:
             raise ZsqError(
-                "--allocator/--bit-choices/--penalty/--alloc-opt need --budget SPEC; add it"
+                "--allocator/--bit-choices/--act-choices/--penalty/--alloc-opt need --budget SPEC; "
+                "add it"
             )
-        if bits_from is not None and (allocator or choices or penalty is not None or options):
+        reuse_flags = allocator or choices or penalty is not None or options or act_choices
+        if bits_from is not None and reuse_flags:
             raise ZsqError("--bits-from reuses a finished allocation: drop the allocator flags")
         own = {k: options[k] for k in cls.OPTIONS if k in options}
+        widths = parse_choices(choices) if choices else DEFAULT_CHOICES
+        allocator = allocator or "sensitivity"
         config = cls(
             budget=budget,
-            allocator=allocator or "sensitivity",
-            choices=parse_choices(choices) if choices else DEFAULT_CHOICES,
+            allocator=allocator,
+            choices=widths,
             penalty=penalty,
             bits_from=bits_from,
             source_options={k: v for k, v in options.items() if k not in cls.OPTIONS},
+            act_choices=_act_choices(act_choices, budget, allocator, widths),
             **own,
         )
         config.check()
@@ -182,6 +217,19 @@ class MixedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _act_choices(
+    text: str | None, budget: str | None, allocator: str, widths: tuple[int, ...]
+) -> tuple[int, ...] | None:
+    """The activation widths to choose from: none unless asked or the default case (a bops
+    budget with the sensitivity allocator, where they default to the weight widths)."""
+    if text is not None and text.strip().lower() == "off":
+        return None
+    if text is not None:
+        return parse_choices(text)
+    bops = budget is not None and parse_budget(budget).kind == "bops"
+    return widths if bops and allocator == "sensitivity" else None
 
 
 # --- bits.json ----------------------------------------------------------------------------
@@ -235,17 +283,32 @@ def allocate(
     probes: int = 20,
     seed: int = 0,
     progress: bool = True,
+    act_choices: Sequence[int] | None = None,
 ) -> Allocation:
     """Widths for every Conv2d/Linear of ``teacher`` meeting ``budget``, chosen by ``allocator``
-    on the synthetic ``images`` (in the teacher's input space, on its device)."""
+    on the synthetic ``images`` (in the teacher's input space, on its device).
+
+    ``act_choices`` (a ``bops`` budget, the ``sensitivity`` allocator): the activation widths
+    are chosen too, jointly with the weights (:mod:`zsq.mixed.activations`).
+    """
     started = time.perf_counter()
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     check_allocator(allocator)
     choices = parse_choices(list(choices))
     spec = spec or QuantSpec()
-    costs, table, limit = cost_problem(teacher, image_shape, budget, choices, spec.abits)
+    if act_choices is not None:
+        _check_act_mixing(budget, allocator)
+        act_choices = parse_choices(list(act_choices))
+    costs, table, limit = cost_problem(
+        teacher, image_shape, budget, choices, spec.abits, act_choices, spec
+    )
     if images is None:
         raise ZsqError("an allocator needs synthetic images (images=...)")
+    if act_choices is not None:
+        return _allocate_with_activations(
+            teacher, costs, limit, budget, choices, act_choices, spec, images, samples,
+            image_shape, started, progress,
+        )  # fmt: skip
     details: dict[str, Any] = {}
     scores = None
     if allocator in ("sensitivity", "hessian"):
@@ -306,17 +369,26 @@ def cost_problem(
     budget: Budget,
     choices: Sequence[int],
     abits: int | None,
+    act_choices: Sequence[int] | None = None,
+    spec: QuantSpec | None = None,
 ) -> tuple[list[Any], list[list[float]], float]:
     """Layer costs, the cost of every layer at every width, and the limit; an impossible budget
-    (below every layer at its narrowest width) is an error naming the smallest achievable."""
+    (below every layer at its narrowest width) is an error naming the smallest achievable.
+    With ``act_choices`` the smallest cost has every activation site at its narrowest width."""
     costs = layer_costs(model, image_shape)
     limit = budget_limit(budget, costs)
     table = [[layer_cost(c, budget.kind, b, abits) for b in choices] for c in costs]
     cheapest = cheapest_cost(table)
+    narrowest = f"every layer at {min(choices)} bits"
+    if act_choices is not None:
+        sites = sites_of(model, spec or QuantSpec(abits=abits), image_shape)
+        groups = build_groups(sites, len(costs), choices, act_choices)
+        cheapest = cheapest_cost(padded(group_costs(groups, costs, budget.kind, abits)))
+        narrowest += f", activations at {min(act_choices)}"
     if cheapest > limit * (1 + 1e-9):
         raise ZsqError(
             f"budget {budget.text} is below the smallest achievable cost "
-            f"{_in_budget_units(cheapest, budget, costs)} (every layer at {min(choices)} bits); "
+            f"{_in_budget_units(cheapest, budget, costs)} ({narrowest}); "
             "raise it or add narrower --bit-choices"
         )
     return costs, table, limit
@@ -325,7 +397,78 @@ def cost_problem(
 def check_feasible(
     model: nn.Module, image_shape: tuple[int, int, int], mixed: MixedConfig, spec: QuantSpec
 ) -> None:
-    cost_problem(model, image_shape, parse_budget(mixed.budget), mixed.choices, spec.abits)
+    budget = parse_budget(mixed.budget)
+    cost_problem(model, image_shape, budget, mixed.choices, spec.abits, mixed.act_choices, spec)
+
+
+def _check_act_mixing(budget: Budget, allocator: str) -> None:
+    if budget.kind != "bops" or allocator != "sensitivity":
+        raise ZsqError(
+            "activation widths are chosen under a bops= budget by the sensitivity allocator "
+            f"only (got {budget.kind}=, {allocator}); drop act_choices or use those"
+        )
+
+
+def _allocate_with_activations(
+    teacher: nn.Module,
+    costs: Sequence[Any],
+    limit: float,
+    budget: Budget,
+    choices: tuple[int, ...],
+    act_choices: tuple[int, ...],
+    spec: QuantSpec,
+    images: Tensor,
+    samples: str,
+    image_shape: tuple[int, int, int],
+    started: float,
+    progress: bool,
+) -> Allocation:
+    """The sensitivity allocation of weight and activation widths together (module doc of
+    :mod:`zsq.mixed.activations`): per-layer and per-site KLs, summed per group, solved exactly."""
+    sites = sites_of(teacher, spec, image_shape)
+    groups = build_groups(sites, len(costs), choices, act_choices)
+    weight_scores = sensitivity_scores(teacher, spec, choices, images, progress=progress)
+    site_scores = site_sensitivities(teacher, spec, sites, act_choices, images, progress)
+    table = group_costs(groups, costs, budget.kind, spec.abits)
+    scores = group_scores(groups, weight_scores, site_scores, choices, act_choices)
+    picked = solve_allocation(padded(scores), padded(table), limit)
+    wbits = [0] * len(costs)
+    act_bits, cost = [], 0.0
+    for group, row, k in zip(groups, table, picked, strict=True):
+        k = min(k, len(group.options) - 1)  # a padded copy is its row's last option
+        option = group.options[k]
+        cost += row[k]
+        for i, w in zip(group.layers, option.wbits, strict=True):
+            wbits[i] = w
+        if group.site is not None:
+            act_bits.append((group.site, option.abits))
+    allocation = Allocation(
+        allocator="sensitivity",
+        budget=budget.text,
+        kind=budget.kind,
+        limit=limit,
+        layers=[c.name for c in costs],
+        wbits=wbits,
+        abits=spec.abits,
+        cost=cost,
+        choices=list(choices),
+        seconds=round(time.perf_counter() - started, 2),
+        samples=samples,
+        scores=weight_scores,
+        details={
+            "act_choices": list(act_choices),
+            "site_scores": site_scores,
+            "site_layers": {s.name: [costs[i].name for i in s.consumers] for s in sites},
+        },
+        act_sites=[name for name, _ in act_bits],
+        act_bits=[bits for _, bits in act_bits],
+    )
+    log.info(
+        "sensitivity allocation with activations: cost %.6g of %.6g (%s); weights %s; "
+        "activations %s; %.1f s",
+        cost, limit, budget.text, wbits, allocation.act_bits, allocation.seconds,
+    )  # fmt: skip
+    return allocation
 
 
 def _in_budget_units(cost: float, budget: Budget, costs: Sequence[Any]) -> str:

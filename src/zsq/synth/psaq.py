@@ -92,8 +92,11 @@ class AttentionPoolSource(SampleSource):
         super().__init__(teacher, num_classes=num_classes, image_shape=image_shape)
         require_attention(teacher, self.name)
         self.num_images = check_batch_size(num_images)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ZsqError(f"{self.name} steps must be a positive integer, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ZsqError(
+                f"{self.name} steps must be an integer >= 0 (0: the Gaussian noise itself, "
+                f"the baseline), got {steps!r}"
+            )
         self.steps = steps
         self.batch_size = check_batch_size(batch_size) if batch_size is not None else None
         self.normalize = _normalisation(normalize_mean, normalize_std, self.image_shape[0])
@@ -179,7 +182,11 @@ class AttentionPoolSource(SampleSource):
                 size = min(batch, self.num_images - start)
                 labels = torch.randint(0, self.num_classes, (size,), device=self.device)
                 noise = torch.randn(size, *self.image_shape, device=self.device)
-                images, report = self._synthesise_batch(model, noise, labels, bar)
+                images, report = (
+                    self._synthesise_batch(model, noise, labels, bar)
+                    if self.steps
+                    else (noise, {})  # the Gaussian-noise baseline: the same pool, unoptimised
+                )
                 chunks.append(images)
                 label_chunks.append(labels)
                 reports.append({"images": size, **report})
