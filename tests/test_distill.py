@@ -1,5 +1,7 @@
 """Student distillation: losses, the Table 2 switches, schedules and exact resume."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +157,28 @@ def test_resume_with_other_recipe_is_refused(tmp_path):
     _setup(tmp_path, gi=False).fit(max_epochs=1)
     with pytest.raises(ZsqError, match="different recipe"):
         _setup(tmp_path, gi=True).resume()
+
+
+def test_resume_names_the_changed_field_and_accepts_a_recipe_from_before_a_new_field(tmp_path):
+    """A recipe field added after a checkpoint was written counts at its default (the old run
+    behaved so); a real change is named."""
+    import io
+
+    from zsq.io import read_verified, write_verified
+
+    _setup(tmp_path, gi=False).fit(max_epochs=1)
+    with pytest.raises(ZsqError, match=r"fields \['gi'\]"):
+        _setup(tmp_path, gi=True).resume()
+    path = tmp_path / "checkpoint" / "last.pt"
+    state = torch.load(io.BytesIO(read_verified(path)), weights_only=True)
+    recipe = json.loads(state["recipe"])
+    assert recipe.pop("attn_distill") is None  # as written before the field existed
+    state["recipe"] = json.dumps(recipe)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_verified(path, buffer.getvalue())
+    resumed = _setup(tmp_path, gi=False)
+    assert resumed.resume() and resumed.epoch == 1
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):

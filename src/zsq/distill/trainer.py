@@ -11,6 +11,7 @@ of (models, optimisers, RNG, probe batch, epoch) resumes exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -484,10 +485,10 @@ class Distiller:
             raise ZsqError(
                 f"cannot read checkpoint {path} ({err}); remove it or start again"
             ) from None
-        saved = json.loads(state["recipe"])
+        saved = _with_new_fields(json.loads(state["recipe"]))
         current = json.loads(json.dumps(self.recipe.to_dict()))  # tuples read back as lists
         if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
+            changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
             raise ZsqError(
                 f"checkpoint {path} was made with a different recipe (fields {changed}); resume "
                 "with the same options"
@@ -514,3 +515,14 @@ class Distiller:
             ) from None
         log.info("resumed from %s at epoch %d/%d", path, self.epoch, self.recipe.epochs)
         return True
+
+
+def _with_new_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recipe with the fields added to ``DistillRecipe`` since it was written
+    at their defaults: the run that wrote it behaved as the default does."""
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(DistillRecipe)
+        if f.default is not dataclasses.MISSING
+    }
+    return json.loads(json.dumps({**defaults, **saved}))
