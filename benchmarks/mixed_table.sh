@@ -7,9 +7,12 @@
 #   python benchmarks/summarize_mixed.py runs/mixed-table      # the markdown table and the plot
 #
 # Environment: OUT (runs/mixed-table), SEED (0), DATASETS ("cifar10-jpeg fashion-mnist"),
-# BUDGETS ("4 3": wbits=B, activations 4 bits), ROWS (below), METHODS ("minmax ait"),
+# BUDGETS ("4 3": wbits=B, activations 4 bits; "bops4": the BOPs of uniform W4A4, where the
+# sensitivity row chooses activation widths too and "sensitivity-w" keeps them at 4),
+# ROWS (below), METHODS ("minmax ait"),
 # UNIFORM ("2 5 6 8": extra uniform min/max widths for the size plot). A finished row is skipped.
-# Rows: uniform (--wbits B), sensitivity, hessian, constrained, penalty (--budget wbits=B).
+# Rows: uniform (--wbits B), sensitivity, hessian, constrained, penalty (--budget wbits=B),
+# sensitivity-w (bops budgets: --act-choices off).
 # The allocators see 64 ZeroQ images (data-free), distilled once per teacher (OUT/cache); the
 # GDFQ+AIT rows reuse the min/max row's bits.json (--bits-from), so both share one allocation.
 set -euo pipefail
@@ -43,13 +46,29 @@ run() {  # data-name dir flags...
   echo "done $dir"
 }
 
-row_flags() {  # method row bits data-name
+bops_of_uniform() {  # data-name bits: the BOPs of uniform W<bits>A4 on the teacher
+  python - "$SHARED" "$1" "$2" <<'PY'
+import sys
+from zsq.mixed.cost import budget_of_uniform, layer_costs
+from zsq.models import load_teacher
+shared, data, bits = sys.argv[1], sys.argv[2], int(sys.argv[3])
+name, shape = {"cifar10-jpeg": ("cifar10jpeg", (3, 32, 32)), "fashion-mnist": ("fashionmnist", (1, 28, 28))}[data]
+model, _ = load_teacher("resnet20", f"{shared}/weights/resnet20_{name}.pt")
+print(round(budget_of_uniform(layer_costs(model, shape), "bops", bits, 4)))
+PY
+}
+
+row_flags() {  # method row budget data-name
   local alloc=(--alloc-opt "cache=$OUT/cache/$4-zeroq64.safetensors")
   local method=(--method minmax)
+  local folder="w$3" budget="wbits=$3" acts=""
+  case $3 in bops*) folder=$3 budget="bops=$(bops_of_uniform "$4" "${3#bops}")" ;; esac
   [ "$1" = ait ] && method=(--method gdfq --ait --recipe short)
-  if [ "$2" = uniform ]; then echo "${method[*]} --wbits $3"; return; fi
-  if [ "$1" = ait ]; then echo "${method[*]} --bits-from $OUT/$4/w$3/minmax-$2"; return; fi
-  echo "${method[*]} --budget wbits=$3 --allocator $2 ${alloc[*]}"
+  if [ "$2" = uniform ]; then echo "${method[*]} --wbits ${3#bops}"; return; fi
+  if [ "$1" = ait ]; then echo "${method[*]} --bits-from $OUT/$4/$folder/minmax-$2"; return; fi
+  local allocator=$2
+  [ "$2" = sensitivity-w ] && allocator=sensitivity acts="--act-choices off"
+  echo "${method[*]} --budget $budget --allocator $allocator $acts ${alloc[*]}"
 }
 
 for data in $DATASETS; do
@@ -57,7 +76,9 @@ for data in $DATASETS; do
     for bits in $BUDGETS; do
       for row in $ROWS; do
         # shellcheck disable=SC2046
-        run "$data" "$OUT/$data/w$bits/$method-$row" $(row_flags "$method" "$row" "$bits" "$data")
+        folder="w$bits"
+        case $bits in bops*) folder=$bits ;; esac
+        run "$data" "$OUT/$data/$folder/$method-$row" $(row_flags "$method" "$row" "$bits" "$data")
       done
     done
   done
