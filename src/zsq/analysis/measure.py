@@ -302,32 +302,30 @@ def synthetic_batch(
     seed: int,
     device: torch.device,
 ) -> Batch:
-    """A batch from the run's trained generator (a ViT run: its pool of synthesised images),
-    drawn under ``seed`` with the global RNG state restored afterwards; CE labels are the
-    teacher's argmax."""
-    from safetensors.torch import load_file
-
+    """A batch from the run's own sample source: its trained generator (``generator.safetensors``)
+    or, for a ViT method, its pool of synthesised images; drawn under ``seed`` with the global
+    RNG state restored afterwards. CE labels are the teacher's argmax."""
     from zsq.methods import VIT_METHODS
     from zsq.synth import build_source
 
+    options = dict(run.report.get("source_options") or {})
     if run.base_method in VIT_METHODS:
-        return _pool_batch(run, teacher, info, batch_size, seed, device)
+        pool = _pool_file(run)
+        options.update(cache=pool, progress=False)
+        what = f"{batch_size} of the run's {run.base_method} images ({pool.name})"
+    else:
+        what = f"{batch_size} images from the run's trained {run.base_method} generator"
+        what += f" ({GENERATOR_FILE})"
     source = build_source(
         run.base_method,
         teacher,
         num_classes=info["num_classes"],
         image_shape=info["image_shape"],
-        **(run.report.get("source_options") or {}),
+        **options,
     )
     try:
-        state = load_file(str(run.folder / GENERATOR_FILE))
-        try:
-            source.load_state_dict(state)
-        except RuntimeError as err:
-            raise ZsqError(
-                f"{run.folder / GENERATOR_FILE} does not fit the run's {run.base_method} source "
-                f"({str(err).splitlines()[0]}); rerun the quantize"
-            ) from None
+        if run.base_method not in VIT_METHODS:
+            _load_generator(source, run)
         source = source.to(device)
         forked = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):
@@ -336,46 +334,19 @@ def synthetic_batch(
     finally:
         source.close()
     logits = teacher(images)
-    description = (
-        f"synthetic: {batch_size} images from the run's trained {run.base_method} generator "
-        f"({GENERATOR_FILE}), seed {seed}"
-    )
-    return Batch(images, logits.argmax(1), logits, description, real=False)
+    return Batch(images, logits.argmax(1), logits, f"synthetic: {what}, seed {seed}", real=False)
 
 
-@torch.no_grad()
-def _pool_batch(
-    run: FinishedRun,
-    teacher: nn.Module,
-    info: dict[str, Any],
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-) -> Batch:
-    """``batch_size`` images of a ViT run's pool, drawn as its distillation drew them."""
-    from zsq.synth import build_source
+def _load_generator(source: nn.Module, run: FinishedRun) -> None:
+    from safetensors.torch import load_file
 
-    pool = _pool_file(run)
-    options = {**(run.report.get("source_options") or {}), "cache": pool, "progress": False}
-    source = build_source(
-        run.base_method,
-        teacher,
-        num_classes=info["num_classes"],
-        image_shape=info["image_shape"],
-        **options,
-    ).to(device)
     try:
-        forked = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=forked):
-            torch.manual_seed(seed)
-            images = source.sample(batch_size).images.float()
-    finally:
-        source.close()
-    logits = teacher(images)
-    description = (
-        f"synthetic: {batch_size} of the run's {run.base_method} images ({pool.name}), seed {seed}"
-    )
-    return Batch(images, logits.argmax(1), logits, description, real=False)
+        source.load_state_dict(load_file(str(run.folder / GENERATOR_FILE)))
+    except RuntimeError as err:
+        raise ZsqError(
+            f"{run.folder / GENERATOR_FILE} does not fit the run's {run.base_method} source "
+            f"({str(err).splitlines()[0]}); rerun the quantize"
+        ) from None
 
 
 @torch.no_grad()

@@ -27,16 +27,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from zsq.distill.losses import kl_to_teacher
 from zsq.errors import ZsqError
-from zsq.mixed.cost import LayerCost, layer_cost
+from zsq.mixed.cost import LayerCost, inspect_forward, layer_cost
+from zsq.mixed.sensitivity import EVAL_BATCH, mean_kl, teacher_logits
 from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model, set_observing
 from zsq.quant.model import set_act_observer
 
 log = logging.getLogger(__name__)
 
 MAX_GROUP_CHOICES = 20_000  # beyond this a group's joint choices are too many to enumerate
-EVAL_BATCH = 64
 SUFFIX = ".act_quant"  # a site's quantizer module is PARENT.act_quant; the spec names PARENT
 
 
@@ -97,22 +96,11 @@ def activation_sites(model: nn.Module, image_shape: Sequence[int]) -> list[Site]
         if aq.bits is not None
     ]
     handles += [layer.register_forward_pre_hook(before_layer) for layer in layers]
-    observing = {aq: aq.observing for _, aq in act_quantizers(model)}
-    training = {m: m.training for m in model.modules()}
-    param = next(model.parameters())
     try:
-        model.eval()
-        for aq in observing:
-            aq.observing = False
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model(torch.zeros((1, *image_shape), dtype=param.dtype, device=param.device))
+        inspect_forward(model, image_shape)
     finally:
         for handle in handles:
             handle.remove()
-        for aq, mode in observing.items():
-            aq.observing = mode
-        for module, mode in training.items():
-            module.training = mode
     order = [name for name, _ in quantizers]
     return [Site(name, tuple(sorted(consumers[name]))) for name in order if name in consumers]
 
@@ -214,21 +202,15 @@ def site_sensitivities(
     quantizers = {_site_name(name): aq for name, aq in act_quantizers(model)}
     for aq in quantizers.values():
         aq.bits = None
-    with torch.no_grad():
-        targets = [teacher(x) for x in images.split(EVAL_BATCH)]
+    targets = teacher_logits(teacher, images)
     scores = {}
-    with torch.no_grad():
-        for site in tqdm(sites, desc="activation sensitivity", disable=not progress, leave=False):
-            aq, row = quantizers[site.name], []
-            for bits in achoices:
-                aq.bits = bits
-                total = sum(
-                    float(kl_to_teacher(model(x), t, 1.0, "batchmean")) * len(x)
-                    for x, t in zip(images.split(EVAL_BATCH), targets, strict=True)
-                )
-                row.append(total / len(images))
-            aq.bits = None
-            scores[site.name] = row
+    for site in tqdm(sites, desc="activation sensitivity", disable=not progress, leave=False):
+        aq, row = quantizers[site.name], []
+        for bits in achoices:
+            aq.bits = bits
+            row.append(mean_kl(model, images, targets))
+        aq.bits = None
+        scores[site.name] = row
     return scores
 
 

@@ -41,6 +41,7 @@ from zsq.mixed.activations import (
     sites_of,
 )
 from zsq.mixed.cost import Budget, budget_limit, layer_cost, layer_costs, parse_budget
+from zsq.mixed.sensitivity import EVAL_BATCH, mean_kl, teacher_logits
 from zsq.mixed.solver import cheapest_cost, solve_allocation
 from zsq.quant import QuantSpec, parse_bits, quant_layers, quantize_model
 
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 ALLOCATORS = ("sensitivity", "hessian", "constrained", "penalty")
 DEFAULT_CHOICES = (2, 3, 4, 5, 6, 8)
 BITS_FILE = "bits.json"
-EVAL_BATCH = 64
 
 
 @dataclass
@@ -488,11 +488,6 @@ def _full_precision_copy(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
     return model
 
 
-def _teacher_logits(teacher: nn.Module, images: Tensor) -> list[Tensor]:
-    with torch.no_grad():
-        return [teacher(x) for x in images.split(EVAL_BATCH)]
-
-
 def sensitivity_scores(
     teacher: nn.Module,
     spec: QuantSpec,
@@ -502,21 +497,16 @@ def sensitivity_scores(
 ) -> list[list[float]]:
     """ZeroQ's sensitivity: KL(teacher || model with only layer l at width b), mean per image."""
     model = _full_precision_copy(teacher, spec)
-    targets = _teacher_logits(teacher, images)
-    layers = list(quant_layers(model))
+    targets = teacher_logits(teacher, images)
     scores = []
-    with torch.no_grad():
-        for _, layer in tqdm(layers, desc="sensitivity", disable=not progress, leave=False):
-            row = []
-            for bits in choices:
-                layer.wbits = bits
-                total = sum(
-                    float(kl_to_teacher(model(x), t, 1.0, "batchmean")) * len(x)
-                    for x, t in zip(images.split(EVAL_BATCH), targets, strict=True)
-                )
-                row.append(total / len(images))
-            layer.wbits = None
-            scores.append(row)
+    layers = list(quant_layers(model))
+    for _, layer in tqdm(layers, desc="sensitivity", disable=not progress, leave=False):
+        row = []
+        for bits in choices:
+            layer.wbits = bits
+            row.append(mean_kl(model, images, targets))
+        layer.wbits = None
+        scores.append(row)
     return scores
 
 
@@ -551,7 +541,7 @@ def hessian_scores(
     weights = [layer.weight for layer in layers]
     for w in weights:
         w.requires_grad_(True)
-    targets = torch.cat(_teacher_logits(teacher, images))
+    targets = torch.cat(teacher_logits(teacher, images))
 
     def loss() -> Tensor:
         return kl_to_teacher(model(images), targets, 1.0, "batchmean")

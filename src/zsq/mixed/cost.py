@@ -115,6 +115,18 @@ def _traced_macs(
         module.register_forward_hook(lambda m, _i, out, name=name: hook(name, m, out))
         for name, module in layers
     ]
+    try:
+        inspect_forward(model, image_shape)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs
+
+
+def inspect_forward(model: nn.Module, image_shape: Sequence[int]) -> None:
+    """One forward on zeros at batch 1 for hooks to watch, leaving the model as it was: eval
+    mode, activation observers paused, no gradients and the RNG forked, modes restored after.
+    A failing forward is an error naming the shape."""
     param = next(model.parameters())
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     x = torch.zeros((1, *image_shape), dtype=dtype, device=param.device)
@@ -137,13 +149,10 @@ def _traced_macs(
             f"({first_line}); pass the model's input shape (channels, height, width)"
         ) from exc
     finally:
-        for handle in handles:
-            handle.remove()
         for module, mode in training.items():
             module.training = mode
         for aq, mode in observing.items():
             aq.observing = mode
-    return macs
 
 
 def _macs_per_output(module: nn.Module) -> int:
