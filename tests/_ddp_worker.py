@@ -137,4 +137,45 @@ def gradients() -> dict[str, Any]:
     return gradient_case(current.rank, current.size)
 
 
-TASKS = {"train": train, "gradients": gradients}
+def vit_teacher() -> tuple[torch.nn.Module, Any]:
+    from zsq.models import load_teacher
+    from zsq.paths import shared_data_dir
+
+    return load_teacher(None, shared_data_dir() / "weights" / "vit_fashionmnist.safetensors")
+
+
+VIT_POOL = {"num_images": 4, "batch_size": 1, "steps": 2, "progress": False}
+
+
+def vit_pool() -> dict[str, Any]:
+    """A MimiQ pool made under torchrun, each rank starting from its own RNG stream."""
+    from zsq.synth.mimiq import MimiqSource
+
+    torch.manual_seed(100 + distributed.world().rank)
+    teacher, meta = vit_teacher()
+    source = MimiqSource(teacher, num_classes=10, image_shape=(1, 28, 28), **VIT_POOL)
+    return {"images": source.images().clone(), "labels": source.labels().clone()}
+
+
+def vit_train() -> dict[str, Any]:
+    """MimiQ+AIT (KL, attention distillation, GI) through the API over the ranks."""
+    from zsq.api import zero_shot_quantize
+
+    teacher, meta = vit_teacher()
+    student, history = zero_shot_quantize(
+        teacher,
+        image_shape=(1, 28, 28),
+        num_classes=10,
+        method="mimiq",
+        ait=True,
+        recipe="demo",
+        overrides={**TINY_SCHEDULE, "epochs": 3, "iters_per_epoch": 2},
+        source_options={k: v for k, v in VIT_POOL.items() if k != "progress"},
+        device="cpu",
+        seed=0,
+        progress=False,
+    )
+    return {"student": {k: v.clone() for k, v in student.state_dict().items()}, "history": history}
+
+
+TASKS = {"train": train, "gradients": gradients, "vit_pool": vit_pool, "vit_train": vit_train}

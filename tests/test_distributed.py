@@ -86,6 +86,35 @@ def test_all_reduced_gradients_equal_the_single_process_gradients(tmp_path):
     assert any(g.abs().sum() > 0 for g in single["generator"].values())
 
 
+@pytest.fixture
+def vit_teacher_file():
+    pytest.importorskip("timm")
+    from zsq.paths import shared_data_dir
+
+    path = shared_data_dir() / "weights" / "vit_fashionmnist.safetensors"
+    if not path.is_file():
+        pytest.skip(f"ViT teacher not found under {shared_data_dir()}")
+    return path
+
+
+def test_vit_pool_is_split_over_the_ranks_and_the_same_on_each(tmp_path, vit_teacher_file):
+    """Each rank makes every second batch from its own stream; the gathered pool is identical
+    on both, and its batches are the ranks' own (rank 0's first image is not rank 1's)."""
+    ranks = spawn("vit_pool", tmp_path)
+    assert torch.equal(ranks[0]["images"], ranks[1]["images"])
+    assert torch.equal(ranks[0]["labels"], ranks[1]["labels"])
+    images = ranks[0]["images"]
+    assert images.shape == (4, 1, 28, 28) and not torch.equal(images[0], images[1])
+
+
+def test_vit_distillation_ends_bitwise_equal_on_the_ranks(tmp_path, vit_teacher_file):
+    ranks = spawn("vit_train", tmp_path)
+    for key, value in ranks[0]["student"].items():
+        assert torch.equal(value, ranks[1]["student"][key]), key
+    last = [r["history"][-1] for r in ranks]
+    assert last[0]["kappa"] == last[1]["kappa"] and len(last[0]["kappa"]) == 18
+
+
 def test_local_batch_must_split_evenly():
     world = distributed.World(rank=0, size=3)
     assert distributed.local_batch_size(12, world) == 4

@@ -129,8 +129,17 @@ class AttentionPoolSource(SampleSource):
         return self._load_or_synthesise()[1]
 
     def _load_or_synthesise(self) -> tuple[Tensor, Tensor]:
+        """Under torchrun rank 0 reads the cache and every rank gets its pool; a pool made anew
+        is split over the ranks by batch and gathered, so every rank holds the same images."""
+        from zsq import distributed
+
         if self._pool is None:
-            self._pool = self._load() or self._synthesise_and_save()
+            made = distributed.on_main(self._load)
+            if made is None:
+                made = self._synthesise()
+                distributed.on_main(lambda: self._save(made))
+            images, labels, self.report = made
+            self._pool = images.to(self.device), labels.to(self.device)
         return self._pool
 
     def _cache_key(self) -> dict[str, Any]:
@@ -141,7 +150,7 @@ class AttentionPoolSource(SampleSource):
             **self.options(),
         }
 
-    def _load(self) -> tuple[Tensor, Tensor] | None:
+    def _load(self) -> tuple[Tensor, Tensor, dict[str, Any]] | None:
         from zsq.synth.cache import load_images
 
         if self.cache is None:
@@ -149,37 +158,41 @@ class AttentionPoolSource(SampleSource):
         cached = load_images(self.cache, self._cache_key(), self.teacher)
         if cached is None:
             return None
-        images, self.report = cached
+        images, report = cached
         log.info("%s: %d images loaded from %s", self.name, len(images), self.cache)
-        labels = torch.tensor(self.report["labels"], dtype=torch.long, device=self.device)
-        return images.to(self.device), labels
+        return images, torch.tensor(report["labels"], dtype=torch.long), report
 
-    def _synthesise_and_save(self) -> tuple[Tensor, Tensor]:
+    def _save(self, made: tuple[Tensor, Tensor, dict[str, Any]]) -> None:
         from zsq.synth.cache import save_images
 
-        images, labels = self._synthesise()
+        images, _, report = made
         if self.cache is not None:
-            save_images(self.cache, images, self._cache_key(), self.teacher, self.report)
-        return images, labels
+            save_images(self.cache, images, self._cache_key(), self.teacher, report)
 
     @torch.enable_grad()  # callers may sample under no_grad; synthesis needs image gradients
-    def _synthesise(self) -> tuple[Tensor, Tensor]:
+    def _synthesise(self) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The pool in batches; under torchrun each rank makes every ``size``-th batch (from its
+        own RNG stream) and the batches are gathered in order."""
+        from zsq import distributed
+
+        current = distributed.world()
         model = expose_attention(self.teacher).eval()  # a float copy keeping attention maps
         for p in model.parameters():
             p.requires_grad_(False)
         batch = self.batch_size or self.num_images
-        n_batches = math.ceil(self.num_images / batch)
+        starts = list(range(0, self.num_images, batch))
+        mine = [k for k in range(len(starts)) if k % current.size == current.rank]
         bar = tqdm(
-            total=n_batches * self.steps,
+            total=len(mine) * self.steps,
             desc=f"{self.name} synthesis",
             unit="step",
             disable=not self.progress,
         )
-        chunks, label_chunks, reports = [], [], []
+        made: dict[int, tuple[Tensor, Tensor, dict[str, Any]]] = {}
         started = time.perf_counter()
         try:
-            for start in range(0, self.num_images, batch):
-                size = min(batch, self.num_images - start)
+            for k in mine:
+                size = min(batch, self.num_images - starts[k])
                 labels = torch.randint(0, self.num_classes, (size,), device=self.device)
                 noise = torch.randn(size, *self.image_shape, device=self.device)
                 images, report = (
@@ -187,21 +200,23 @@ class AttentionPoolSource(SampleSource):
                     if self.steps
                     else (noise, {})  # the Gaussian-noise baseline: the same pool, unoptimised
                 )
-                chunks.append(images)
-                label_chunks.append(labels)
-                reports.append({"images": size, **report})
+                made[k] = images.cpu(), labels.cpu(), {"images": size, **report}
         finally:
             bar.close()
-        images, labels = torch.cat(chunks), torch.cat(label_chunks)
-        self.report = {
+        for part in distributed.gather_objects(made):
+            made.update(part)
+        ordered = [made[k] for k in range(len(starts))]
+        images = torch.cat([m[0] for m in ordered])
+        labels = torch.cat([m[1] for m in ordered])
+        report = {
             "source": self.name,
             "options": self.options(),
             "num_images": self.num_images,
-            "batches": reports,
+            "batches": [m[2] for m in ordered],
             "seconds": round(time.perf_counter() - started, 3),
             "labels": labels.tolist(),
         }
-        return images, labels
+        return images, labels, report
 
     def _clip(self, images: Tensor) -> None:
         """Keep pixels inside [0, 1] before normalisation (in place), when it is known."""
