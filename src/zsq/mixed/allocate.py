@@ -305,10 +305,72 @@ def allocate(
     if images is None:
         raise ZsqError("an allocator needs synthetic images (images=...)")
     if act_choices is not None:
-        return _allocate_with_activations(
-            teacher, costs, limit, budget, choices, act_choices, spec, images, samples,
-            image_shape, started, progress,
+        chosen = _joint_choice(
+            teacher, costs, limit, budget, choices, act_choices, spec, images, image_shape,
+            progress,
         )  # fmt: skip
+    else:
+        chosen = _weight_choice(
+            teacher, table, limit, allocator, choices, spec, images, penalty, search_steps,
+            probes, seed, progress,
+        )  # fmt: skip
+    allocation = Allocation(
+        allocator=allocator,
+        budget=budget.text,
+        kind=budget.kind,
+        limit=limit,
+        layers=[c.name for c in costs],
+        wbits=chosen.wbits,
+        abits=spec.abits,
+        cost=chosen.cost,
+        choices=list(choices),
+        seconds=round(time.perf_counter() - started, 2),
+        samples=samples,
+        scores=chosen.scores,
+        details=chosen.details,
+        act_sites=chosen.act_sites,
+        act_bits=chosen.act_bits,
+    )
+    log.info(
+        "%s allocation: cost %.6g of %.6g (%s); weights %s%s; %.1f s",
+        allocator,
+        chosen.cost,
+        limit,
+        budget.text,
+        chosen.wbits,
+        f", activations {chosen.act_bits}" if chosen.act_sites else "",
+        allocation.seconds,
+    )
+    return allocation
+
+
+@dataclass
+class _Chosen:
+    """What an allocator picked: weight widths per layer (and widths per activation site)."""
+
+    wbits: list[int]
+    cost: float
+    scores: list[list[float]] | None
+    details: dict[str, Any]
+    act_sites: list[str] = field(default_factory=list)
+    act_bits: list[int] = field(default_factory=list)
+
+
+def _weight_choice(
+    teacher: nn.Module,
+    table: list[list[float]],
+    limit: float,
+    allocator: str,
+    choices: tuple[int, ...],
+    spec: QuantSpec,
+    images: Tensor,
+    penalty: float,
+    search_steps: int,
+    probes: int,
+    seed: int,
+    progress: bool,
+) -> _Chosen:
+    """Weight widths by one of the four allocators, activations left at ``spec.abits``."""
     details: dict[str, Any] = {}
     scores = None
     if allocator in ("sensitivity", "hessian"):
@@ -322,45 +384,11 @@ def allocate(
         picked = solve_allocation(scores, table, limit)
     else:
         picked, details = _search(
-            teacher,
-            spec,
-            choices,
-            table,
-            limit,
-            images,
-            allocator,
-            penalty,
-            search_steps,
-            seed,
+            teacher, spec, choices, table, limit, images, allocator, penalty, search_steps, seed,
             progress,
-        )
-    wbits = [choices[i] for i in picked]
+        )  # fmt: skip
     cost = sum(row[i] for row, i in zip(table, picked, strict=True))
-    allocation = Allocation(
-        allocator=allocator,
-        budget=budget.text,
-        kind=budget.kind,
-        limit=limit,
-        layers=[c.name for c in costs],
-        wbits=wbits,
-        abits=spec.abits,
-        cost=cost,
-        choices=list(choices),
-        seconds=round(time.perf_counter() - started, 2),
-        samples=samples,
-        scores=scores,
-        details=details,
-    )
-    log.info(
-        "%s allocation: cost %.6g of %.6g (%s); widths %s; %.1f s",
-        allocator,
-        cost,
-        limit,
-        budget.text,
-        wbits,
-        allocation.seconds,
-    )
-    return allocation
+    return _Chosen([choices[i] for i in picked], cost, scores, details)
 
 
 def cost_problem(
@@ -409,7 +437,7 @@ def _check_act_mixing(budget: Budget, allocator: str) -> None:
         )
 
 
-def _allocate_with_activations(
+def _joint_choice(
     teacher: nn.Module,
     costs: Sequence[Any],
     limit: float,
@@ -418,12 +446,10 @@ def _allocate_with_activations(
     act_choices: tuple[int, ...],
     spec: QuantSpec,
     images: Tensor,
-    samples: str,
     image_shape: tuple[int, int, int],
-    started: float,
     progress: bool,
-) -> Allocation:
-    """The sensitivity allocation of weight and activation widths together (module doc of
+) -> _Chosen:
+    """Weight and activation widths together by sensitivity (module doc of
     :mod:`zsq.mixed.activations`): per-layer and per-site KLs, summed per group, solved exactly."""
     sites = sites_of(teacher, spec, image_shape)
     groups = build_groups(sites, len(costs), choices, act_choices)
@@ -432,43 +458,22 @@ def _allocate_with_activations(
     table = group_costs(groups, costs, budget.kind, spec.abits)
     scores = group_scores(groups, weight_scores, site_scores, choices, act_choices)
     picked = solve_allocation(padded(scores), padded(table), limit)
-    wbits = [0] * len(costs)
-    act_bits, cost = [], 0.0
+    details = {
+        "act_choices": list(act_choices),
+        "site_scores": site_scores,
+        "site_layers": {s.name: [costs[i].name for i in s.consumers] for s in sites},
+    }
+    chosen = _Chosen([0] * len(costs), 0.0, weight_scores, details)
     for group, row, k in zip(groups, table, picked, strict=True):
         k = min(k, len(group.options) - 1)  # a padded copy is its row's last option
         option = group.options[k]
-        cost += row[k]
+        chosen.cost += row[k]
         for i, w in zip(group.layers, option.wbits, strict=True):
-            wbits[i] = w
+            chosen.wbits[i] = w
         if group.site is not None:
-            act_bits.append((group.site, option.abits))
-    allocation = Allocation(
-        allocator="sensitivity",
-        budget=budget.text,
-        kind=budget.kind,
-        limit=limit,
-        layers=[c.name for c in costs],
-        wbits=wbits,
-        abits=spec.abits,
-        cost=cost,
-        choices=list(choices),
-        seconds=round(time.perf_counter() - started, 2),
-        samples=samples,
-        scores=weight_scores,
-        details={
-            "act_choices": list(act_choices),
-            "site_scores": site_scores,
-            "site_layers": {s.name: [costs[i].name for i in s.consumers] for s in sites},
-        },
-        act_sites=[name for name, _ in act_bits],
-        act_bits=[bits for _, bits in act_bits],
-    )
-    log.info(
-        "sensitivity allocation with activations: cost %.6g of %.6g (%s); weights %s; "
-        "activations %s; %.1f s",
-        cost, limit, budget.text, wbits, allocation.act_bits, allocation.seconds,
-    )  # fmt: skip
-    return allocation
+            chosen.act_sites.append(group.site)
+            chosen.act_bits.append(option.abits)
+    return chosen
 
 
 def _in_budget_units(cost: float, budget: Budget, costs: Sequence[Any]) -> str:

@@ -85,16 +85,12 @@ class MimiqSource(AttentionPoolSource):
         self.weight_decay = float(weight_decay)
 
     def options(self) -> dict[str, Any]:
-        norm = self.normalize
         return {
-            "steps": self.steps,
+            **self._pool_options(),
             "lr": self.lr,
-            "batch_size": self.batch_size,
             "align_weight": self.align_weight,
             "tv_weight": self.tv_weight,
             "weight_decay": self.weight_decay,
-            "normalize_mean": norm[0].flatten().tolist() if norm else None,
-            "normalize_std": norm[1].flatten().tolist() if norm else None,
         }
 
     def _synthesise_batch(

@@ -109,7 +109,18 @@ class AttentionPoolSource(SampleSource):
 
     @abstractmethod
     def options(self) -> dict[str, Any]:
-        """The synthesis options (JSON-able): the cache key and the report hold them."""
+        """The synthesis options (JSON-able): the cache key and the report hold them; the
+        source's own beside :meth:`_pool_options`."""
+
+    def _pool_options(self) -> dict[str, Any]:
+        """The options every pool source has."""
+        norm = self.normalize
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "normalize_mean": norm[0].flatten().tolist() if norm else None,
+            "normalize_std": norm[1].flatten().tolist() if norm else None,
+        }
 
     @abstractmethod
     def _synthesise_batch(
@@ -356,16 +367,12 @@ class PsaqSource(AttentionPoolSource):
         self.flip = bool(flip)
 
     def options(self) -> dict[str, Any]:
-        norm = self.normalize
         return {
-            "steps": self.steps,
+            **self._pool_options(),
             "lr": self.lr,
-            "batch_size": self.batch_size,
             "tv_weight": self.tv_weight,
             "jitter": self.jitter,
             "flip": self.flip,
-            "normalize_mean": norm[0].flatten().tolist() if norm else None,
-            "normalize_std": norm[1].flatten().tolist() if norm else None,
         }
 
     def _synthesise_batch(
