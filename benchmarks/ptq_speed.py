@@ -1,6 +1,7 @@
 """Speed of the post-training methods on the shared ResNet-20 (CIFAR-10-JPEG) teacher.
 
     PATH=.venv/bin:$PATH python benchmarks/ptq_speed.py [--threads 2] [--zeroq fp32,bf16] [--lapq]
+    ZSQ_CPU_ALLOCATOR=system ... ptq_speed.py ...   # glibc's malloc defaults instead of the CLI's
 
 ZeroQ: distil 512 images (500 steps, the reference's settings) at each precision given.
 LAPQ: W4A4 on 512 real training images (the paper's calibration set size), every phase.
@@ -17,6 +18,7 @@ import time
 import torch
 
 from zsq.data import load_dataset
+from zsq.execution import tune_cpu_allocator
 from zsq.models import load_teacher
 from zsq.paths import shared_data_dir
 from zsq.ptq import LapqConfig, lapq_quantize, real_calibration
@@ -31,10 +33,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lapq", action="store_true", help="also time LAPQ W4A4 (real data)")
     args = parser.parse_args()
+    allocator = "tuned" if tune_cpu_allocator() else "system"  # as the CLI
     torch.set_num_threads(args.threads)
     shared = shared_data_dir()
     teacher, meta = load_teacher("resnet20", str(shared / "weights/resnet20_cifar10jpeg.pt"))
-    common = {"threads": args.threads, "device": "cpu", "teacher": "resnet20_cifar10jpeg"}
+    common = {
+        "threads": args.threads,
+        "device": "cpu",
+        "teacher": "resnet20_cifar10jpeg",
+        "allocator": allocator,
+    }
     for precision in filter(None, args.zeroq.split(",")):
         torch.manual_seed(0)
         options = ZeroQOptions(steps=args.steps, precision=precision)
@@ -48,8 +56,9 @@ def main() -> None:
                     "measure": "zeroq distil 512 images",
                     "precision": precision,
                     "steps": args.steps,
+                    "passes": [b["images"] for b in report["batches"]],
                     "seconds": round(seconds, 1),
-                    "loss_end": report["batches"][0]["loss_end"],
+                    "loss_end": [b["loss_end"] for b in report["batches"]],
                     "mean_abs_error_std": round(
                         sum(v["mean_abs_error_std"] for v in layers) / len(layers), 4
                     ),

@@ -5,6 +5,7 @@
     python benchmarks/step_time.py --device cuda --batch 200 --precision bf16 \
         --compile reduce-overhead
     python benchmarks/step_time.py --methods gdfq+ait --profile 5   # torch.profiler table
+    ZSQ_CPU_ALLOCATOR=system python benchmarks/step_time.py         # glibc's malloc defaults
 
 Timed in the steady state of the recipe (activation ranges frozen, GI past its warm-up), after
 warm-up iterations that also absorb torch.compile's compilation (reported as ``warmup_s``).
@@ -24,7 +25,7 @@ import torch
 
 from zsq.api import resolve_recipe
 from zsq.distill import Distiller
-from zsq.execution import COMPILE_FLAGS, PRECISIONS, Execution
+from zsq.execution import COMPILE_FLAGS, PRECISIONS, Execution, tune_cpu_allocator
 from zsq.models import load_teacher
 from zsq.paths import shared_data_dir
 from zsq.quant import QuantSpec, quantize_model
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steady-state warm-up iterations")
     parser.add_argument("--profile", type=int, metavar="N", help="profile N iterations instead")
     args = parser.parse_args()
+    allocator = "tuned" if tune_cpu_allocator() else "system"  # as the CLI
     device = resolve_device(args.device)
     execution = Execution.from_flags(args.precision, args.compile)
     torch.manual_seed(0)
@@ -179,6 +181,7 @@ def main() -> None:
             precision=args.precision,
             compile=args.compile,
             device=device_description(device),
+            allocator=allocator,
         )
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -6,8 +6,10 @@ from tests._teachers import tiny_teacher
 from torch import nn
 
 from zsq.errors import ZsqError
+from zsq.models.cifar_resnet import resnet20
 from zsq.synth import ZeroQOptions, ZeroQSource, build_source, distill_images
-from zsq.synth.zeroq import _BnInputs, per_image_stats, zeroq_loss
+from zsq.synth.bns import batchnorm_layers
+from zsq.synth.zeroq import _BnInputs, cpu_pass_size, per_image_stats, zeroq_loss
 
 
 def reference_loss(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,34 @@ def test_distillation_lowers_the_loss_and_moves_bn_statistics_to_the_running_one
         before = report["bn_mismatch_initial"][name]
         assert after["mean_abs_error_mean"] < before["mean_abs_error_mean"], name
         assert after["mean_abs_error_std"] < before["mean_abs_error_std"], name
+
+
+def test_cpu_passes_keep_the_largest_float32_bn_input_within_16_mib():
+    # ResNet-20 at 32 px: the largest BN input is 16 x 32 x 32 floats, 64 KiB an image, so 256
+    # images fit in 16 MiB; passes are equal.
+    teacher = resnet20().eval()
+    layers = batchnorm_layers(teacher)
+    sizes = [cpu_pass_size(teacher, layers, n, (3, 32, 32)) for n in (512, 300, 256, 100, 1)]
+    assert sizes == [256, 150, 256, 100, 1]
+    state = torch.random.get_rng_state()
+    cpu_pass_size(teacher, layers, 512, (3, 32, 32))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert all(not h for h in (m._forward_pre_hooks for m in layers))
+
+
+def test_the_automatic_cpu_passes_give_the_images_of_explicit_passes(monkeypatch):
+    import zsq.synth.zeroq as zeroq
+
+    teacher = tiny_teacher()
+    monkeypatch.setattr(zeroq, "CPU_PASS_BYTES", 1)  # one image a pass
+    torch.manual_seed(0)
+    auto, report = distill_images(teacher, 3, (3, 8, 8), ZeroQOptions(steps=5), progress=False)
+    torch.manual_seed(0)
+    explicit, _ = distill_images(
+        teacher, 3, (3, 8, 8), ZeroQOptions(steps=5, batch_size=1), progress=False
+    )
+    assert [b["images"] for b in report["batches"]] == [1, 1, 1]
+    assert torch.equal(auto, explicit)
 
 
 def test_zeroq_init_is_the_references_small_uniform_noise():

@@ -959,6 +959,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet or rank else logging.INFO,
         format=("" if not rank else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s",
     )
+    from zsq.execution import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         with _sigterm_as_interrupt():
             return args.func(args)
