@@ -57,6 +57,7 @@ def _rank_main(rank: int, world_size: int, port: int, out: str, task: str) -> No
     try:
         result = TASKS[task]()
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # as the CLI: no rank tears gloo down while another still works
     finally:
         dist.destroy_process_group()
 
