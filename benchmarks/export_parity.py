@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from zsq.data import load_dataset
+from zsq.data import load_dataset_for
 from zsq.evaluate import evaluate
 from zsq.export import export_int, export_onnx, load_int, size_report, size_table, student_from_run
 from zsq.export.onnx import OnnxRuntimeModel
@@ -44,16 +44,7 @@ def run_parity(run_dir: Path, out: Path, threads: int) -> None:
     int_path, onnx_path = out / f"{name}.int.safetensors", out / f"{name}.onnx"
     export_int(student, int_path, info)
     export_onnx(student, onnx_path, tuple(info["image_shape"]), info)
-    channels, size, _ = info["image_shape"]
-    data = load_dataset(
-        options["--eval-data"],
-        split="test",
-        normalize_mean=info["normalize_mean"],
-        normalize_std=info["normalize_std"],
-        channels=channels,
-        image_size=size,
-        num_classes=info["num_classes"],
-    )
+    data = load_dataset_for(options["--eval-data"], info)
     runtime = OnnxRuntimeModel(onnx_path, threads)
     tops = {}
     for label, model in (

@@ -231,18 +231,9 @@ def result_weights(folder):
 def chosen_test_images(spec, info, count):
     """The ``count`` test images a seed-0 permutation picks first, normalised as the teacher's
     input, and their true labels."""
-    from zsq.data import load_dataset
+    from zsq.data import load_dataset_for
 
-    channels, size, _ = info["image_shape"]
-    data = load_dataset(
-        spec,
-        split="test",
-        normalize_mean=info["normalize_mean"],
-        normalize_std=info["normalize_std"],
-        channels=channels,
-        image_size=size,
-        num_classes=info["num_classes"],
-    )
+    data = load_dataset_for(spec, info)
     chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
     images = torch.stack([data[int(i)][0] for i in chosen])
     return images, torch.tensor([int(data[int(i)][1]) for i in chosen])

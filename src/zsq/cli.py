@@ -366,7 +366,7 @@ def _export_path(args: argparse.Namespace) -> Path:
 
 def cmd_eval_export(args: argparse.Namespace) -> int:
     """Top-1/top-5 of an exported model (integer export reloaded, or ONNX in onnxruntime)."""
-    from zsq.data import load_dataset
+    from zsq.data import load_dataset_for
     from zsq.evaluate import evaluate
 
     started = time.perf_counter()
@@ -384,16 +384,7 @@ def cmd_eval_export(args: argparse.Namespace) -> int:
         raise ZsqError(f"{path}: give a .onnx or .safetensors file written by zsq export")
     if "image_shape" not in info or "num_classes" not in info:
         raise ZsqError(f"{path} has no zsq metadata (image shape, classes); export it with zsq")
-    channels, size, _ = info["image_shape"]
-    dataset = load_dataset(
-        args.data,
-        split="test",
-        normalize_mean=info.get("normalize_mean"),
-        normalize_std=info.get("normalize_std"),
-        channels=channels,
-        image_size=size,
-        num_classes=info["num_classes"],
-    )
+    dataset = load_dataset_for(args.data, info)
     if args.limit is not None:
         if args.limit < 1:
             raise ZsqError(f"--limit must be >= 1, got {args.limit}")

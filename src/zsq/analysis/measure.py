@@ -360,18 +360,9 @@ def real_batch(
 ) -> Batch:
     """``batch_size`` labelled test images of ``spec``, chosen by a generator seeded with
     ``seed`` (a sorted dataset would otherwise give one class). For measurement only."""
-    from zsq.data import load_dataset
+    from zsq.data import load_dataset_for
 
-    channels, size, _ = info["image_shape"]
-    dataset = load_dataset(
-        spec,
-        split="test",
-        normalize_mean=info.get("normalize_mean"),
-        normalize_std=info.get("normalize_std"),
-        channels=channels,
-        image_size=size,
-        num_classes=info["num_classes"],
-    )
+    dataset = load_dataset_for(spec, info)
     if len(dataset) < batch_size:
         raise ZsqError(f"{spec} has {len(dataset)} test images; use --batch-size {len(dataset)}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))

@@ -14,7 +14,7 @@ import gzip
 import io
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,21 @@ def load_dataset(
         raise ZsqError(f"dataset {spec} ({split} split): {err}") from None
     logger.info("dataset %s (%s split): %d images", spec, split, len(dataset))
     return dataset
+
+
+def load_dataset_for(spec: str, info: Mapping[str, Any], split: str = "test") -> Dataset:
+    """:func:`load_dataset` in the input space that a run's or an export's model metadata
+    describes (``image_shape``, ``num_classes``, ``normalize_mean``/``normalize_std``)."""
+    channels, size, _ = info["image_shape"]
+    return load_dataset(
+        spec,
+        split=split,
+        normalize_mean=info.get("normalize_mean"),
+        normalize_std=info.get("normalize_std"),
+        channels=channels,
+        image_size=size,
+        num_classes=info["num_classes"],
+    )
 
 
 def eval_transform(dataset: Dataset) -> str:

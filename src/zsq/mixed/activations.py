@@ -28,9 +28,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
-from zsq.mixed.cost import LayerCost, inspect_forward, layer_cost
+from zsq.mixed.cost import LayerCost, layer_cost
 from zsq.mixed.sensitivity import EVAL_BATCH, mean_kl, teacher_logits
-from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model, set_observing
+from zsq.quant import (
+    QuantSpec,
+    act_quantizers,
+    inspect_forward,
+    quant_layers,
+    quantize_model,
+    set_observing,
+)
 from zsq.quant.model import set_act_observer
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from torch import nn
 from zsq.errors import ZsqError
 from zsq.export.packing import is_packed
 from zsq.export.sizes import FLOAT, ZERO_POINT
-from zsq.quant import act_quantizers
+from zsq.quant import inspect_forward
 from zsq.quant.quantizer import MAX_BITS, MIN_BITS, check_bits
 
 log = logging.getLogger(__name__)
@@ -121,38 +121,6 @@ def _traced_macs(
         for handle in handles:
             handle.remove()
     return macs
-
-
-def inspect_forward(model: nn.Module, image_shape: Sequence[int]) -> None:
-    """One forward on zeros at batch 1 for hooks to watch, leaving the model as it was: eval
-    mode, activation observers paused, no gradients and the RNG forked, modes restored after.
-    A failing forward is an error naming the shape."""
-    param = next(model.parameters())
-    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    x = torch.zeros((1, *image_shape), dtype=dtype, device=param.device)
-    training = {m: m.training for m in model.modules()}
-    observing = {aq: aq.observing for _, aq in act_quantizers(model)}
-    devices = []
-    if param.device.type == "cuda":
-        index = param.device.index
-        devices = [torch.cuda.current_device() if index is None else index]
-    try:
-        model.eval()
-        for aq in observing:
-            aq.observing = False
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model(x)
-    except (RuntimeError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ZsqError(
-            f"the model's forward failed on a 1x{'x'.join(map(str, image_shape))} input "
-            f"({first_line}); pass the model's input shape (channels, height, width)"
-        ) from exc
-    finally:
-        for module, mode in training.items():
-            module.training = mode
-        for aq, mode in observing.items():
-            aq.observing = mode
 
 
 def _macs_per_output(module: nn.Module) -> int:

@@ -9,6 +9,7 @@ from zsq.quant.attention import (
 )
 from zsq.quant.model import (
     act_quantizers,
+    inspect_forward,
     quant_layers,
     quant_params,
     quantize_model,
@@ -44,6 +45,7 @@ __all__ = [
     "dequantize",
     "expose_attention",
     "fake_quantize",
+    "inspect_forward",
     "parse_bits",
     "parse_override",
     "qparams_from_range",

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
+from zsq.quant import inspect_forward
 from zsq.synth.base import SampleSource, SynthBatch, check_batch_size
 from zsq.synth.bns import batchnorm_layers
 
@@ -96,12 +97,10 @@ def cpu_pass_size(
     teacher: nn.Module, layers: list[nn.Module], num_images: int, image_shape: Sequence[int]
 ) -> int:
     """Images per pass on a CPU: equal passes, each keeping its largest float32 BN input within
-    ``CPU_PASS_BYTES`` (one probe forward of a zero image; the RNG is not touched)."""
+    ``CPU_PASS_BYTES`` (one side-effect-free inspection forward measures them)."""
     recorder = _BnInputs(layers)
     try:
-        with torch.no_grad():
-            device = next(teacher.parameters()).device
-            teacher(torch.zeros(1, *image_shape, device=device))
+        inspect_forward(teacher, image_shape)
         per_image = max(x[0].numel() for _, x in recorder.inputs) * 4
     finally:
         recorder.close()
