@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from tests._teachers import tiny_teacher
 from torch.utils.data import TensorDataset
@@ -51,15 +49,16 @@ def _rank_main(rank: int, world_size: int, port: int, out: str, task: str) -> No
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
+        ZSQ_DIST_TIMEOUT="60",
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    distributed.init_from_env("cpu")  # as the CLI joins
     try:
         result = TASKS[task]()
         torch.save(result, Path(out) / f"rank{rank}.pt")
-        dist.barrier()  # as the CLI: no rank tears gloo down while another still works
+        distributed.barrier()
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
 
 
 def eval_set(n: int = 37) -> TensorDataset:
@@ -179,4 +178,30 @@ def vit_train() -> dict[str, Any]:
     return {"student": {k: v.clone() for k, v in student.state_dict().items()}, "history": history}
 
 
-TASKS = {"train": train, "gradients": gradients, "vit_pool": vit_pool, "vit_train": vit_train}
+def teardown() -> dict[str, Any]:
+    """Import what timm and torch._dynamo import once the group exists, then shut it down: how
+    many gloo worker threads outlive the shutdown (each could abort the exit)."""
+    import torch.distributed.nn  # noqa: F401
+
+    distributed.broadcast_object({"a": torch.ones(3)})  # a collective holding Python tensors
+    distributed.barrier()
+    distributed.shutdown()
+    return {"gloo_threads_left": gloo_worker_threads()}
+
+
+def gloo_worker_threads() -> int:
+    tasks = Path("/proc/self/task")
+    return sum(
+        (t / "comm").read_text().strip() == "pt_gloo_runloop"
+        for t in tasks.iterdir()
+        if (t / "comm").exists()
+    )
+
+
+TASKS = {
+    "train": train,
+    "gradients": gradients,
+    "vit_pool": vit_pool,
+    "vit_train": vit_train,
+    "teardown": teardown,
+}

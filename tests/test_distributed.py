@@ -115,6 +115,15 @@ def test_vit_distillation_ends_bitwise_equal_on_the_ranks(tmp_path, vit_teacher_
     assert last[0]["kappa"] == last[1]["kappa"] and len(last[0]["kappa"]) == 18
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux thread names")
+def test_shutdown_joins_gloo_threads_even_after_torch_distributed_nn_is_imported(tmp_path):
+    """Imported after the group exists, torch.distributed.nn keeps it alive past
+    destroy_process_group; its gloo threads then free tensors during interpreter exit and abort
+    the process about one run in thirty. zsq imports it first, so shutdown joins them."""
+    ranks = spawn("teardown", tmp_path)
+    assert [r["gloo_threads_left"] for r in ranks] == [0, 0]
+
+
 def test_local_batch_must_split_evenly():
     world = distributed.World(rank=0, size=3)
     assert distributed.local_batch_size(12, world) == 4

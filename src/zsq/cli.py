@@ -206,9 +206,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         current = distributed.init_from_env(args.device)
         report = _quantize(args)
-        # no rank tears its connections down while another still finishes (a rank that left
-        # early aborted in gloo's teardown about one run in fifteen); skipped on errors
-        distributed.barrier()
+        distributed.barrier()  # every rank finished its work before any tears the group down
     finally:
         distributed.shutdown()
     if not current.is_main:

@@ -106,6 +106,7 @@ def init_from_env(device: str | None = "auto") -> World:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    unpin_default_group()
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
     current = world()
     log.info("rank %d of %d joined (%s)", current.rank, current.size, backend)
@@ -119,7 +120,21 @@ def device_for(name: str | None, current: World) -> str | None:
     return f"cuda:{current.local_rank}"
 
 
+def unpin_default_group() -> None:
+    """Import ``torch.distributed.nn.functional`` before the process group exists.
+
+    That module binds ``group.WORLD`` as default arguments when it is first imported. Imported
+    after ``init_process_group`` (timm, ``torch._dynamo`` and FSDP import it), it keeps the group
+    alive past ``destroy_process_group``. gloo's worker threads then free the last tensors of
+    finished collectives while the interpreter shuts down, and the process aborts ("terminate
+    called without an active exception"). Imported first, those defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def shutdown() -> None:
+    """Destroy the process group; gloo's worker threads are joined here, not at interpreter exit
+    (see :func:`unpin_default_group`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
