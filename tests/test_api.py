@@ -1,7 +1,6 @@
 """zero_shot_quantize takes the CLI's method names and refuses what the CLI refuses, early."""
 
 import logging
-import time
 
 import pytest
 import torch
@@ -76,7 +75,11 @@ def test_minmax_refuses_distillation_options_like_the_cli(teacher, option):
     assert message.startswith(f"{name} has no effect with method minmax") and "\n" not in message
 
 
-def test_arguments_are_checked_before_any_work(teacher, tmp_path):
+def test_arguments_are_checked_before_any_work(teacher, tmp_path, monkeypatch):
+    def training_started(*args, **kwargs):
+        raise AssertionError("the arguments were refused only after training began")
+
+    monkeypatch.setattr("zsq.api.Distiller", training_started)
     file = tmp_path / "notes.txt"
     file.write_text("mine")
     cases = [
@@ -95,11 +98,9 @@ def test_arguments_are_checked_before_any_work(teacher, tmp_path):
         ({"recipe": "fast"}, "unknown recipe"),
     ]
     for kwargs, expected in cases:
-        started = time.perf_counter()
         with pytest.raises(ZsqError) as info:
             quantize(teacher, method=kwargs.pop("method", "gdfq"), overrides=TINY, **kwargs)
         assert expected in str(info.value), (kwargs, str(info.value))
-        assert time.perf_counter() - started < 2  # refused before training
     assert file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [file]
 
 
