@@ -3,8 +3,21 @@
 # `paper-cifar` recipe, RUNS_PER_GPU runs sharing the GPU at once.
 #   PATH=.venv/bin:$PATH bash benchmarks/gpu_steps.sh steps     # ~5 min on one H100
 #   PATH=.venv/bin:$PATH bash benchmarks/gpu_steps.sh table     # hours: resumable, rerun to go on
-# ROWS (default "gdfq gdfq+ait ...", see reproduction_table.sh), BITS_LIST ("4 5"), DATASETS.
+# ROWS (default "gdfq gdfq+ait ...", see reproduction_table.sh), BITS_LIST ("4 5"), DATASETS,
+# PYTHON (python).
 # Outputs: runs/gpu/steps.jsonl, runs/gpu/<w4a4|w5a5>/<data>/<row>/.
+#
+# On a GPU machine with its own PyTorch and without ../shared/data beside the checkout: bring
+# the teacher and the test set inside the checkout (~10 MB), use the machine's torch, and give
+# the scripts a `zsq` command:
+#   mkdir -p gpu_data/weights gpu_data/cifar10-jpeg            # here, once (keep it out of git)
+#   cp ../shared/data/weights/resnet20_cifar10jpeg.* gpu_data/weights/
+#   cp ../shared/data/cifar10-jpeg/test.npz gpu_data/cifar10-jpeg/
+#   export ZSQ_SHARED_DATA=$PWD/gpu_data PYTHONPATH=$PWD/src   # there
+#   mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m zsq "$@"\n' > /tmp/bin/zsq
+#   chmod +x /tmp/bin/zsq && PATH=/tmp/bin:$PATH bash benchmarks/gpu_steps.sh steps
+# The default test suite passes on the CPU with torch 2.11.0+cu130, torchvision 0.26.0 and
+# timm 1.0.31 as well as with the pinned torch 2.14.1, so such a machine's own torch serves.
 set -euo pipefail
 OUT=${OUT:-runs/gpu}
 RUNS_PER_GPU=${RUNS_PER_GPU:-6}
@@ -16,7 +29,7 @@ steps() {
   for setting in "fp32 off" "tf32 off" "bf16 off" "tf32 default" "tf32 reduce-overhead" \
                  "bf16 reduce-overhead"; do
     set -- $setting
-    python benchmarks/step_time.py --device cuda --batch 200 --iters 50 --warmup 10 \
+    "${PYTHON:-python}" benchmarks/step_time.py --device cuda --batch 200 --iters 50 --warmup 10 \
       --precision "$1" --compile "$2" | tee -a "$OUT/steps.jsonl"
   done
 }
