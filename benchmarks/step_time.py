@@ -65,6 +65,7 @@ def build(
 
 def iteration(trainer: Distiller) -> None:
     """The training loop's body: one source step, one student step on its batch."""
+    trainer.execution.begin_step()
     batch, _ = trainer.source.step(trainer.recipe.batch_size)
     trainer.student_step(batch)
 
@@ -114,15 +115,24 @@ def profile(trainer: Distiller, iters: int, device: torch.device, rows: int = 20
 
 def time_update(trainer: Distiller, iters: int, device: torch.device, with_gi: bool) -> float:
     """Mean ms of the parameter update alone (GI step, or the bare optimiser step)."""
+    trainer.execution.begin_step()
     batch, _ = trainer.source.step(trainer.recipe.batch_size)
     loss = trainer.student(batch.images).logsumexp(1).mean()
     loss.backward()
+    for p in trainer.student.parameters():  # kept over the graph steps below (CUDA graphs)
+        if p.grad is not None:
+            p.grad = p.grad.clone()
     update = trainer.gi.step if with_gi else trainer.optimizer.step
-    update()
+
+    def step() -> None:
+        trainer.execution.begin_step()
+        update()
+
+    step()
     _sync(device)
     start = time.perf_counter()
     for _ in range(iters):
-        update()
+        step()
     _sync(device)
     return (time.perf_counter() - start) * 1000 / iters
 

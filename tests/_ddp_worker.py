@@ -84,12 +84,14 @@ def train() -> dict[str, Any]:
         recipe,
         device=torch.device("cpu"),
         progress=False,
-        evaluate=lambda s: evaluate(s, data, progress=False, distributed=True).top1,
+        evaluate=lambda s: evaluate(s, data, device="cpu", progress=False, distributed=True).top1,
     )
     history = trainer.fit()
     return {
-        "eval_sharded": evaluate(student, data, progress=False, distributed=True).top1,
-        "eval_whole": evaluate(student, data, progress=False).top1,
+        "eval_sharded": evaluate(
+            student, data, device="cpu", progress=False, distributed=True
+        ).top1,
+        "eval_whole": evaluate(student, data, device="cpu", progress=False).top1,
         "student": {k: v.clone() for k, v in student.state_dict().items()},
         "source": {k: v.clone() for k, v in source.state_dict().items()},
         "history": history,

@@ -29,7 +29,7 @@ class NearestClass(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        classes = torch.arange(self.num_classes, dtype=torch.float32)
+        classes = torch.arange(self.num_classes, dtype=torch.float32, device=x.device)
         # tiny class-dependent offset breaks ties between the neighbours below and above
         return -(classes - x[:, :1]).abs() - 1e-3 * classes
 

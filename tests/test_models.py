@@ -277,6 +277,20 @@ def test_read_sidecar_partial_and_invalid(tmp_path):
         read_sidecar(weights)
 
 
+def test_sidecar_model_name_may_carry_a_note_in_parentheses(tmp_path, caplog):
+    weights = tmp_path / "net.pt"
+    torch.save(resnet20(num_classes=4).state_dict(), weights)
+    _write_sidecar(weights, model="resnet20 (CIFAR, option-A shortcut)", num_classes=4)
+    assert read_sidecar(weights).model == "resnet20"
+    with caplog.at_level(logging.WARNING):
+        load_teacher(None, weights)
+        load_teacher("resnet20", weights)
+    assert "sidecar names" not in caplog.text
+    _write_sidecar(weights, model="resnet 20", num_classes=4)
+    with pytest.raises(ZsqError, match="must be a model name"):
+        read_sidecar(weights)
+
+
 def test_load_teacher_uses_sidecar_and_explicit_overrides(tmp_path):
     weights = tmp_path / "teacher.pt"
     torch.save(resnet20(num_classes=4, in_channels=1).state_dict(), weights)

@@ -179,6 +179,18 @@ def test_module_swap_cifar_resnet20_and_overrides():
     assert parse_override("layer1.*=4/8") == ("layer1.*", {"wbits": 4, "abits": 8})
 
 
+@pytest.mark.parametrize("placement", ["reference", "input"])
+def test_quantizers_are_made_on_the_models_device(placement):
+    """A teacher on another device (here 'meta', as CUDA would be) gets a student wholly there,
+    the new activation quantizers' buffers included."""
+    from zsq.models import create_model
+
+    model = create_model("resnet20").to("meta")
+    student = quantize_model(model, QuantSpec(wbits=4, abits=4, act_placement=placement))
+    tensors = [*student.parameters(), *student.buffers()]
+    assert {t.device.type for t in tensors} == {"meta"}
+
+
 def test_user_module_and_no_layers_error():
     class Mine(nn.Module):
         def __init__(self):

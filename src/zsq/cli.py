@@ -535,7 +535,7 @@ DOWNLOAD_HELP = (
 RECIPE_HELP = (
     "generator methods' schedule: paper-cifar (default: the papers' 400 epochs x 200 iterations "
     "at batch 200, 80,000 iterations, about 100 hours on a 2-core CPU for ResNet-20), "
-    "paper-imagenet, short (22 x 25 at batch 32, about 8 minutes on a 2-core CPU), demo; a run "
+    "paper-imagenet, short (22 x 25 at batch 32, 5-6 minutes on 2 idle CPU cores), demo; a run "
     "logs its size first and a time estimate after its first iterations"
 )
 
@@ -707,8 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train a digits CNN and quantize it with every method (about 2 minutes on 2 CPU "
-        "cores; no files, no network)",
+        help="train a digits CNN and quantize it with min/max and GDFQ with and without AIT (about "
+        "2 minutes on 2 CPU cores; no files, no network)",
     )
     _add_common(p)
     p.set_defaults(func=cmd_demo)

@@ -14,7 +14,9 @@ Precision:
 
 Compile: ``torch.compile`` mode (``default``, ``reduce-overhead`` = CUDA graphs,
 ``max-autotune``) applied in place to the teacher, the student and the source's generator, and to
-gradient inundation's kappa search.
+gradient inundation's kappa search. Under CUDA graphs a compiled call's outputs live in memory the
+next replay overwrites: the loop marks each iteration's start (:meth:`Execution.begin_step`), so
+outputs stay valid through their iteration, and what is kept longer is cloned.
 
 CPU memory: ``tune_cpu_allocator`` (called by the CLI) keeps freed tensor memory for reuse, which
 speeds CPU runs up without changing a bit of their results.
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 COMPILE_FLAGS = ("off", *COMPILE_MODES)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,18 @@ class Execution:
             raise ZsqError(
                 f"unknown compile mode {self.compile!r}; use one of {COMPILE_MODES} or none"
             )
+
+    def begin_step(self) -> None:
+        """Mark the start of a loop iteration (or of a measurement between iterations) for
+        CUDA graphs: outputs of the previous iteration's compiled calls may be overwritten from
+        here on, those of this iteration's calls stay valid until the next mark. Without the
+        marks, torch starts a new graph generation at almost every compiled call, and a tensor
+        from the generator would be overwritten by the teacher's replay before the student
+        reads it. A no-op unless the compile mode uses CUDA graphs."""
+        if self.compile in CUDA_GRAPH_MODES:
+            import torch
+
+            torch.compiler.cudagraph_mark_step_begin()
 
     def inert_note(self, device: torch.device) -> str | None:
         """Why this setting changes nothing on ``device`` (tf32 off CUDA), for the log, or None."""

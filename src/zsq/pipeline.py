@@ -691,8 +691,10 @@ def _build_report(
     """The report; ``seconds`` is the run's total over its sessions (``previous`` ones from
     earlier, interrupted sessions, then this one), listed in ``sessions``."""
     cfg = ctx.config
-    teacher_score = _score(ctx.teacher, ctx.eval_set, ctx.device, cfg.progress)
-    student_score = _score(result.student, ctx.eval_set, ctx.device, cfg.progress)
+    execution = cfg.method_options.get("execution") or Execution()
+    with execution.tensor_core_scope():  # fp32 means fp32 (no cuDNN TF32) in the report too
+        teacher_score = _score(ctx.teacher, ctx.eval_set, ctx.device, cfg.progress)
+        student_score = _score(result.student, ctx.eval_set, ctx.device, cfg.progress)
     report: dict[str, Any] = {
         "method": cfg.method,
         "wbits": cfg.quant.wbits,

@@ -69,6 +69,17 @@ def _duration(seconds: float) -> str:
     return f"about {seconds:.0f} s"
 
 
+def accumulate(total: Tensor | None, value: Tensor) -> Tensor:
+    """``total + value``; the first value is copied, since under CUDA graphs a compiled call's
+    output is overwritten by a later replay (:meth:`Execution.begin_step`)."""
+    return value.clone() if total is None else total + value
+
+
+def owned(value: Tensor | None) -> Tensor | None:
+    """A copy that outlives the CUDA-graph step that produced ``value``."""
+    return None if value is None else value.clone()
+
+
 @dataclass
 class _EpochTotals:
     """Sums kept on the device during an epoch; read once at its end (one host sync)."""
@@ -82,8 +93,7 @@ class _EpochTotals:
 
     def add_terms(self, terms: dict[str, Tensor]) -> None:
         for key, value in terms.items():
-            value = value.detach().float()
-            self.terms[key] = self.terms[key] + value if key in self.terms else value
+            self.terms[key] = accumulate(self.terms.get(key), value.detach().float())
 
 
 class Distiller:
@@ -243,7 +253,9 @@ class Distiller:
         self.student.eval()  # BN uses the teacher's running statistics, as in the reference
         self.apply_schedule(epoch)
         if self.trains_student(epoch) and self.probe is None:
-            self.probe = self.source.sample(self.recipe.probe_batch_size)
+            self.execution.begin_step()
+            probe = self.source.sample(self.recipe.probe_batch_size)
+            self.probe = SynthBatch(**{k: owned(v) for k, v in vars(probe).items()})
         totals = _EpochTotals(terms={})
         bar = tqdm(
             range(self.recipe.iters_per_epoch),
@@ -255,6 +267,7 @@ class Distiller:
         for i in bar:
             if i == min(ETA_AFTER_ITERATIONS, self.recipe.iters_per_epoch - 1):
                 self._log_eta(epoch, i, started)
+            self.execution.begin_step()
             batch, source_terms = self.source.step(self.local_batch)
             totals.add_terms(source_terms)
             totals.source_steps += 1
@@ -263,11 +276,9 @@ class Distiller:
                 measure = every is not None and i % every == 0
                 terms, fraction, kappa = self.student_step(batch, totals if measure else None)
                 totals.add_terms(terms)
-                totals.fraction = (
-                    fraction if totals.fraction is None else totals.fraction + fraction
-                )
+                totals.fraction = accumulate(totals.fraction, fraction)
                 if kappa is not None:
-                    totals.kappa = kappa if totals.kappa is None else totals.kappa + kappa
+                    totals.kappa = accumulate(totals.kappa, kappa)
                 totals.student_steps += 1
             else:
                 with torch.no_grad():
@@ -385,6 +396,7 @@ class Distiller:
             metrics["grad_cos_ce_kl_steps"] = totals.grad_cosines
             metrics["grad_cos_epoch"] = self.grad_meter.end_epoch()
         if self.trains_student(epoch):
+            self.execution.begin_step()  # the probe and evaluation forwards: a graph step
             set_observing(self.student, False)  # measuring must not move ranges; reset per epoch
             metrics.update(self.probe_metrics())
             last = epoch + 1 == self.recipe.epochs
@@ -446,7 +458,8 @@ class Distiller:
             None if state["probe"] is None else SynthBatch(**state["probe"]).to(self.device)
         )
         self.history = json.loads(state["history"])
-        self.grad_meter.previous_mean = state.get("grad_mean")
+        previous = state.get("grad_mean")  # loaded on the CPU
+        self.grad_meter.previous_mean = None if previous is None else previous.to(self.device)
         ranks = state.get("rng_ranks")
         set_rng_state(state["rng"] if ranks is None else ranks[self.world.rank])
 

@@ -239,12 +239,15 @@ def read_sidecar(weights_path: str | Path) -> ModelMeta | None:
 
 
 def _optional_name(raw: Mapping[str, Any], path: Path) -> str | None:
+    """The sidecar's model name, without a trailing note in parentheses: ``"resnet20 (CIFAR,
+    option-A shortcut)"`` names ``resnet20`` (model names hold no spaces)."""
     value = raw.get("model")
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
+    name = value.split("(", 1)[0].strip() if isinstance(value, str) else ""
+    if not name or " " in name:
         raise ZsqError(f"model sidecar {path}: 'model' must be a model name, got {value!r}")
-    return value.strip()
+    return name
 
 
 def _optional_kwargs(raw: Mapping[str, Any], path: Path) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ data-dependent control flow work unchanged. The input model is never mutated.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -65,7 +66,16 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
                 "the reference activation placement would quantize no activation; use "
                 "--act-placement input (act_placement='input')"
             )
+    device = _single_device(model)
+    if device is not None:
+        student.to(device)  # the new quantizers' buffers start on the CPU
     return student
+
+
+def _single_device(model: nn.Module) -> torch.device | None:
+    """The device of all of ``model``'s tensors, or None (none, or spread over several)."""
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    return devices.pop() if len(devices) == 1 else None
 
 
 def _make_act_quant(spec: QuantSpec, bits: int | None) -> ActQuantizer | None:

@@ -1,7 +1,7 @@
 """Named training presets as data. Every field can be overridden (``--set field=value``).
 
 ``paper-cifar`` and ``paper-imagenet`` follow the GDFQ/AIT papers and reference code
-(../shared/REFERENCE.md); ``short`` (a ResNet-20 run in 4-6 minutes on 2 idle CPU cores) and
+(../shared/REFERENCE.md); ``short`` (a ResNet-20 run in 5-6 minutes on 2 idle CPU cores) and
 ``demo`` (the digits demo, seconds) are the same schedule shrunk for a CPU, with the lr/rho
 milestones kept near 1/3, 1/2, 3/4 of training.
 """
