@@ -42,8 +42,8 @@ def run_parity(run_dir: Path, out: Path, threads: int) -> None:
     options = read_marker(run_dir)["options"]
     name = run_dir.name
     int_path, onnx_path = out / f"{name}.int.safetensors", out / f"{name}.onnx"
-    export_int(student, int_path, info)
-    export_onnx(student, onnx_path, tuple(info["image_shape"]), info)
+    export_int(student, int_path, info, overwrite=True)  # --out is the benchmark's own folder
+    export_onnx(student, onnx_path, tuple(info["image_shape"]), info, overwrite=True)
     data = load_dataset_for(options["--eval-data"], info)
     runtime = OnnxRuntimeModel(onnx_path, threads)
     tops = {}
@@ -114,7 +114,9 @@ def run_mobilenet(out: Path, threads: int) -> None:
         student = quantize_model(model, QuantSpec(wbits=bits, abits=bits))
         calibrate_activations(student, gaussian_batches(64, shape, 32, seed=0))
         student.eval()
-        path = export_onnx(student, out / f"mobilenet_v2_w{bits}a{bits}.onnx", shape)
+        path = export_onnx(
+            student, out / f"mobilenet_v2_w{bits}a{bits}.onnx", shape, overwrite=True
+        )
         runtime = OnnxRuntimeModel(path, threads)
         with torch.no_grad():
             expected, got = student(x), runtime(x)

@@ -21,3 +21,8 @@ def tiny_fixed() -> nn.Module:
 
 def not_a_model(num_classes: int = 10) -> str:
     return "oops"
+
+
+def failing(num_classes: int = 10) -> nn.Module:
+    """A factory with a bug of its own."""
+    raise RuntimeError("boom")

@@ -109,6 +109,31 @@ def test_a_teacher_given_by_name_is_a_one_line_error():
         quantize("resnet20")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize("device", [torch.device("cuda"), 0, "cuda:1", object()])
+def test_a_device_that_is_not_there_is_a_one_line_error(teacher, device):
+    with pytest.raises(ZsqError, match="device"):
+        zero_shot_quantize(
+            teacher, image_shape=(1, 8, 8), num_classes=10, method="minmax", device=device
+        )
+
+
+@pytest.mark.parametrize(
+    ("argument", "match"),
+    [
+        ({"calib_size": "8"}, "calib_size must be int"),
+        ({"seed": "x"}, "seed must be int"),
+        ({"overrides": 5, "method": "gdfq"}, "overrides must be dict or list"),
+        ({"lapq": 5, "method": "lapq"}, "lapq must be LapqConfig or dict"),
+        ({"evaluate": 5, "method": "gdfq"}, "evaluate must be a function"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_one_line_errors(teacher, argument, match):
+    options = {"method": "minmax", **argument}
+    with pytest.raises(ZsqError, match=match):
+        zero_shot_quantize(teacher, image_shape=(1, 8, 8), num_classes=10, **options)
+
+
 def test_overrides_of_the_wrong_type_fail_as_on_the_cli(teacher):
     with pytest.raises(ZsqError) as api:
         quantize(teacher, overrides={"batch_size": "eight"})

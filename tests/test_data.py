@@ -107,6 +107,12 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "k.npz", images=np.zeros((2, 3, 3), np.uint8))
     with pytest.raises(ZsqError, match="lacks arrays"):
         load_dataset(f"npz:{tmp_path / 'k.npz'}")
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 3, 8, 8), np.uint8), y=np.zeros(2, np.int64))
+    with pytest.raises(ZsqError, match=r"channels-first \(NCHW\).*transpose"):
+        load_dataset(f"npz:{tmp_path / 'c.npz'}")
+    np.savez(tmp_path / "y.npz", x=np.zeros((2, 8, 8, 3), np.uint8), y=np.array([0.5, 1.0]))
+    with pytest.raises(ZsqError, match="whole-number class labels"):
+        load_dataset(f"npz:{tmp_path / 'y.npz'}")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ZsqError, match="bad.npz"):
         load_dataset(f"npz:{tmp_path / 'bad.npz'}")
@@ -251,6 +257,16 @@ def test_imagefolder(tmp_path):
     assert image.shape == (3, 16, 16) and label == 1
     assert torch.allclose(image[1], torch.ones(16, 16))  # green: (1 - 0.5) / 0.5
     assert torch.allclose(image[0], -torch.ones(16, 16))
+
+
+def test_imagefolder_with_an_unreadable_image_names_it(tmp_path):
+    _write_imagefolder(tmp_path)
+    broken = tmp_path / "dog" / "2.jpg"
+    broken.write_bytes(b"not an image")
+    ds = load_dataset(f"imagefolder:{tmp_path}", image_size=8)
+    assert ds[0][0].shape == (3, 8, 8)
+    with pytest.raises(ZsqError, match=r"cannot read image .*2\.jpg.*fix or remove"):
+        ds[4]
 
 
 def test_imagefolder_uses_split_subfolder(tmp_path):

@@ -314,3 +314,180 @@ def test_cli_export_errors_exit_2_with_one_line(case, run_dir, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zsq: error: ")
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# --- what an export may replace, and what it leaves when it fails ------------------------------
+def export_argv(run_dir, fmt, out=None, *flags):
+    return ["export", str(run_dir), "--format", fmt, *(["--out", str(out)] if out else []), *flags]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zsq: error: ")
+    return err[0]
+
+
+def test_int_export_never_replaces_a_file_unless_told(run_dir, tmp_path, capsys):
+    """The manifest X.json beside X.safetensors may be the user's own file."""
+    users = tmp_path / "X.json"
+    users.write_text("my notes\n")
+    target = tmp_path / "X.safetensors"
+    assert main([*export_argv(run_dir, "int", target), "--quiet"]) == 2
+    assert f"{users} (written with X.safetensors) exists; pass --overwrite" in one_error_line(
+        capsys
+    )
+    assert users.read_text() == "my notes\n" and not target.exists()
+    assert main([*export_argv(run_dir, "int", target), "--overwrite", "--quiet"]) == 0
+    assert json.loads(users.read_text())["format"] == "zsq-int"
+    load_int(target)  # a complete, matching pair
+
+
+def test_re_exporting_into_the_run_folder_needs_overwrite(run_dir, capsys):
+    default, manifest = run_dir / "student.int.safetensors", run_dir / "student.int.json"
+    assert main([*export_argv(run_dir, "int"), "--quiet"]) == 0
+    first = manifest.read_text()
+    default.write_bytes(b"an older export")
+    assert main([*export_argv(run_dir, "int"), "--quiet"]) == 2
+    assert one_error_line(capsys).endswith(f"{default} exists; pass --overwrite to replace it")
+    assert default.read_bytes() == b"an older export"
+    assert main([*export_argv(run_dir, "int"), "--overwrite", "--quiet"]) == 0
+    assert manifest.read_text() == first
+    load_int(default)  # the tensors match the manifest again
+
+
+def test_onnx_export_never_replaces_a_file_unless_told(run_dir, tmp_path, capsys):
+    target = tmp_path / "mine.onnx"
+    target.write_text("my model")
+    assert main([*export_argv(run_dir, "onnx", target), "--quiet"]) == 2
+    assert "mine.onnx exists; pass --overwrite to replace it" in one_error_line(capsys)
+    assert target.read_text() == "my model"
+    assert main([*export_argv(run_dir, "onnx", target), "--overwrite", "--quiet"]) == 0
+    assert onnx.load(str(target)).graph.node
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("name", ["student.safetensors", "report.safetensors"])
+def test_an_export_never_replaces_the_run_it_comes_from(name, run_dir, capsys):
+    """Not even with --overwrite: report.safetensors would put its manifest on report.json."""
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    argv = [*export_argv(run_dir, "int", run_dir / name), "--overwrite", "--quiet"]
+    assert main(argv) == 2
+    assert "is a file of the run being exported; choose another --out" in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_the_python_api_refuses_existing_files_too(tmp_path):
+    s, info = student(SPECS["w4a4 reference"]), {**INFO, "act_placement": "reference"}
+    (tmp_path / "s.json").write_text("mine")
+    with pytest.raises(ZsqError, match="s.json .* exists; pass --overwrite"):
+        export_int(s, tmp_path / "s.safetensors", info)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+    export_int(s, tmp_path / "s.safetensors", info, overwrite=True)
+    assert (tmp_path / "s.json").read_text() != "mine"
+    from zsq.export import export_onnx
+
+    (tmp_path / "s.onnx").write_text("mine")
+    with pytest.raises(ZsqError, match="s.onnx exists; pass --overwrite"):
+        export_onnx(s, tmp_path / "s.onnx", (3, 16, 16))
+    assert (tmp_path / "s.onnx").read_text() == "mine"
+
+
+def break_the_check(fmt, monkeypatch):
+    """Make the reloaded export differ from the student, as a bug in a writer would."""
+    if fmt == "int":
+        import zsq.export.integer as integer
+
+        real_load_int = integer.load_int
+
+        def load_shifted(path):
+            reloaded = real_load_int(path)
+            reloaded.register_forward_hook(lambda module, inputs, output: output + 1)
+            return reloaded
+
+        monkeypatch.setattr(integer, "load_int", load_shifted)
+    else:
+        import numpy as np
+
+        nan_logits = [np.full((16, 10), np.nan, np.float32)]
+        monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *args: nan_logits)
+
+
+@pytest.mark.parametrize("fmt", ["int", "onnx"])
+@pytest.mark.parametrize("replacing", [False, True])
+def test_a_failed_check_is_an_error_and_writes_nothing(
+    fmt, replacing, run_dir, capsys, monkeypatch
+):
+    names = {"int": ["student.int.safetensors", "student.int.json"], "onnx": ["student.onnx"]}[fmt]
+    if replacing:  # an earlier export stays as it was
+        for name in names:
+            (run_dir / name).write_text("earlier export")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    break_the_check(fmt, monkeypatch)
+    flags = ["--overwrite"] if replacing else []
+    assert main([*export_argv(run_dir, fmt), *flags, "--quiet"]) == 2
+    line = one_error_line(capsys)
+    assert "failed its check" in line and "OUTPUTS DIFFER" in line
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # no temporary either
+
+
+def student_with_non_finite(run_dir, tmp_path, bad):
+    """A copy of the run whose saved student holds NaN/inf in the tensors ``bad`` names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "diverged"
+    shutil.copytree(run_dir, copy)
+    state = load_file(copy / "student.safetensors")
+    for key, value in bad.items():
+        state[key] = torch.full_like(state[key], value)
+    save_file(state, copy / "student.safetensors")
+    return copy
+
+
+@pytest.mark.parametrize("fmt", ["int", "onnx"])
+def test_a_diverged_student_is_refused_naming_its_first_bad_tensor(fmt, run_dir, tmp_path, capsys):
+    from zsq.export import student_from_run
+
+    order = list(student_from_run(run_dir)[0].state_dict())
+    weights = [k for k in order if k.endswith(".weight")]
+    first, later = weights[1], weights[-1]
+    copy = student_with_non_finite(run_dir, tmp_path, {later: float("inf"), first: float("nan")})
+    before = sorted(p.name for p in copy.iterdir())
+    assert main([*export_argv(copy, fmt), "--quiet"]) == 2
+    assert f"the student's {first} holds NaN or inf values" in one_error_line(capsys)
+    assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def test_an_infinite_activation_range_is_refused(run_dir, tmp_path):
+    from zsq.export import student_from_run
+
+    s, info = student_from_run(run_dir)
+    name, aq = next((n, aq) for n, aq in act_quantizers(s) if aq.bits is not None)
+    aq.x_max.fill_(float("inf"))
+    with pytest.raises(ZsqError, match=f"student's {name}.x_max holds NaN or inf"):
+        export_int(s, tmp_path / "s.safetensors", info)
+    assert not any(tmp_path.glob("s.*"))
+
+
+# --- which run: finished, unfinished, none -----------------------------------------------------
+@pytest.mark.parametrize("case", ["resumable", "before its first checkpoint", "no run"])
+def test_export_of_a_run_that_is_not_finished_says_so(case, run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck").mkdir()
+    if case != "no run":
+        run_dir.rename(tmp_path / "ck/orig.partial")
+    if case == "resumable":
+        (tmp_path / "ck/orig.partial/checkpoint").mkdir()
+        (tmp_path / "ck/orig.partial/checkpoint/last.pt").write_bytes(b"")
+    assert main(["export", "ck/orig", "--format", "onnx", "--quiet"]) == 2
+    line = one_error_line(capsys)
+    expected = {
+        "resumable": "ck/orig is an unfinished run (ck/orig.partial); finish it with "
+        "`zsq quantize ... --resume ck/orig` first",
+        "before its first checkpoint": "ck/orig is an unfinished run (ck/orig.partial) that "
+        "stopped before its first checkpoint; run `zsq quantize ... --out ck/orig --overwrite`",
+        "no run": "no zsq run at ck/orig",
+    }[case]
+    assert expected in line
+    assert not (tmp_path / "ck/orig").exists()

@@ -139,6 +139,7 @@ def test_user_factory_without_arguments(user_models_on_path, caplog):
         ("no_such_module_zsq:fn", "cannot import module"),
         ("_user_model:missing", "no callable 'missing'"),
         ("_user_model:not_a_model", "not a torch.nn.Module"),
+        ("_user_model:failing", "model factory _user_model:failing raised RuntimeError: boom"),
         (":fn", "package.module:function"),
     ],
 )

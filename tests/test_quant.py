@@ -100,6 +100,8 @@ def test_bits_out_of_range_is_user_error():
         QuantSpec(wbits=9)
     with pytest.raises(ZsqError, match="out of range"):
         quantize_tensor(torch.ones(3), bits=1)
+    with pytest.raises(ZsqError, match="'off' is not an integer; .* or None for full precision"):
+        QuantSpec(wbits="off")
     assert parse_bits("off") is None and parse_bits("5") == 5
     with pytest.raises(ZsqError):
         parse_bits("four")

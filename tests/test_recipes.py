@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import pytest
 import torch
 from torch import nn
 
+from zsq.api import resolve_recipe, zero_shot_quantize
+from zsq.demo import digits_cnn
 from zsq.distill.trainer import build_optimizer
 from zsq.errors import ZsqError
-from zsq.recipes import RECIPES, apply_overrides, get_recipe
+from zsq.methods import METHOD_RECIPE
+from zsq.recipes import (
+    FIELD_BOUNDS,
+    FIELD_CHOICES,
+    RECIPES,
+    DistillRecipe,
+    apply_overrides,
+    get_recipe,
+    parse_overrides,
+)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -47,3 +60,94 @@ def test_optimisers_take_the_reference_hyperparameters() -> None:
 def test_unknown_gi_options_are_user_errors(override: dict, match: str) -> None:
     with pytest.raises(ZsqError, match=match):
         apply_overrides(get_recipe("short"), override)
+
+
+# --- every field's range (a user review: these ran, temperature=0 to a NaN student) -----------
+
+OUT_OF_RANGE = [
+    ("temperature", "0"),
+    ("temperature", "-2"),
+    ("momentum", "2"),
+    ("momentum", "-1"),
+    ("momentum", "0"),  # Nesterov SGD needs momentum
+    ("weight_decay", "-0.1"),
+    ("lr_gamma", "0"),
+    ("lr_gamma", "-1"),
+    ("lr_gamma", "1.5"),
+    ("gen_warmup_epochs", "-1"),
+    ("gi_warmup_epochs", "-1"),
+    ("act_calib_epochs", "0"),
+    ("lr_milestones", "-5"),
+    ("lr_milestones", "3,-5"),
+    ("epochs", "0"),
+    ("iters_per_epoch", "0"),
+    ("batch_size", "-4"),
+    ("student_lr", "0"),
+    ("lr_mult", "-1"),
+    ("gen_lr", "0"),
+    ("bns_weight", "-0.1"),
+    ("rho", "1"),
+    ("max_kappa", "0.5"),
+    ("eval_every", "0"),
+    ("probe_batch_size", "0"),
+    ("analyze_every", "-1"),
+    ("attn_distill", "-1"),
+]
+
+
+@pytest.mark.parametrize(("field", "text"), OUT_OF_RANGE)
+@pytest.mark.parametrize("given_as", ["--set text", "API value"])
+def test_out_of_range_fields_are_one_line_errors_naming_the_field(field, text, given_as) -> None:
+    cli = [f"{field}={text}"]
+    overrides = cli if given_as == "--set text" else parse_overrides(cli)  # typed, as the API's
+    with pytest.raises(ZsqError, match=f"recipe field {field}=") as info:
+        apply_overrides(get_recipe("short"), overrides)
+    assert "\n" not in str(info.value) and "must be" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        {"momentum": 0.99, "lr_gamma": 1.0, "weight_decay": 0.0, "bns_weight": 0.0},
+        {"gen_warmup_epochs": 0, "gi_warmup_epochs": 0, "max_kappa": 1.0},
+        {"lr_milestones": (0, 22, 100)},  # from the start, and never within the run
+        {"lr_milestones": (), "analyze_every": None, "attn_distill": 0.0},
+    ],
+)
+def test_range_edges_are_accepted(edge) -> None:
+    assert apply_overrides(get_recipe("short"), edge).to_dict().items() >= edge.items()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("method", [None, *METHOD_RECIPE])
+@pytest.mark.parametrize("ait", [False, True])
+def test_every_built_in_recipe_validates(name, method, ait) -> None:
+    recipe = resolve_recipe(name, ait=ait, method=method)
+    assert replace(recipe) == recipe  # __post_init__ runs again on a copy
+
+
+def test_every_field_has_a_range_or_choices() -> None:
+    numeric = {f.name for f in fields(DistillRecipe) if f.type not in ("str", "bool")}
+    assert set(FIELD_BOUNDS) == numeric
+    strings = {f.name for f in fields(DistillRecipe) if f.type == "str"} - {"name"}
+    assert set(FIELD_CHOICES) == strings
+
+
+def test_the_api_refuses_a_bad_momentum_before_any_work(tmp_path, monkeypatch) -> None:
+    def training_started(*args, **kwargs):
+        raise AssertionError("the recipe was refused only after training began")
+
+    monkeypatch.setattr("zsq.api.Distiller", training_started)
+    with pytest.raises(ZsqError, match="recipe field momentum=-1.0 must be in"):
+        zero_shot_quantize(
+            digits_cnn(),
+            image_shape=(1, 8, 8),
+            num_classes=10,
+            method="gdfq",
+            recipe="demo",
+            overrides={"momentum": -1},
+            work_dir=tmp_path / "run",
+            device="cpu",
+            progress=False,
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,7 @@ from zsq.cli import main
 from zsq.demo import digits_cnn
 from zsq.distill import Distiller
 from zsq.errors import ZsqError
-from zsq.io import read_verified, write_verified
+from zsq.io import checkpoint_file, read_verified, users_entries, write_verified
 
 SIDECAR = {"num_classes": 10, "in_channels": 1, "normalize_mean": [0.3], "normalize_std": [0.4]}
 TINY_SETS = [
@@ -126,6 +126,29 @@ def test_overwrite_replaces_an_empty_folder_and_a_previous_run(tmp_path, weights
         "digits.safetensors",
         "out",
     ]
+
+
+def test_overwrite_keeps_a_run_folder_that_holds_the_users_files(tmp_path, weights, capsys):
+    """A teacher copied into a finished run (and read from there), notes beside it: the folder
+    is not replaced, with --overwrite or --resume, and the run's own files count as its own."""
+    out = tmp_path / "out"
+    assert main([*minmax_args(weights), "--out", str(out)]) == 0
+    assert users_entries(out) == []
+    (out / "teacher.safetensors").write_bytes(weights.read_bytes())
+    (out / "teacher.json").write_text(json.dumps(SIDECAR))
+    (out / "NOTES.md").write_text("mine")
+    before = tree(out)
+    again = _replace(minmax_args(weights), str(weights), str(out / "teacher.safetensors"))
+    assert main([*again, "--out", str(out), "--overwrite"]) == 2
+    line = error_line(capsys)
+    assert "NOTES.md, teacher.json, teacher.safetensors" in line and "move them out" in line
+    assert tree(out) == before and not (tmp_path / "out.partial").exists()
+
+
+def test_a_generator_runs_folder_holds_only_what_zsq_writes(tmp_path, weights):
+    out = tmp_path / "q"
+    assert main([*qimera_args(weights), "--out", str(out)]) == 0
+    assert users_entries(out) == []
 
 
 def test_out_dot_and_out_file_are_one_line_errors(tmp_path, weights, capsys, monkeypatch):
@@ -245,7 +268,9 @@ def _replace(args, old, new):
 CHANGES = {
     "--wbits": lambda a: [*a, "--wbits", "3"],
     "--abits": lambda a: [*a, "--abits", "8"],
-    "--method": lambda a: _replace(a, "qimera", "gdfq"),
+    "--method": lambda a: [  # gdfq takes no mix_prob: the source option goes too
+        x for x in _replace(a, "qimera", "gdfq") if x not in ("--source-opt", "mix_prob=0.4")
+    ],
     "--seed": lambda a: [*a, "--seed", "7"],
     "--set epochs": lambda a: _replace(a, "epochs=3", "epochs=4"),
     "--layer": lambda a: [*a, "--layer", "0=8"],
@@ -266,8 +291,20 @@ def test_resume_with_a_changed_option_is_refused_naming_it(stopped_run, capsys, 
     assert main([*args, "--resume", str(out)]) == 2
     line = error_line(capsys)
     assert "cannot resume" in line and f"{option} " in line, line
-    assert line.count(" -> ") == 1 or option in ("--ait",), line  # only what changed is named
+    # only what changed is named (the method's change drops its source option too)
+    assert line.count(" -> ") == 1 or option in ("--ait", "--method"), line
     assert (out.parent / "run.partial" / "checkpoint" / "last.pt").read_bytes() == before
+
+
+def test_resume_of_the_working_folder_or_without_options_says_what_to_give(stopped_run, capsys):
+    weights, out = stopped_run
+    work = out.parent / "run.partial"
+    assert main([*qimera_args(weights), "--resume", str(work)]) == 2
+    line = error_line(capsys)
+    assert "working folder of the unfinished run" in line and f"--resume {out}" in line, line
+    assert main(["quantize", "--resume", str(out)]) == 2
+    assert "needs every option the run started with" in error_line(capsys)
+    assert checkpoint_file(work).exists()
 
 
 def test_resume_with_a_damaged_checkpoint_is_refused(stopped_run, capsys):
@@ -320,7 +357,48 @@ def test_resume_with_another_recipe_on_the_api_path_is_still_refused(stopped_run
         )
 
 
+@pytest.mark.parametrize(("bits", "match"), [({"wbits": 2}, "'0'"), ({"abits": 8}, "act_quant")])
+def test_resume_with_other_bits_on_the_api_path_is_refused(stopped_run, bits, match):
+    """The state dict holds no bit width: the checkpoint records the quantizers' settings."""
+    from zsq.api import zero_shot_quantize
+
+    weights, out = stopped_run
+    teacher = digits_cnn().eval()
+    teacher.load_state_dict(load_file(weights))
+    checkpoint = out.parent / "run.partial" / "checkpoint" / "last.pt"
+    before = checkpoint.read_bytes()
+    options = {"wbits": 4, "abits": 4, **bits}
+    with pytest.raises(ZsqError, match=f"other quantizer settings .*{match}"):
+        zero_shot_quantize(
+            teacher,
+            image_shape=(1, 8, 8),
+            num_classes=10,
+            method="qimera",
+            ait=True,
+            recipe="demo",
+            overrides=TINY_SETS,
+            source_options={"mix_prob": 0.4},
+            device="cpu",
+            work_dir=out.parent / "run.partial",
+            resume=True,
+            progress=False,
+            **options,
+        )
+    assert checkpoint.read_bytes() == before
+
+
 # --- files ------------------------------------------------------------------------------------
+def test_eval_with_synthetic_calibration_writes_nothing(tmp_path, weights, monkeypatch, capsys):
+    """zsq eval makes its calibration images in memory: no cache in the working folder."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = ["eval", *teacher_args(weights), "--data", "digits", "--limit", "16", "--wbits", "4"]
+    assert main([*args, "--abits", "4", "--calib", "gdfq", "--calib-size", "8", "--quiet"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert tree(work) == []
+
+
 def test_verified_file_survives_a_crash_between_its_two_renames(tmp_path):
     path = tmp_path / "last.pt"
     write_verified(path, b"first")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -12,14 +13,17 @@ from torch import nn
 from _teachers import tiny_source, tiny_teacher
 from zsq.errors import ZsqError
 from zsq.synth import (
+    ArcSource,
     BatchNormStatsLoss,
     GaussianSource,
     GdfqGenerator,
     GdfqSource,
+    QimeraSource,
     SynthBatch,
     available_sources,
     build_gdfq_generator,
     build_source,
+    check_source_options,
 )
 
 
@@ -293,6 +297,67 @@ def test_build_source_registry() -> None:
         build_source("nope", teacher, num_classes=10, image_shape=(3, 8, 8))
     with pytest.raises(ZsqError, match="does not take"):
         build_source("gaussian", teacher, num_classes=10, image_shape=(3, 8, 8), lr=1.0)
+
+
+# --- source options as --source-opt gives them (JSON when it parses, else text) ----------------
+
+BAD_OPTIONS = [
+    ("gdfq", "betas", 0.5, "two numbers"),
+    ("gdfq", "betas", "0.5", "two numbers"),
+    ("gdfq", "betas", [0.5, 1.0], r"in \[0, 1\)"),
+    ("gdfq", "generator", "foo", "passed from Python: it has no text form"),
+    ("gdfq", "latent_dim", 0, "whole number >= 1"),
+    ("gdfq", "latent_dim", 2.5, "whole number"),
+    ("gdfq", "lr", 0, "> 0"),
+    ("gdfq", "lr", "fast", "> 0"),
+    ("gdfq", "lr", float("inf"), "> 0"),
+    ("gdfq", "bns_weight", -0.1, ">= 0"),
+    ("gdfq", "variant", "huge", "auto, cifar, imagenet"),
+    ("gdfq", "bn_eps", 0, "> 0"),
+    ("qimera", "betas", "0.5;0.9", "two numbers"),
+    ("qimera", "generator", 3, "passed from Python"),
+    ("qimera", "mix_prob", -0.1, r"in \[0, 1\]"),
+    ("qimera", "num_mix", "many", "or null"),
+    ("qimera", "latent_dim", 0, "or null"),
+    ("qimera", "noise_scale", -1, ">= 0"),
+    ("qimera", "disentangle", "yes", "true or false"),
+    ("qimera", "lr", -1, "> 0"),
+    ("arc", "genotype", 5, "'auto', one of cifar10"),
+    ("arc", "genotype", "big", "'auto', one of cifar10"),
+    ("arc", "genotype", ["cifar10"], "list of CellGenotype"),
+    ("arc", "width", 0, "whole number >= 1"),
+    ("arc", "latent_dim", -3, "whole number >= 1"),
+    ("arc", "betas", 0.9, "two numbers"),
+    ("arc", "bns_weight", "high", ">= 0"),
+]
+
+
+@pytest.mark.parametrize(("source", "option", "value", "expected"), BAD_OPTIONS)
+def test_bad_source_options_are_one_line_errors_naming_the_option(
+    source, option, value, expected
+) -> None:
+    with pytest.raises(ZsqError, match=f"^{source} source option {option} takes .*{expected}"):
+        check_source_options(source, {option: value})  # no teacher: checked before any work
+    teacher = tiny_teacher()
+    with pytest.raises(ZsqError, match=f"^{source} source option {option} takes") as info:
+        build_source(source, teacher, num_classes=10, image_shape=(3, 8, 8), **{option: value})
+    assert "\n" not in str(info.value)
+    assert all(p.requires_grad for p in teacher.parameters())  # refused before freezing it
+
+
+@pytest.mark.parametrize("cls", [GdfqSource, QimeraSource, ArcSource])
+def test_every_generator_source_option_has_a_rule(cls) -> None:
+    params = set(inspect.signature(cls).parameters) - {"teacher", "num_classes", "image_shape"}
+    assert set(cls.OPTIONS) == params
+
+
+def test_source_options_take_their_text_forms() -> None:
+    options = {"betas": "0.6, 0.99", "lr": 1, "variant": "cifar", "generator": None}
+    check_source_options("gdfq", options)
+    source = build_source("gdfq", tiny_teacher(), num_classes=10, image_shape=(3, 8, 8), **options)
+    assert source.optimizer.param_groups[0]["betas"] == (0.6, 0.99)
+    check_source_options("arc", {"genotype": "CIFAR100", "betas": [0.5, 0.9]})
+    check_source_options("qimera", {"num_mix": None, "init_from_teacher": None, "mix_prob": 1})
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (3, 0, 8), (3.0, 8, 8)])

@@ -52,7 +52,7 @@ from zsq.ptq import (
 from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model
 from zsq.recipes import AIT_CHANGES, DistillRecipe, apply_overrides, get_recipe
 from zsq.runtime import resolve_device, seed_everything
-from zsq.synth import build_source
+from zsq.synth import build_source, check_source_options
 from zsq.synth.base import check_image_shape, check_num_classes
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,16 @@ def zero_shot_quantize(
     check_method(method)
     check_init(init)
     _check_teacher(teacher)
+    _check_argument_types(
+        seed=(seed, int, True),
+        calib_size=(calib_size, int, False),
+        overrides=(overrides, (dict, list), True),
+        lapq=(lapq, (LapqConfig, dict), True),
+        source_options=(source_options, dict, True),
+        calib_options=(calib_options, dict, True),
+    )
+    if evaluate is not None and not callable(evaluate):
+        raise ZsqError(f"evaluate must be a function student -> top-1, got {evaluate!r:.60}")
     image_shape = check_image_shape(image_shape)
     check_num_classes(num_classes)
     spec = _quant_spec(spec, wbits, abits)
@@ -202,7 +212,7 @@ def zero_shot_quantize(
                 "init": init is not None,
             },
         )
-        dev = resolve_device(device) if isinstance(device, str) else device
+        dev = resolve_device(device)
         if seed is not None:
             seed_everything(seed)
         teacher = teacher.to(dev).eval()
@@ -232,9 +242,10 @@ def zero_shot_quantize(
             },
         )
     full = resolve_recipe(recipe, ait=ait, overrides=overrides, method=method)
+    check_source_options(method, source_options or {})  # before LAPQ (--init) or the source
     work_dir = _checked_work_dir(work_dir, resume)
     execution = execution or Execution()
-    dev = resolve_device(device) if isinstance(device, str) else device
+    dev = resolve_device(device)
     note = execution.inert_note(dev)
     if note:
         log.info(note)
@@ -319,6 +330,19 @@ def _keep_source(source: nn.Module, work_dir: Path | None) -> None:
     state = source.state_dict()
     if work_dir is not None and state and world().is_main:
         save_safetensors(state, Path(work_dir) / SOURCE_FILE, {"source": type(source).__name__})
+
+
+def _check_argument_types(**arguments: tuple[Any, type | tuple[type, ...], bool]) -> None:
+    """Each ``name=(value, expected types, None allowed)``: a one-line error for the first value
+    of another type (bools are not ints here)."""
+    for name, (value, types, optional) in arguments.items():
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join(
+                t.__name__ for t in (types if isinstance(types, tuple) else (types,))
+            )
+            raise ZsqError(f"{name} must be {expected}, got {value!r:.60}")
 
 
 def _check_teacher(teacher: Any) -> None:

@@ -169,9 +169,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         download=args.download,
+        progress=not args.quiet,
         **_calib_options(args),
     )
-    ctx = build_context(cfg, work_dir=Path("."))
+    ctx = build_context(cfg, work_dir=None)  # eval writes nothing
     model = run_minmax(ctx).student if quantized else ctx.teacher
     result = evaluate(model, ctx.eval_set, device=ctx.device, progress=not args.quiet)
     out = {
@@ -225,6 +226,12 @@ def _quantize(args: argparse.Namespace) -> dict:
 
     if bool(args.out) == bool(args.resume):
         raise ZsqError("give exactly one of --out DIR (new run) or --resume DIR (continue a run)")
+    if args.resume and args.model is None and args.weights is None:
+        raise ZsqError(
+            f"--resume {args.resume} needs every option the run started with, the teacher's "
+            "included: repeat its command with --out DIR replaced by --resume DIR (an "
+            "interrupted run printed it)"
+        )
     _refuse_unused_flags(args)
     cfg = QuantizeConfig(
         teacher=_teacher_config(args),
@@ -308,58 +315,22 @@ def _parse_option(item: str, what: str) -> tuple[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Integer tensors + manifest, or ONNX Q/DQ, from a quantize output folder; checked after."""
-    from zsq.export import size_report, size_table, student_from_run
-    from zsq.export.verify import verify_export
+    """Integer tensors + manifest, or ONNX Q/DQ, from a quantize output folder; checked before
+    the files take their names."""
+    from zsq.export import export_run, size_table
 
-    if args.format == "onnx":
-        from zsq.export.onnx import require_onnx
-
-        require_onnx()
-    out = _export_path(args)
-    student, info = student_from_run(args.dir)
-    if args.format == "int":
-        from zsq.export import export_int
-
-        export_int(student, out, info)
-    else:
-        from zsq.export import export_onnx
-
-        export_onnx(student, out, tuple(info["image_shape"]), info)
-    sizes = size_report(student)
-    result = {
-        "format": args.format,
-        "out": str(out),
-        "bytes": out.stat().st_size,
-        "check": verify_export(student, out, args.format, tuple(info["image_shape"])),
-        "sizes": sizes if args.sizes else sizes["total"],
-    }
+    result = export_run(args.dir, args.format, args.out, overwrite=args.overwrite)
+    sizes = result["sizes"]
+    if not args.sizes:
+        result["sizes"] = sizes["total"]
     if args.json:
         print(json.dumps(result))
     else:
         check = result["check"]
-        print(f"wrote {out} ({result['bytes']:,} bytes); {check['summary']}")
+        print(f"wrote {result['out']} ({result['bytes']:,} bytes); {check['summary']}")
         if args.sizes:
             print(size_table(sizes))
     return 0
-
-
-def _export_path(args: argparse.Namespace) -> Path:
-    """``--out``, else the default file in the run folder; its folder must exist."""
-    default = "student.int.safetensors" if args.format == "int" else "student.onnx"
-    out = Path(args.out) if args.out else Path(args.dir) / default
-    if not out.parent.is_dir():
-        raise ZsqError(f"--out {out}: the folder {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise ZsqError(f"--out {out} is a folder; give a file name")
-    if args.format == "int" and out.suffix != ".safetensors":
-        raise ZsqError(
-            f"--out {out}: an integer export is a .safetensors file (its manifest goes beside "
-            "it as .json)"
-        )
-    if args.format == "onnx" and out.suffix != ".onnx":
-        raise ZsqError(f"--out {out}: an ONNX export is a .onnx file")
-    return out
 
 
 def cmd_eval_export(args: argparse.Namespace) -> int:
@@ -560,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument(
         "--calib",
-        help="with --wbits/--abits: 'gaussian' (default, data-free) or a dataset spec (real data)",
+        help="with --wbits/--abits: a sample source, 'gaussian' (default), zeroq, gdfq, ... "
+        "(data-free, at their default settings; `zsq quantize --method minmax --calib-opt` "
+        "configures them), or a dataset spec (real data)",
     )
     p.add_argument("--calib-size", type=int, help="calibration images (default 512)")
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
@@ -688,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         help="file to write (default DIR/student.int.safetensors or DIR/student.onnx); its "
         "folder must exist",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the file(s) the export writes (with --format int also the .json manifest "
+        "beside it) when they exist",
     )
     p.add_argument("--sizes", action="store_true", help="print FP32/int8/packed bytes per layer")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -2,7 +2,9 @@
 
 A run writes into ``OUT.partial`` and renames it to ``OUT`` when it completes. Every run folder
 holds a marker, ``.zsq-run`` (JSON: the options that define the run and its sessions), so
-``--overwrite`` and ``--resume`` recognise zsq's own folders and never touch anything else.
+``--overwrite`` and ``--resume`` recognise zsq's own folders and never touch anything else: a run
+folder that also holds files zsq does not write there (a teacher copied in, notes) is not
+replaced either.
 Checkpoints carry a sha256 digest file so a damaged one is refused instead of resumed.
 """
 
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,25 @@ CHECKPOINT_FILE = "last.pt"
 DIGEST_SUFFIX = ".sha256"
 MARKER_FILE = ".zsq-run"
 MARKER_VERSION = 1
+# What zsq writes into a run folder: the run itself, and the exports and analyses whose default
+# place is the run folder. Anything else there is the user's and stops --overwrite.
+RUN_ENTRIES = (
+    MARKER_FILE,
+    CHECKPOINT_DIRNAME,
+    "student.*",
+    "report.json",
+    "report.md",
+    "quant.json",
+    "metrics.jsonl",
+    "bits.json",
+    "allocation",
+    "init_lapq.json",
+    ".*.tmp",  # a write or an export cut short (atomic writes go through such names)
+    "calibration.safetensors",
+    "generator.safetensors",
+    "synthetic.safetensors",
+    "analysis",
+)
 
 
 # --- run folders --------------------------------------------------------------------------------
@@ -65,17 +87,32 @@ def write_marker(folder: Path, record: dict[str, Any]) -> None:
 
 
 def _kind(path: Path) -> str:
-    """'missing', 'file', 'empty', 'run' (holds zsq's marker) or 'foreign' (anything else)."""
+    """'missing', 'file', 'empty', 'run' (holds zsq's marker and only what zsq writes), 'mixed'
+    (a run holding other files too) or 'foreign' (anything else)."""
     if not path.exists():
         return "missing"
     if not path.is_dir():
         return "file"
-    if read_marker(path) is not None:
-        return "run"
     try:
+        if read_marker(path) is not None:
+            return "mixed" if users_entries(path) else "run"
         return "foreign" if any(path.iterdir()) else "empty"
     except OSError:  # unreadable: treat as someone else's
         return "foreign"
+
+
+def users_entries(run: Path) -> list[str]:
+    """The names in a run folder that zsq does not write there."""
+    names = (entry.name for entry in run.iterdir())
+    return sorted(n for n in names if not any(fnmatch(n, pattern) for pattern in RUN_ENTRIES))
+
+
+def _refuse_mixed(folder: Path, what: str) -> None:
+    shown = ", ".join(users_entries(folder)[:5])
+    raise ZsqError(
+        f"{folder} is a zsq run but also holds files zsq did not write ({shown}); {what} would "
+        "delete them: move them out first or choose another --out"
+    )
 
 
 def check_output_dir(out: Path | str, *, overwrite: bool = False, resume: bool = False) -> None:
@@ -94,6 +131,10 @@ def check_output_dir(out: Path | str, *, overwrite: bool = False, resume: bool =
         raise ZsqError(
             f"{work} exists and is not a zsq run folder; move it away or choose another --out"
         )
+    if work_kind == "mixed" and not resume:
+        _refuse_mixed(work, "starting again")
+    if kind == "mixed":
+        _refuse_mixed(path, "replacing it")
     if resume:
         _check_resumable(out, kind, work, work_kind, overwrite)
     else:
@@ -127,6 +168,13 @@ def _check_resumable(
     out: Path | str, kind: str, work: Path, work_kind: str, overwrite: bool
 ) -> None:
     if work_kind == "missing":
+        path = output_path(out)
+        if path.name.endswith(PARTIAL_SUFFIX) and checkpoint_file(path).exists():
+            run = path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
+            raise ZsqError(
+                f"{out} is the working folder of the unfinished run {run}; resume it with "
+                f"--resume {run}"
+            )
         if kind == "run":
             raise ZsqError(f"the run in {out} already finished; there is nothing to resume")
         if kind == "foreign":
@@ -182,7 +230,7 @@ def atomic_output_dir(
             shutil.rmtree(work, ignore_errors=True)
             _remove_empty(created[1:])
         raise
-    if _kind(path) == "foreign":  # someone put files there during the run: keep them
+    if _kind(path) in ("foreign", "mixed"):  # someone put files there during the run: keep them
         raise ZsqError(
             f"{out} changed during the run and is not a zsq run; the result is in {work}"
         )

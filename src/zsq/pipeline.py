@@ -64,6 +64,7 @@ from zsq.models import ModelMeta, default_image_size, load_teacher
 from zsq.ptq import CalibrationSet, LapqConfig, is_synthetic
 from zsq.quant import QuantSpec, quant_params
 from zsq.runtime import device_description, resolve_device, seed_everything
+from zsq.synth import check_source_options
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Context:
     meta: ModelMeta
     image_shape: tuple[int, int, int]
     device: torch.device
-    work_dir: Path
+    work_dir: Path | None  # the run folder; None where nothing may be written (zsq eval)
     eval_set: Dataset | None
     calib_set: Dataset | None = None  # real calibration images (--calib SPEC), else None
     allocation: Allocation | None = None  # per-layer bits chosen under --budget
@@ -323,6 +324,7 @@ def _check_method_options(cfg: QuantizeConfig) -> None:
                 "--calib-opt": bool(opts.get("calib_options")) and init is None,
             },
         )
+        check_source_options(cfg.method, opts.get("source_options") or {})
     uses_calib = cfg.method in POST_TRAINING_METHODS or init is not None
     made = is_synthetic(calib) and calib != "gaussian"
     if uses_calib and not made and calib_options(cfg):
@@ -363,7 +365,7 @@ def prepare(cfg: QuantizeConfig) -> tuple[nn.Module, ModelMeta, Dataset | None, 
     return teacher.to(device).eval(), meta, eval_set, device
 
 
-def build_context(cfg: QuantizeConfig, work_dir: Path) -> Context:
+def build_context(cfg: QuantizeConfig, work_dir: Path | None) -> Context:
     """Load and validate the teacher, the evaluation and calibration data (nothing is written)."""
     teacher, meta, eval_set, device = prepare(cfg)
     image_shape = model_image_shape(cfg.teacher.model, meta)

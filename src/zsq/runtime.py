@@ -13,16 +13,22 @@ from torch import nn
 from zsq.errors import ZsqError
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else CPU; an unavailable CUDA device is an error."""
+def resolve_device(name: str | torch.device | int | None = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; an unavailable CUDA device is an error.
+    A ``torch.device`` or a GPU index is checked the same way."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ZsqError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ZsqError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ZsqError(f"device {name!r} requested but CUDA is not available; use device 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ZsqError(
+            f"device {name!r} requested but there are {torch.cuda.device_count()} GPU(s); "
+            "use cuda:0 to cuda:N-1"
+        )
     return device
 
 

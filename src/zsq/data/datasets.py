@@ -406,7 +406,18 @@ def _load_npz(request: _Request) -> Dataset:
         )
     if images.ndim not in (3, 4):
         raise ZsqError(f"{path}: x must be NHWC or NHW, got shape {images.shape}")
+    if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+        raise ZsqError(
+            f"{path}: x of shape {images.shape} looks channels-first (NCHW); zsq reads NHWC: "
+            "save numpy.transpose(x, (0, 2, 3, 1))"
+        )
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and _whole(labels)):
+        raise ZsqError(f"{path}: y must hold whole-number class labels, got {labels[:3]}...")
     return ImageArrayDataset(images, labels, **request.norm)
+
+
+def _whole(values: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(values)) and np.all(values == np.round(values)))
 
 
 def _require_keys(arrays, keys: Sequence[str], path: Path) -> None:
@@ -540,13 +551,24 @@ def _load_imagefolder(request: _Request) -> Dataset:
         ]
     )
     try:
-        dataset = datasets.ImageFolder(str(root), transform=transform)
+        dataset = datasets.ImageFolder(str(root), transform=transform, loader=_read_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ZsqError(
             f"no images found under {root} ({exc}); imagefolder needs DIR/<class>/<image> files"
         ) from exc
     dataset.eval_transform = ("gray, " if channels == 1 else "") + description
     return dataset
+
+
+def _read_image(path: str) -> Any:
+    """An image file as RGB, or a one-line error naming the file that PIL cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as file, Image.open(file) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ZsqError(f"cannot read image {path} ({err}); fix or remove the file") from None
 
 
 def _split_subfolder(path: Path, split: str) -> Path:

@@ -33,7 +33,7 @@ from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
 from zsq.errors import ZsqError
 from zsq.execution import Execution, compile_in_place, release_compiled
 from zsq.io import checkpoint_file, read_verified, write_text, write_verified
-from zsq.quant import quant_layers, set_observing
+from zsq.quant import quant_layers, quantizer_settings, set_observing
 from zsq.recipes import DistillRecipe
 from zsq.runtime import module_digest, rng_state, seed_everything, set_rng_state
 from zsq.synth import SampleSource, SynthBatch
@@ -434,6 +434,7 @@ class Distiller:
             "history": json.dumps(self.history),
             "recipe": json.dumps(self.recipe.to_dict()),
             "teacher": self._teacher_digest(),
+            "quantizers": json.dumps(quantizer_settings(self.student)),
             "rng": rng_state(),
             "world_size": self.world.size,
         }
@@ -517,6 +518,7 @@ class Distiller:
                 f"checkpoint {path} was made with another teacher (its weights differ); resume "
                 "with the teacher the run started with"
             )
+        self._check_quantizers(path, state.get("quantizers"))
         try:
             self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as err:  # torch's message spans many lines
@@ -528,6 +530,21 @@ class Distiller:
             ) from None
         log.info("resumed from %s at epoch %d/%d", path, self.epoch, self.recipe.epochs)
         return True
+
+    def _check_quantizers(self, path: Path, saved: str | None) -> None:
+        """The checkpoint's student quantized as this one (bits, granularity, ...): the state
+        dict alone would load a W4A4 student into a W2A8 one without complaint."""
+        if saved is None:  # written before checkpoints recorded it
+            return
+        before, now = json.loads(saved), json.loads(json.dumps(quantizer_settings(self.student)))
+        changed = [name for name in {**before, **now} if before.get(name) != now.get(name)]
+        if changed:
+            name = changed[0]
+            raise ZsqError(
+                f"checkpoint {path} was made with other quantizer settings ({len(changed)} "
+                f"quantizers differ, e.g. {name!r}: {before.get(name)} -> {now.get(name)}); "
+                "resume with the bits and quantization options the run started with"
+            )
 
 
 def _with_new_fields(saved: dict[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,15 @@
 """Integer export: codes, scales and zero points a deployment stack can read, and back.
 
 ``export_int(student, path, model)`` writes ``path`` (safetensors) and ``path`` with the suffix
-``.json`` (the manifest). For every quantized Conv2d/Linear: the integer codes ``q`` (int8, or
-two per byte for 4 bits and below, see :mod:`zsq.export.packing`), the per-channel scale ``S``
-and zero point ``z`` of paper Eq. 2-4 (the weight is ``(q + z) / S``), the range they were made
-from (so a rebuilt student reproduces ``S`` and ``z`` bit for bit) and, after LAPQ's bias
-correction, the per-channel offset added to the dequantized weight. For every activation
-quantizer: bits, range, scale, zero point. Everything else (BatchNorm, biases, layers left in full
-precision) is stored as float. The manifest records the model to rebuild, and its sha256 is kept
-in the tensor file so an edited manifest is refused.
+``.json`` (the manifest), neither of which may exist unless ``overwrite=True``. For every
+quantized Conv2d/Linear: the integer codes ``q`` (int8, or two per byte for 4 bits and below,
+see :mod:`zsq.export.packing`), the per-channel scale ``S`` and zero point ``z`` of paper
+Eq. 2-4 (the weight is ``(q + z) / S``), the range they were made from (so a rebuilt student
+reproduces ``S`` and ``z`` bit for bit) and, after LAPQ's bias correction, the per-channel offset
+added to the dequantized weight. For every activation quantizer: bits, range, scale, zero point.
+Everything else (BatchNorm, biases, layers left in full precision) is stored as float. The
+manifest records the model to rebuild, and its sha256 is kept in the tensor file so an edited
+manifest is refused.
 
 ``load_int(path)`` rebuilds the fake-quant student from those two files alone (and zsq's model
 zoo): its outputs equal the exported student's bit for bit. ``integer_linear``/``integer_conv2d``
@@ -29,7 +30,9 @@ from torch import Tensor, nn
 
 import zsq
 from zsq.errors import ZsqError
+from zsq.export._files import check_targets, staged
 from zsq.export.packing import is_packed, pack_codes, unpack_codes
+from zsq.export.verify import check_finite
 from zsq.io import save_safetensors, write_text
 from zsq.quant import (
     ActQuantizer,
@@ -52,13 +55,23 @@ def manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def export_files(path: Path) -> list[Path]:
+    """What an integer export to ``path`` writes: the tensors, then the manifest."""
+    return [path, manifest_path(path)]
+
+
 # --- export ----------------------------------------------------------------------------------
 @torch.no_grad()
-def export_int(student: nn.Module, path: str | Path, model: dict[str, Any]) -> dict[str, Any]:
+def export_int(
+    student: nn.Module, path: str | Path, model: dict[str, Any], *, overwrite: bool = False
+) -> dict[str, Any]:
     """Write the integer export of ``student`` and return its manifest. ``model``: what
     rebuilds the architecture (``name``, ``num_classes``, ``in_channels``, ``act_placement``;
-    ``image_shape`` and normalisation are recorded for the user)."""
+    ``image_shape`` and normalisation are recorded for the user). An existing ``path`` or
+    manifest is an error unless ``overwrite``."""
     path = Path(path)
+    check_targets(export_files(path), overwrite=overwrite)
+    check_finite(student)
     tensors: dict[str, Tensor] = {}
     layers = {name: _export_layer(name, layer, tensors) for name, layer in quant_layers(student)}
     acts = {name: _export_act(aq) for name, aq in act_quantizers(student)}
@@ -77,12 +90,9 @@ def export_int(student: nn.Module, path: str | Path, model: dict[str, Any]) -> d
     }
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     digest = hashlib.sha256(text.encode()).hexdigest()
-    save_safetensors(tensors, path, {"format": FORMAT, "manifest_sha256": digest})
-    try:
-        write_text(manifest_path(path), text)
-    except BaseException:
-        path.unlink(missing_ok=True)  # never one file without the other
-        raise
+    with staged(export_files(path), overwrite=overwrite) as (tensor_file, manifest_file):
+        save_safetensors(tensors, tensor_file, {"format": FORMAT, "manifest_sha256": digest})
+        write_text(manifest_file, text)
     return manifest
 
 

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
+from zsq.export._files import check_targets, staged
+from zsq.export.verify import check_finite
 from zsq.quant import ActQuantizer, code_range
 from zsq.quant.modules import QuantConv2d, QuantLinear
 
@@ -281,9 +283,12 @@ def export_onnx(
     path: str | Path,
     image_shape: tuple[int, int, int],
     model_info: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``student`` as ONNX Q/DQ to ``path`` (checked by ``onnx.checker``); returns it.
-    ``model_info`` (normalisation, classes, ...) goes into the model's metadata as ``zsq.*``."""
+    ``model_info`` (normalisation, classes, ...) goes into the model's metadata as ``zsq.*``.
+    An existing ``path`` is an error unless ``overwrite``."""
     require_onnx()
     import json
 
@@ -293,6 +298,8 @@ def export_onnx(
         logging.getLogger(name).setLevel(logging.WARNING)
 
     path = Path(path)
+    check_targets([path], overwrite=overwrite)
+    check_finite(student)
     form = onnx_form(student).cpu()
     example = torch.zeros(2, *image_shape)
     batch = torch.export.Dim("batch", min=1)
@@ -307,8 +314,7 @@ def export_onnx(
         custom_translation_table=_translations(),
         verbose=False,
     )
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with staged([path], overwrite=overwrite) as (tmp,):
         program.save(str(tmp))
         model = onnx.load(str(tmp))
         _strip_debug_info(model.graph)
@@ -317,9 +323,6 @@ def export_onnx(
             model.metadata_props.add(key=f"zsq.{key}", value=json.dumps(value))
         onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -201,7 +201,15 @@ def _create_user_model(
     wanted = {"num_classes": num_classes, "in_channels": in_channels}
     counts = _supported_kwargs(factory, wanted)
     logger.debug("calling %s(**%s, **%s)", spec, counts, dict(extra))
-    model = _call_with_kwargs(spec, factory, counts, extra)
+    try:
+        model = _call_with_kwargs(spec, factory, counts, extra)
+    except ZsqError:
+        raise
+    except Exception as exc:  # the user's code failed: say where, in one line
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise ZsqError(
+            f"model factory {spec} raised {type(exc).__name__}: {reason}; fix the factory"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ZsqError(
             f"{spec} returned {type(model).__name__}, not a torch.nn.Module; make the factory "

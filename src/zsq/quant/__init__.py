@@ -13,6 +13,7 @@ from zsq.quant.model import (
     quant_layers,
     quant_params,
     quantize_model,
+    quantizer_settings,
     set_act_observer,
     set_observing,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "quantize_codes",
     "quantize_model",
     "quantize_tensor",
+    "quantizer_settings",
     "set_act_observer",
     "set_keep_attention",
     "set_observing",

@@ -207,6 +207,18 @@ def set_act_observer(model: nn.Module, observer: str) -> None:
         aq.observer = observer
 
 
+def quantizer_settings(model: nn.Module) -> dict[str, list]:
+    """How each quantizer of ``model`` quantizes (bits, granularity, symmetry, observer), by
+    module name: what a checkpoint's student must share with the student it is loaded into,
+    since none of it is in the state dict."""
+    settings: dict[str, list] = {}
+    for name, layer in quant_layers(model):
+        settings[name] = ["weight", layer.wbits, layer.w_channel_axis, layer.w_symmetric]
+    for name, aq in act_quantizers(model):
+        settings[name] = [type(aq).__name__, aq.bits, aq.observer, aq.momentum, aq.symmetric]
+    return settings
+
+
 @torch.no_grad()
 def quant_params(model: nn.Module) -> dict[str, Any]:
     """Per-layer bits, scales and zero points, JSON-ready (the content of ``quant.json``)."""

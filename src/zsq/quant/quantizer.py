@@ -110,8 +110,8 @@ def check_bits(bits: int | None) -> None:
     """Reject a bit width outside 2..8 (``None`` means full precision)."""
     if bits is None:
         return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ZsqError(
-            f"bit width {bits!r} is out of range; use an integer from {MIN_BITS} to {MAX_BITS}, "
-            "or None/'off' for full precision"
-        )
+    choices = f"use an integer from {MIN_BITS} to {MAX_BITS}, or None for full precision"
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ZsqError(f"bit width {bits!r} is not an integer; {choices} (the CLI's 'off')")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ZsqError(f"bit width {bits} is out of range; {choices}")

@@ -19,6 +19,74 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop")
 GI_COUNTS = ("codes", "levels")  # what "an integer weight changed" compares (see inundation.py)
 GI_SEARCHES = ("reference", "nearest-above")  # kappa search rule (see inundation.py)
 LOSS_MODES = ("ce+kl", "kl", "ce")  # student loss: the rows of the paper's Table 2
+KL_REDUCTIONS = ("mean", "batchmean")  # mean: the reference's
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric recipe field lies in; ``why`` says what a value outside breaks."""
+
+    low: float
+    high: float | None = None
+    low_included: bool = True
+    high_included: bool = False
+    why: str = ""
+
+    def contains(self, value: float) -> bool:
+        """Written so that NaN is outside every interval."""
+        above = value > self.low or (self.low_included and value == self.low)
+        if self.high is None:
+            return above
+        return above and (value < self.high or (self.high_included and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_included else '>'} {self.low}"
+        left, right = "[" if self.low_included else "(", "]" if self.high_included else ")"
+        return f"in {left}{self.low}, {self.high}{right}"
+
+
+def _at_least(low: int, why: str = "") -> Bounds:
+    return Bounds(low, why=why)
+
+
+def _above(low: int, why: str = "") -> Bounds:
+    return Bounds(low, low_included=False, why=why)
+
+
+# The valid range of every numeric field (of each entry of a tuple; an optional field's when it
+# is on), from the code that uses it. A new numeric field needs a row (tests/test_recipes.py).
+FIELD_BOUNDS: dict[str, Bounds] = {
+    "epochs": _at_least(1),
+    "iters_per_epoch": _at_least(1),
+    "batch_size": _at_least(1),
+    "gen_warmup_epochs": _at_least(0),
+    "act_calib_epochs": _at_least(1, "activation ranges need observing"),
+    # a milestone at or past `epochs` never fires: a shortened run keeps the preset's
+    "lr_milestones": _at_least(0, "epoch numbers"),
+    "lr_gamma": Bounds(0, 1, low_included=False, high_included=True, why="1 keeps the lr"),
+    "student_lr": _above(0),
+    "lr_mult": _above(0),
+    "momentum": Bounds(0, 1, low_included=False, why="the student's SGD is Nesterov's"),
+    "weight_decay": _at_least(0),
+    "temperature": _above(0, "the logits are divided by it"),
+    "rho": Bounds(0, 1, low_included=False),
+    "gi_warmup_epochs": _at_least(0),
+    "max_kappa": _at_least(1, "a cap on gradient multipliers"),
+    "gen_lr": _above(0),
+    "bns_weight": _at_least(0),
+    "eval_every": _at_least(1),
+    "probe_batch_size": _at_least(1),
+    "analyze_every": _at_least(1),
+    "attn_distill": _at_least(0),
+}
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS,
+    "loss": LOSS_MODES,
+    "kl_reduction": KL_REDUCTIONS,
+    "gi_count": GI_COUNTS,
+    "gi_search": GI_SEARCHES,
+}
 
 
 @dataclass(frozen=True)
@@ -63,38 +131,46 @@ class DistillRecipe:
     attn_distill: float | None = None
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "iters_per_epoch", "batch_size", "eval_every", "probe_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ZsqError(f"recipe field {name}={getattr(self, name)} must be >= 1")
-        if self.act_calib_epochs < 1:
-            raise ZsqError("act_calib_epochs must be >= 1: activation ranges need observing")
+        for name, choices in FIELD_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ZsqError(f"unknown {name} {getattr(self, name)!r}; use one of {choices}")
+        for name, bounds in FIELD_BOUNDS.items():
+            _check_bounds(name, getattr(self, name), bounds)
         if self.gen_warmup_epochs >= self.epochs:
             raise ZsqError(
                 f"gen_warmup_epochs={self.gen_warmup_epochs} leaves no student epochs out of "
                 f"epochs={self.epochs}; lower it or raise epochs"
             )
-        if self.optimizer not in OPTIMIZERS:
-            raise ZsqError(f"unknown optimizer {self.optimizer!r}; use one of {OPTIMIZERS}")
-        if self.loss not in LOSS_MODES:
-            raise ZsqError(f"unknown student loss {self.loss!r}; use one of {LOSS_MODES}")
-        if self.kl_reduction not in ("mean", "batchmean"):
-            raise ZsqError("kl_reduction must be 'mean' (reference) or 'batchmean'")
-        if self.gi_count not in GI_COUNTS:
-            raise ZsqError(f"unknown gi_count {self.gi_count!r}; use one of {GI_COUNTS}")
-        if self.gi_search not in GI_SEARCHES:
-            raise ZsqError(f"unknown gi_search {self.gi_search!r}; use one of {GI_SEARCHES}")
-        if self.analyze_every is not None and self.analyze_every < 1:
-            raise ZsqError(f"analyze_every={self.analyze_every} must be >= 1, or off")
-        if self.attn_distill is not None and self.attn_distill < 0:
-            raise ZsqError(f"attn_distill={self.attn_distill} must be >= 0, or off")
-        if not 0 < self.rho < 1:
-            raise ZsqError(f"rho={self.rho} must be in (0, 1)")
-        if self.student_lr <= 0 or self.lr_mult <= 0 or self.gen_lr <= 0:
-            raise ZsqError("learning rates and lr_mult must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_bounds(name: str, value: Any, bounds: Bounds) -> None:
+    """A one-line error naming the field when ``value`` (or an entry of a tuple) is outside
+    ``bounds``; None is an optional field that is off."""
+    if value is None:
+        return
+    entries = value if isinstance(value, tuple) else (value,)
+    try:
+        inside = all(bounds.contains(v) for v in entries)
+    except TypeError:  # a non-number given to the constructor directly
+        inside = False
+    if inside:
+        return
+    default = next(f.default for f in fields(DistillRecipe) if f.name == name)
+    subject = ": each entry" if isinstance(value, tuple) else ""
+    range_text = f"{bounds}, or off" if default is None else str(bounds)
+    why = f" ({bounds.why})" if bounds.why else ""
+    example = "" if default is None else f"; e.g. {name}={_as_text(default)}"
+    raise ZsqError(
+        f"recipe field {name}={_as_text(value)}{subject} must be {range_text}{why}{example}"
+    )
+
+
+def _as_text(value: Any) -> str:
+    """A value as ``--set`` takes it (tuples comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 RECIPES: dict[str, DistillRecipe] = {

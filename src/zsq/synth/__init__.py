@@ -1,7 +1,8 @@
 """Synthetic-sample sources: where a zero-shot method's training images come from.
 
 ``build_source(name, teacher, num_classes=..., image_shape=...)`` is the one entry point; methods
-register a factory under a name with ``register_source``.
+register a factory under a name with ``register_source``. ``check_source_options`` checks the
+options' names and values (a source class's ``OPTIONS``) without a teacher, before any work.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from zsq.errors import ZsqError
 from zsq.synth.arc import GENOTYPES, ArcGenerator, ArcSource, CellGenotype
-from zsq.synth.base import SampleSource, SynthBatch, freeze_teacher
+from zsq.synth.base import OptionRule, SampleSource, SynthBatch, freeze_teacher, read_options
 from zsq.synth.bns import BatchNormStatsLoss, batch_mean_var, batchnorm_layers
 from zsq.synth.gdfq import (
     ConditionalBatchNorm2d,
@@ -60,28 +61,32 @@ def build_source(
     **kwargs: Any,
 ) -> SampleSource:
     """The sample source registered as ``name``, built for ``teacher``."""
+    check_source_options(name, kwargs)
+    factory = _SOURCES[name.strip().lower()]
+    return factory(teacher, num_classes=num_classes, image_shape=image_shape, **kwargs)
+
+
+def check_source_options(name: str, options: dict[str, Any]) -> None:
+    """One-line errors for an unknown source, a misspelt option (naming those that exist) or a
+    value its rule refuses; needs no teacher, so a run can check before any work."""
     key = name.strip().lower()
     if key not in _SOURCES:
         raise ZsqError(
             f"unknown sample source {name!r}; choose one of: {', '.join(available_sources())}"
         )
     factory = _SOURCES[key]
-    _check_options(key, factory, kwargs)
-    return factory(teacher, num_classes=num_classes, image_shape=image_shape, **kwargs)
-
-
-def _check_options(name: str, factory: SourceFactory, kwargs: dict[str, Any]) -> None:
-    """A misspelt option should say which options exist, not raise a bare TypeError."""
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n in params if n not in ("self", "teacher", "num_classes", "image_shape")]
-    unknown = sorted(set(kwargs) - set(accepted))
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ZsqError(
-            f"sample source {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"sample source {key!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'no options'}"
         )
+    rules = getattr(factory, "OPTIONS", {})
+    read_options(f"{key} source", rules, {k: v for k, v in options.items() if k in rules})
 
 
 register_source("gdfq", GdfqSource)
@@ -104,6 +109,7 @@ __all__ = [
     "GdfqGenerator",
     "GdfqSource",
     "MimiqSource",
+    "OptionRule",
     "PsaqSource",
     "QimeraSource",
     "SampleSource",
@@ -115,6 +121,7 @@ __all__ = [
     "batchnorm_layers",
     "build_gdfq_generator",
     "build_source",
+    "check_source_options",
     "distill_images",
     "freeze_teacher",
     "head_alignment_loss",

@@ -46,14 +46,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
-from zsq.synth.base import check_image_shape, check_num_classes
-from zsq.synth.gdfq import IMAGENET_MIN_SIZE, ConditionalBatchNorm2d, GdfqSource
+from zsq.synth.base import (
+    OptionRule,
+    check_image_shape,
+    check_num_classes,
+    read_options,
+    whole_number,
+)
+from zsq.synth.gdfq import (
+    GENERATOR_OPTIONS,
+    IMAGENET_MIN_SIZE,
+    ConditionalBatchNorm2d,
+    GdfqSource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +178,8 @@ def _check_cells(cells: tuple[CellGenotype, ...]) -> None:
     if not cells:
         raise ZsqError("an ARC genotype needs at least one cell")
     for index, cell in enumerate(cells):
+        if not isinstance(cell, CellGenotype):
+            raise ZsqError(f"cell {index}: expected a CellGenotype, got {cell!r}")
         if len(cell.up) != 2 or any(mode not in UPSAMPLE_MODES for mode in cell.up):
             raise ZsqError(f"cell {index}: up must be 2 of {UPSAMPLE_MODES}, got {cell.up!r}")
         if len(cell.ops) != len(OP_EDGES) or any(op not in OPS for op in cell.ops):
@@ -365,9 +379,38 @@ def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
     return x[..., top : top + height, left : left + width]
 
 
+def _read_genotype(value: Any) -> Any:
+    """A genotype name ('auto' included), or a sequence of cells (checked when built)."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("auto", *GENOTYPES):
+            raise ValueError(value)
+        return value
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(value)
+    if not all(isinstance(cell, CellGenotype) for cell in value):
+        raise TypeError(value)
+    return value
+
+
+ARC_OPTIONS: dict[str, OptionRule] = {
+    "genotype": OptionRule(
+        f"'auto', one of {', '.join(GENOTYPES)}, or (from Python) a list of CellGenotype",
+        "auto",
+        _read_genotype,
+    ),
+    # every named genotype has 3 cells, each given a part of the latent (a custom genotype with
+    # fewer cells may take less: ArcGenerator checks that)
+    "latent_dim": whole_number(1, example=DEFAULT_LATENT_DIM),
+    "width": whole_number(1, example=DEFAULT_WIDTH),
+    **{name: GENERATOR_OPTIONS[name] for name in ("bns_weight", "lr", "betas")},
+}
+
+
 class ArcSource(GdfqSource):
     """ARC as a sample source: GDFQ's step and loss (CE + ``bns_weight`` * BNS, Adam) on an
     ``ArcGenerator``. See ``GdfqSource`` for the training contract."""
+
+    OPTIONS: ClassVar[dict[str, OptionRule]] = ARC_OPTIONS
 
     def __init__(
         self,
@@ -382,6 +425,18 @@ class ArcSource(GdfqSource):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
     ) -> None:
+        options = read_options(
+            "arc source",
+            ARC_OPTIONS,
+            {
+                "genotype": genotype,
+                "latent_dim": latent_dim,
+                "width": width,
+                "bns_weight": bns_weight,
+                "lr": lr,
+                "betas": betas,
+            },
+        )
         generator = ArcGenerator(
             num_classes, image_shape, latent_dim=latent_dim, width=width, genotype=genotype
         )
@@ -393,6 +448,6 @@ class ArcSource(GdfqSource):
             latent_dim=latent_dim,
             bns_weight=bns_weight,
             lr=lr,
-            betas=betas,
+            betas=options["betas"],
             generator=generator,
         )

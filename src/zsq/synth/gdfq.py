@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +22,20 @@ from torch import Tensor, nn
 from zsq import distributed
 from zsq.errors import ZsqError
 from zsq.synth.base import (
+    OptionRule,
     SampleSource,
     SynthBatch,
     check_batch_size,
     check_image_shape,
     check_num_classes,
     freeze_teacher,
+    number,
+    number_pair,
     one_hot,
+    one_of,
+    python_object,
+    read_options,
+    whole_number,
 )
 from zsq.synth.bns import BatchNormStatsLoss
 
@@ -178,6 +185,18 @@ def build_gdfq_generator(
     )
 
 
+# The generator options GDFQ, Qimera and ARC share, as GDFQ checks them.
+GENERATOR_OPTIONS: dict[str, OptionRule] = {
+    "latent_dim": whole_number(1, example=100),
+    "bns_weight": number(">= 0", lambda v: v >= 0, example=0.1),
+    "lr": number("> 0", lambda v: v > 0, example=1e-3),
+    "betas": number_pair("in [0, 1) (Adam's)", lambda v: 0 <= v < 1, example="0.5,0.999"),
+    "generator": python_object(nn.Module, "a torch.nn.Module called as generator(z, cond)"),
+    "variant": one_of(_VARIANTS, example="auto"),
+    "bn_eps": number("> 0", lambda v: v > 0, example=0.8),
+}
+
+
 class GdfqSource(SampleSource):
     """GDFQ's generator as a sample source: ``step`` trains it once, ``sample`` only draws.
 
@@ -193,6 +212,7 @@ class GdfqSource(SampleSource):
     """
 
     trainable = True
+    OPTIONS: ClassVar[dict[str, OptionRule]] = GENERATOR_OPTIONS
 
     def __init__(
         self,
@@ -208,11 +228,20 @@ class GdfqSource(SampleSource):
         variant: Variant = "auto",
         bn_eps: float = 0.8,
     ) -> None:
+        options = read_options(
+            "gdfq source",
+            GENERATOR_OPTIONS,
+            {
+                "latent_dim": latent_dim,
+                "bns_weight": bns_weight,
+                "lr": lr,
+                "betas": betas,
+                "generator": generator,
+                "variant": variant,
+                "bn_eps": bn_eps,
+            },
+        )
         super().__init__(teacher, num_classes=num_classes, image_shape=image_shape)
-        if bns_weight < 0:
-            raise ZsqError(f"bns_weight must be >= 0, got {bns_weight}")
-        if lr <= 0:
-            raise ZsqError(f"generator lr must be > 0, got {lr}")
         # First, so a teacher without BN fails fast, untouched and before any large allocation.
         self.bns = BatchNormStatsLoss(teacher)
         freeze_teacher(teacher)
@@ -222,12 +251,14 @@ class GdfqSource(SampleSource):
                 self.image_shape,
                 variant=variant,
                 latent_dim=latent_dim,
-                bn_eps=bn_eps,
+                bn_eps=options["bn_eps"],
             )
         self.latent_dim: int = getattr(generator, "latent_dim", latent_dim)
-        self.bns_weight = bns_weight
+        self.bns_weight = options["bns_weight"]
         self.generator = generator.to(self.device)
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=tuple(betas))
+        self.optimizer = torch.optim.Adam(
+            self.generator.parameters(), lr=options["lr"], betas=options["betas"]
+        )
         log.info(
             "%s: %s, %.2fM generator params, %d teacher BN layers",
             type(self).__name__,

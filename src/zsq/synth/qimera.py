@@ -51,15 +51,24 @@ targets, i.e. superposed through its own class lookup (e.g. ARC's conditional BN
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
-from zsq.synth.base import check_batch_size, check_num_classes
-from zsq.synth.gdfq import GdfqSource, Variant, build_gdfq_generator
+from zsq.synth.base import (
+    OptionRule,
+    check_batch_size,
+    check_num_classes,
+    flag,
+    number,
+    optional,
+    read_options,
+    whole_number,
+)
+from zsq.synth.gdfq import GENERATOR_OPTIONS, GdfqSource, Variant, build_gdfq_generator
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,19 @@ TEACHER_INIT_MAX_CLASSES = 100  # AIT runs: classifier-initialised embeddings on
 MAX_DEFAULT_NUM_MIX = 250
 MAPPING_MAX_DIM = 100  # the official disentanglement mapping's output size (64 on ResNet-20)
 INPUT_NORM_EPS = 1e-5  # BatchNorm1d's default, as in the official input normaliser
+
+LATENT_DIM = whole_number(1, example=FALLBACK_LATENT_DIM)
+NOISE_SCALE = number(">= 0", lambda v: v >= 0, example=1.0)
+QIMERA_OPTIONS: dict[str, OptionRule] = {
+    **GENERATOR_OPTIONS,
+    "mix_prob": number("in [0, 1]", lambda v: 0 <= v <= 1, example=0.4),
+    "num_mix": optional(whole_number(1, example=2), "a quarter of the classes (2 to 250)"),
+    "init_from_teacher": optional(flag(True), "the teacher's classifier up to 100 classes"),
+    "disentangle": flag(False),
+    "noise_scale": NOISE_SCALE,
+    "distinct_classes": flag(False),
+    "latent_dim": optional(LATENT_DIM, "the teacher classifier's input size"),
+}
 
 
 def default_num_mix(num_classes: int) -> int:
@@ -110,8 +132,13 @@ class QimeraGenerator(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
-        self.noise_scale = _check_noise_scale(noise_scale)
+        checked = read_options(
+            "QimeraGenerator",
+            {"latent_dim": LATENT_DIM, "noise_scale": NOISE_SCALE, "disentangle": flag(False)},
+            {"latent_dim": latent_dim, "noise_scale": noise_scale, "disentangle": disentangle},
+        )
+        self.latent_dim: int = checked["latent_dim"]
+        self.noise_scale: float = checked["noise_scale"]
         self.embedding = nn.Embedding(num_classes, latent_dim)
         self.mapping = (
             nn.Linear(latent_dim, min(latent_dim, MAPPING_MAX_DIM)) if disentangle else None
@@ -160,6 +187,8 @@ class QimeraSource(GdfqSource):
     100 classes when its input size is the latent size, random otherwise.
     """
 
+    OPTIONS: ClassVar[dict[str, OptionRule]] = QIMERA_OPTIONS
+
     def __init__(
         self,
         teacher: nn.Module,
@@ -181,11 +210,25 @@ class QimeraSource(GdfqSource):
         bn_eps: float = 0.8,
     ) -> None:
         check_num_classes(num_classes)
-        checked_mix_prob = _check_mix_prob(mix_prob)
-        for name, value in (("disentangle", disentangle), ("distinct_classes", distinct_classes)):
-            _check_bool(name, value)
-        if init_from_teacher is not None:
-            _check_bool("init_from_teacher", init_from_teacher)
+        options = read_options(
+            "qimera source",
+            QIMERA_OPTIONS,
+            {
+                "mix_prob": mix_prob,
+                "num_mix": num_mix,
+                "init_from_teacher": init_from_teacher,
+                "disentangle": disentangle,
+                "noise_scale": noise_scale,
+                "distinct_classes": distinct_classes,
+                "latent_dim": latent_dim,
+                "bns_weight": bns_weight,
+                "lr": lr,
+                "betas": betas,
+                "generator": generator,
+                "variant": variant,
+                "bn_eps": bn_eps,
+            },
+        )
         checked_num_mix = _check_num_mix(num_mix, num_classes, distinct_classes)
         if generator is None:
             generator, init_weight = _build_generator(
@@ -209,10 +252,10 @@ class QimeraSource(GdfqSource):
             latent_dim=FALLBACK_LATENT_DIM if latent_dim is None else latent_dim,
             bns_weight=bns_weight,
             lr=lr,
-            betas=betas,
+            betas=options["betas"],
             generator=generator,
         )
-        self.mix_prob = checked_mix_prob
+        self.mix_prob = options["mix_prob"]
         self.num_mix = checked_num_mix
         self.distinct_classes = distinct_classes
         self.embedding_from_teacher = init_weight is not None
@@ -344,51 +387,16 @@ def _check_custom_generator_options(
         )
 
 
-def _check_mix_prob(mix_prob: float) -> float:
-    if (
-        isinstance(mix_prob, bool)
-        or not isinstance(mix_prob, (int, float))
-        or not 0.0 <= mix_prob <= 1.0
-    ):
-        raise ZsqError(f"mix_prob must be a number in [0, 1], got {mix_prob!r}")
-    return float(mix_prob)
-
-
 def _check_num_mix(num_mix: int | None, num_classes: int, distinct_classes: bool) -> int:
+    """The K to draw (``num_mix`` is None or a whole number >= 1 already): distinct classes
+    cannot outnumber the classes."""
     if num_mix is None:
         default = default_num_mix(num_classes)
         return min(default, num_classes) if distinct_classes else default
-    top = num_classes if distinct_classes else None
-    if (
-        isinstance(num_mix, bool)
-        or not isinstance(num_mix, int)
-        or num_mix < 1
-        or (top is not None and num_mix > top)
-    ):
-        bound = f"[1, {top}] (distinct_classes=True)" if top is not None else ">= 1"
+    if distinct_classes and num_mix > num_classes:
         raise ZsqError(
-            f"num_mix (classes per superposed sample) must be an int {bound}, got {num_mix!r}"
+            f"qimera source option num_mix={num_mix} exceeds the {num_classes} classes that "
+            "distinct_classes=true draws without replacement; lower num_mix or drop "
+            "distinct_classes"
         )
     return num_mix
-
-
-def _check_noise_scale(noise_scale: float) -> float:
-    if (
-        isinstance(noise_scale, bool)
-        or not isinstance(noise_scale, (int, float))
-        or not math.isfinite(noise_scale)
-        or noise_scale < 0
-    ):
-        raise ZsqError(f"noise_scale must be a finite number >= 0, got {noise_scale!r}")
-    return float(noise_scale)
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ZsqError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_bool(name: str, value: bool) -> None:
-    if not isinstance(value, bool):
-        raise ZsqError(f"{name} must be true or false, got {value!r}")
