@@ -134,6 +134,12 @@ def test_arguments_of_the_wrong_type_are_one_line_errors(teacher, argument, matc
         zero_shot_quantize(teacher, image_shape=(1, 8, 8), num_classes=10, **options)
 
 
+@pytest.mark.parametrize("method", ["minmax", "lapq"])
+def test_a_class_count_the_teacher_does_not_have_is_refused(teacher, method):
+    with pytest.raises(ZsqError, match="num_classes=100"):
+        zero_shot_quantize(teacher, image_shape=(1, 8, 8), num_classes=100, method=method)
+
+
 def test_overrides_of_the_wrong_type_fail_as_on_the_cli(teacher):
     with pytest.raises(ZsqError) as api:
         quantize(teacher, overrides={"batch_size": "eight"})

@@ -99,6 +99,7 @@ CASES = {
     ),
     "quantize: --image-size 0": (quantize("--image-size", "0"), "--image-size"),
     "eval: --image-size -1": (evaluate("--image-size", "-1"), "--image-size"),
+    "quantize: --image-size 100000": (quantize("--image-size", "100000"), "outside 1..4096"),
     "sidecar image_size 0": (
         [
             "eval",

@@ -340,6 +340,30 @@ def test_data_must_fit_the_model(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'folder'}", num_classes=10)
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, existing):
+    """torchvision makes its folders, then the network fails: one line, and only what was
+    there before stays."""
+    import urllib.error
+
+    import torchvision
+
+    def unreachable(self):
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)
+        raise urllib.error.URLError("no route to host\nsecond line")
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", unreachable)
+    root = tmp_path / "data" / "fm"
+    if existing:
+        root.mkdir(parents=True)
+        (root / "mine.txt").write_text("x")
+    with pytest.raises(ZsqError, match="cannot download fashion-mnist") as info:
+        load_dataset(f"fashion-mnist:{root}", download=True)
+    assert "\n" not in str(info.value)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == (["data", "data/fm", "data/fm/mine.txt"] if existing else [])
+
+
 def test_download_only_for_kinds_torchvision_fetches(tmp_path):
     with pytest.raises(ZsqError, match="--download"):
         load_dataset(f"npz:{tmp_path / 'x.npz'}", download=True)

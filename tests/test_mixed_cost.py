@@ -112,7 +112,7 @@ def test_parse_budget_forms():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "4", "size", "size=", "size=1.2XB", "bops=1.5GB", "wbits=9", "wbits=1.5", "wbits=4k",
+    ["", "4", "size", "size=", "size=1.2XB", "bops=1.5GB", "wbits=4k",
      "size=-1MB", "size=0MB", "speed=3", "size=1.2MB,bops=3G"],
 )  # fmt: skip
 def test_parse_budget_errors_name_the_three_forms(text):
@@ -121,6 +121,12 @@ def test_parse_budget_errors_name_the_three_forms(text):
     message = str(info.value)
     assert "\n" not in message
     assert "size=1.2MB" in message and "bops=1.5G" in message and "wbits=4.0" in message
+
+
+@pytest.mark.parametrize("text", ["wbits=9", "wbits=1.5"])
+def test_a_mean_width_out_of_range_says_so(text):
+    with pytest.raises(ZsqError, match="mean weight width must be 2 to 8 bits"):
+        parse_budget(text)
 
 
 def test_budget_limit():

@@ -15,11 +15,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from zsq.distill import Distiller
@@ -49,7 +50,7 @@ from zsq.ptq import (
     real_calibration,
     synthetic_calibration,
 )
-from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model
+from zsq.quant import QuantSpec, act_quantizers, inspect_forward, quant_layers, quantize_model
 from zsq.recipes import AIT_CHANGES, DistillRecipe, apply_overrides, get_recipe
 from zsq.runtime import resolve_device, seed_everything
 from zsq.synth import build_source, check_source_options
@@ -198,6 +199,7 @@ def zero_shot_quantize(
     calib_name = calib if isinstance(calib, str) else None
     calib_name = calib_name or (default_calib(method, init) if calib is None else None)
     if method in POST_TRAINING_METHODS:
+        _check_class_count(teacher, image_shape, num_classes)
         source_options = {**(calib_options or {}), **(source_options or {})}
         _check_post_training(method, calib, calib_name, source_options, work_dir, lapq)
         refuse_unused(
@@ -343,6 +345,17 @@ def _check_argument_types(**arguments: tuple[Any, type | tuple[type, ...], bool]
                 t.__name__ for t in (types if isinstance(types, tuple) else (types,))
             )
             raise ZsqError(f"{name} must be {expected}, got {value!r:.60}")
+
+
+def _check_class_count(teacher: nn.Module, image_shape: Sequence[int], num_classes: int) -> None:
+    """The teacher's logits have ``num_classes`` columns (a generator's source checks its own)."""
+    logits = inspect_forward(teacher, image_shape)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] != num_classes:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ZsqError(
+            f"the teacher's output on one image is {shape}, not (1, num_classes={num_classes}); "
+            "pass the teacher's number of classes"
+        )
 
 
 def _check_teacher(teacher: Any) -> None:

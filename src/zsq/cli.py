@@ -752,6 +752,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from zsq.pipeline import model_image_shape
     from zsq.quant import parse_bits
 
+    budget = parse_budget(args.budget) if args.budget else None  # a bad one: before any work
     teacher_cfg = _teacher_config(args)
     fields = {k: v for k, v in vars(teacher_cfg).items() if k not in ("model", "weights")}
     teacher, meta = load_teacher(teacher_cfg.model, teacher_cfg.weights, **fields)
@@ -761,8 +762,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
     costs = layer_costs(teacher, shape)
     print(f"{name} at input {shape}, activations {abits or 32} bits\n")
     print(cost_table(costs, abits))
-    if args.budget:
-        budget = parse_budget(args.budget)
+    if budget is not None:
         _, _, limit = cost_problem(teacher, shape, budget, (2, 3, 4, 5, 6, 8), abits)
         print(f"\nbudget {budget.text}: {limit:.6g} in layer-cost units ({budget.kind})")
     return 0

@@ -61,6 +61,7 @@ from zsq.methods import (
 )
 from zsq.mixed.allocate import BITS_FILE, Allocation, MixedConfig
 from zsq.models import ModelMeta, default_image_size, load_teacher
+from zsq.models.checkpoint import check_image_size
 from zsq.ptq import CalibrationSet, LapqConfig, is_synthetic
 from zsq.quant import QuantSpec, quant_params
 from zsq.runtime import device_description, resolve_device, seed_everything
@@ -279,9 +280,8 @@ def _check_inputs(cfg: QuantizeConfig) -> None:
         raise ZsqError("--eval-limit has no effect without --eval-data; drop it or add the data")
     if cfg.mixed is not None:
         cfg.mixed.check()
-    size = cfg.teacher.image_size
-    if size is not None and size < 1:
-        raise ZsqError(f"--image-size must be >= 1, got {size}; give the model's input size")
+    if cfg.teacher.image_size is not None:
+        check_image_size(cfg.teacher.image_size)
     if cfg.teacher.trust_checkpoint and cfg.teacher.weights is None:
         raise ZsqError("--trust-checkpoint has no effect without --weights; drop it")
     if cfg.download and cfg.eval_data is None and is_synthetic(resolved_calib(cfg)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import shutil
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -364,10 +365,10 @@ def _load_torchvision_cifar(kind: str, request: _Request) -> Dataset:
     if not root.is_dir() and not download:
         _require_dir(root, kind, "pass --download to fetch it there")
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+    if download:
+        _fetch(kind, root, lambda: cls(root=str(root), train=request.train, download=True))
     try:
-        raw = cls(root=str(root), train=request.train, download=download)
-    except OSError as exc:  # URLError and friends: only reachable with --download
-        raise _download_error(kind, root, exc) from exc
+        raw = cls(root=str(root), train=request.train)
     except RuntimeError as exc:
         raise ZsqError(
             f"{kind} not found in {root} ({exc}); pass --download to fetch it, or give the folder "
@@ -428,11 +429,27 @@ def _require_keys(arrays, keys: Sequence[str], path: Path) -> None:
         )
 
 
-def _download_error(kind: str, root: Path, exc: Exception) -> ZsqError:
-    return ZsqError(
-        f"cannot download {kind} into {root} ({exc}); check the network connection, or download "
-        "the files by hand and give their folder without --download"
-    )
+def _fetch(kind: str, root: Path, download: Callable[[], Any]) -> None:
+    """torchvision's ``download``; if it fails, what it created under ``root`` is removed and
+    the error is one line."""
+    top = root  # the highest folder this download creates, if it creates root
+    while not top.parent.exists():
+        top = top.parent
+    existed = root.exists()
+    before = set(root.rglob("*")) if existed else set()
+    try:
+        download()
+    except (OSError, RuntimeError) as exc:
+        if not existed:
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            for path in sorted(set(root.rglob("*")) - before, reverse=True):  # deepest first
+                path.rmdir() if path.is_dir() else path.unlink()
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ZsqError(
+            f"cannot download {kind} into {root} ({reason}); check the network connection, or "
+            "download the files by hand and give their folder without --download"
+        ) from exc
 
 
 def _load_fashion_mnist(request: _Request) -> Dataset:
@@ -455,11 +472,11 @@ def _download_fashion_mnist(root: Path) -> None:
     """torchvision's download: the idx files land in ``root/FashionMNIST/raw``."""
     import torchvision
 
-    try:
-        torchvision.datasets.FashionMNIST(root=str(root), train=False, download=True)
-        torchvision.datasets.FashionMNIST(root=str(root), train=True, download=True)
-    except (OSError, RuntimeError) as exc:
-        raise _download_error("fashion-mnist", root, exc) from exc
+    def download() -> None:
+        for train in (False, True):
+            torchvision.datasets.FashionMNIST(root=str(root), train=train, download=True)
+
+    _fetch("fashion-mnist", root, download)
 
 
 def _find_idx_folder(path: Path) -> Path:

@@ -140,7 +140,11 @@ def parse_budget(text: str) -> Budget:
         value = number * _SIZE_UNITS[unit]
     elif kind == "bops" and unit in _COUNT_SUFFIXES:
         value = number * _COUNT_SUFFIXES[unit]
-    elif kind == "wbits" and unit == "" and MIN_BITS <= number <= MAX_BITS:
+    elif kind == "wbits" and unit == "":
+        if not MIN_BITS <= number <= MAX_BITS:
+            raise ZsqError(
+                f"budget {text!r}: the mean weight width must be {MIN_BITS} to {MAX_BITS} bits"
+            )
         value = number
     else:
         raise ZsqError(f"budget {text!r} is not understood; {_BUDGET_FORMS}")

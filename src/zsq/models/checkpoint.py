@@ -348,6 +348,19 @@ def load_teacher(
     return model, meta
 
 
+MAX_IMAGE_SIZE = 4096  # a side; one float32 RGB image is then 200 MB, its activations far more
+
+
+def check_image_size(size: int) -> None:
+    """An input side zsq can work with: positive, and not so large that the first forward
+    exhausts memory (a typo such as 22400 for 224)."""
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ZsqError(
+            f"image size {size} is outside 1..{MAX_IMAGE_SIZE}; give the model's input side "
+            "(--image-size, or image_size in the weights' .json sidecar)"
+        )
+
+
 def _model_name(name: str | None, sidecar: ModelMeta, weights: Path | None) -> str:
     """The explicit name, else the one the sidecar gives."""
     if name is not None and name.strip():
@@ -386,8 +399,8 @@ def resolve_meta(explicit: ModelMeta, sidecar: ModelMeta) -> ModelMeta:
     if any(s <= 0 for s in std):
         raise ZsqError(f"normalize_std must be positive, got {std}; fix --normalize-std")
     image_size = _first(explicit.image_size, sidecar.image_size)
-    if image_size is not None and image_size < 1:
-        raise ZsqError(f"image size must be >= 1, got {image_size}; fix --image-size")
+    if image_size is not None:
+        check_image_size(image_size)
     model = _first(explicit.model, sidecar.model)
     kwargs = {**(sidecar.model_kwargs or {}), **(explicit.model_kwargs or {})}
     return ModelMeta(num_classes, in_channels, mean, std, image_size, model, kwargs or None)

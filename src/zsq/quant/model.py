@@ -241,10 +241,10 @@ def quant_params(model: nn.Module) -> dict[str, Any]:
     return {"layers": layers, "activations": acts}
 
 
-def inspect_forward(model: nn.Module, image_shape: Sequence[int]) -> None:
+def inspect_forward(model: nn.Module, image_shape: Sequence[int]) -> Any:
     """One forward on zeros at batch 1 for hooks to watch, leaving the model as it was: eval
     mode, activation observers paused, no gradients and the RNG forked, modes restored after.
-    A failing forward is an error naming the shape."""
+    Returns the output; a failing forward is an error naming the shape."""
     param = next(model.parameters())
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     x = torch.zeros((1, *image_shape), dtype=dtype, device=param.device)
@@ -259,7 +259,7 @@ def inspect_forward(model: nn.Module, image_shape: Sequence[int]) -> None:
         for aq in observing:
             aq.observing = False
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model(x)
+            return model(x)
     except (RuntimeError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ZsqError(
