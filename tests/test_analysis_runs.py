@@ -217,6 +217,8 @@ def test_errors_exit_2_with_one_line(runs, tmp_path, capsys):
     assert "predates generator.safetensors" in err and "--data" in err
     err = one_line_error(capsys, "analyze", "compare", str(runs["ait"]), "--out", str(tmp_path))
     assert "at least two" in err
+    err = one_line_error(capsys, "analyze", "run", str(runs["ait"]), "--out", "/")
+    assert "is the filesystem root" in err
     assert not (tmp_path / "notes" / "analysis").exists()
 
 

@@ -234,6 +234,44 @@ def test_onnx_matches_a_trained_student(shared_data, tmp_path):
     assert (got - expected).abs().max() < 1e-3
 
 
+class TokenLinears(nn.Module):
+    """Linear layers over (batch, tokens, features), as in a ViT: ONNX ``MatMul``, not ``Gemm``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2)  # (N, 3, 8, 8) -> 3 tokens of 64 features
+        return self.head(self.down(torch.relu(self.up(tokens))).mean(1))
+
+
+def test_onnx_check_and_eval_measure_the_graph_not_onnxruntime_fusions(tmp_path):
+    """Weight-only 4-bit Linears: onnxruntime's default optimisation rewrites their
+    DequantizeLinear -> MatMul into MatMulNBits, which computes differently; the export check and
+    eval-export keep ORT_ENABLE_BASIC, where the graph matches the student to float rounding."""
+    from zsq.export import export_onnx
+    from zsq.export.onnx import OnnxRuntimeModel
+    from zsq.export.verify import verify_export
+
+    torch.manual_seed(0)
+    s = quantize_model(TokenLinears().eval(), QuantSpec(wbits=4, abits=None)).eval()
+    path = export_onnx(s, tmp_path / "w4.onnx", (3, 8, 8))
+    assert verify_export(s, path, "onnx", (3, 8, 8))["max_abs_diff"] < 1e-4
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = s(x)
+    assert (OnnxRuntimeModel(path)(x) - expected).abs().max() < 1e-4  # zsq eval-export's model
+
+    options = ort.SessionOptions()  # the reason: onnxruntime's default level
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "MatMulNBits" in ops and (fused - expected).abs().max() > 1e-4
+
+
 # --- the CLI -----------------------------------------------------------------------------------
 @pytest.fixture
 def run_dir(small_teacher, tmp_path):

@@ -160,7 +160,14 @@ def test_cli_budget_run_and_reuse(tmp_path, small_teacher):
     assert report["within_budget"] and report["cost"] <= report["limit"]
     bits = json.loads((tmp_path / "a" / "bits.json").read_text())
     mean = sum(b * n for b, n in zip(bits["wbits"], _params(small_teacher), strict=True))
-    assert mean / sum(_params(small_teacher)) <= 3.0 + 1e-9
+    mean /= sum(_params(small_teacher))
+    assert mean <= 3.0 + 1e-9
+    # the report states the mixed widths, not the --wbits default the allocation overrode
+    written = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert written["wbits"] == "mixed" and written["abits"] == 4
+    assert written["allocation"]["mean_wbits"] == pytest.approx(mean, abs=1e-4)
+    markdown = (tmp_path / "a" / "report.md").read_text()
+    assert f"| bits | mixed (budget wbits=3, sensitivity): mean W{mean:.2f} A4 |" in markdown
     again = _quantize(small_teacher, tmp_path / "b", "--bits-from", tmp_path / "a")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["allocation"]["wbits"] == report["wbits"]
@@ -175,6 +182,7 @@ def test_cli_bops_budget_mixes_activations(tmp_path, small_teacher):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["allocation"]
     assert report["within_budget"] and list(report["abits"]) == ["2"]
+    assert json.loads(result.stdout)["abits"] == "mixed"  # the chosen widths replace --abits
     bits = json.loads((tmp_path / "a" / "bits.json").read_text())
     assert bits["act_sites"] == ["2"] and bits["act_bits"] == [report["abits"]["2"]]
     activations = json.loads((tmp_path / "a" / "quant.json").read_text())["activations"]
@@ -185,6 +193,18 @@ def test_cli_bops_budget_mixes_activations(tmp_path, small_teacher):
     )
     assert refused.returncode == 2 and "bops= budget only" in refused.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_reused_bits_are_costed_for_this_run(tmp_path, small_teacher):
+    """--bits-from recomputes the cost: the same weight widths at wider activations break a
+    bops= budget they met, and the run is refused instead of reporting 'within budget'."""
+    opts = ["--alloc-opt", "source=gaussian", "--alloc-opt", "samples=16"]
+    budget = ["--budget", "bops=25M", "--bit-choices", "2,4,8", "--act-choices", "off"]
+    first = _quantize(small_teacher, tmp_path / "a", *budget, *opts)
+    assert first.returncode == 0, first.stderr
+    wider = _quantize(small_teacher, tmp_path / "b", "--bits-from", tmp_path / "a", "--abits", "8")
+    assert wider.returncode == 2, wider.stdout
+    assert "over its budget bops=25M" in wider.stderr and not (tmp_path / "b").exists()
 
 
 def _params(small_teacher):
@@ -202,6 +222,9 @@ def _params(small_teacher):
         (["--budget", "wbits=3", "--allocator", "nonsense"], "invalid choice"),
         (["--budget", "bytes=3"], "size="),
         (["--allocator", "hessian"], "need --budget"),
+        (["--budget", "wbits=3", "--layer", "0=8"], "drop --layer"),
+        (["--budget", "wbits=3", "--allocator", "penalty", "--penalty", "inf"], "finite"),
+        (["--budget", "wbits=3", "--alloc-opt", "samples=abc"], "samples takes a whole number"),
     ],
 )
 def test_cli_bad_budgets_exit_2_with_one_line_and_no_output(

@@ -17,7 +17,7 @@ from zsq.cli import main
 from zsq.demo import digits_cnn
 from zsq.distill import Distiller
 from zsq.errors import ZsqError
-from zsq.io import checkpoint_file, read_verified, users_entries, write_verified
+from zsq.io import checkpoint_file, read_verified, run_lock, users_entries, write_verified
 
 SIDECAR = {"num_classes": 10, "in_channels": 1, "normalize_mean": [0.3], "normalize_std": [0.4]}
 TINY_SETS = [
@@ -149,6 +149,20 @@ def test_a_generator_runs_folder_holds_only_what_zsq_writes(tmp_path, weights):
     out = tmp_path / "q"
     assert main([*qimera_args(weights), "--out", str(out)]) == 0
     assert users_entries(out) == []
+
+
+@pytest.mark.parametrize("how", ["--out", "--overwrite", "--resume"])
+def test_a_folder_another_run_is_writing_is_refused(stopped_run, capsys, how):
+    """While a process holds the run's lock (here this test, as a live run would), a second
+    run may neither start, overwrite nor resume there."""
+    weights, out = stopped_run
+    before = tree(out.parent)
+    target = ["--resume", str(out)] if how == "--resume" else ["--out", str(out)]
+    extra = ["--overwrite"] if how == "--overwrite" else []
+    with run_lock(out):
+        assert main([*qimera_args(weights), *target, *extra]) == 2
+    assert "is in use by another zsq run (process" in error_line(capsys)
+    assert tree(out.parent) == before
 
 
 def test_out_dot_and_out_file_are_one_line_errors(tmp_path, weights, capsys, monkeypatch):

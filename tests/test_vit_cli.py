@@ -50,6 +50,7 @@ def test_sidecar_names_the_model_and_the_run_records_its_kwargs(tmp_path, vit, s
     [
         (["--model", "timm:not_a_model_at_all"], "unknown timm model"),
         (["--model-kwarg", "embed_dim=32"], "fix model_kwargs"),
+        (["--image-size", "32"], "forward failed on a 1x1x32x32 input (Input height (32)"),
     ],
 )
 def test_bad_timm_inputs_exit_2_with_one_line(tmp_path, vit, capsys, flags, message):

@@ -389,6 +389,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _analysis_dir(out: str | None, default: Path) -> Path:
     """Where analysis files go: ``--out``, else ``default``; created when the files are written."""
     folder = Path(out) if out else default
+    if folder.resolve() == Path(folder.resolve().anchor):
+        raise ZsqError(f"--out {out} is the filesystem root; name a folder for the analysis")
     if folder.exists() and not folder.is_dir():
         raise ZsqError(f"--out {folder} is a file; give a folder for the analysis files")
     return folder

@@ -122,6 +122,8 @@ def check_output_dir(out: Path | str, *, overwrite: bool = False, resume: bool =
     ``resume`` needs ``OUT.partial`` to be a zsq run holding a checkpoint.
     """
     path, work = output_path(out), partial_dir(out)
+    with run_lock(out):  # another process writing there holds it: refused here, by name
+        pass
     kind, work_kind = _kind(path), _kind(work)
     if kind == "file":
         raise ZsqError(f"{out} is a file, not a folder; choose another output folder")
@@ -219,25 +221,60 @@ def atomic_output_dir(
     holds a checkpoint a run can resume.
     """
     check_output_dir(out, overwrite=overwrite, resume=resume)
-    path, work = output_path(out), partial_dir(out)
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    created = _make_dirs(work)
+    with run_lock(out):
+        path, work = output_path(out), partial_dir(out)
+        if work.exists() and not resume:
+            shutil.rmtree(work)
+        created = _make_dirs(work)
+        try:
+            yield work
+        except BaseException:
+            if not checkpoint_file(work).exists():
+                shutil.rmtree(work, ignore_errors=True)
+                _remove_empty(created[1:])
+            raise
+        if _kind(path) in ("foreign", "mixed"):  # someone put files there during the run
+            raise ZsqError(
+                f"{out} changed during the run and is not a zsq run; the result is in {work}"
+            )
+        if path.exists():
+            shutil.rmtree(path)
+        shutil.rmtree(work / CHECKPOINT_DIRNAME, ignore_errors=True)
+        work.rename(path)
+
+
+@contextmanager
+def run_lock(out: Path | str) -> Iterator[None]:
+    """Held while a run writes to ``out``, so a second zsq process on this machine is refused
+    instead of resuming, overwriting or finishing into a live run folder. An advisory ``flock``
+    on a file in the temp folder, keyed by the folder's path (nothing is added to the user's
+    tree; the kernel releases it when the process dies)."""
     try:
-        yield work
-    except BaseException:
-        if not checkpoint_file(work).exists():
-            shutil.rmtree(work, ignore_errors=True)
-            _remove_empty(created[1:])
-        raise
-    if _kind(path) in ("foreign", "mixed"):  # someone put files there during the run: keep them
-        raise ZsqError(
-            f"{out} changed during the run and is not a zsq run; the result is in {work}"
-        )
-    if path.exists():
-        shutil.rmtree(path)
-    shutil.rmtree(work / CHECKPOINT_DIRNAME, ignore_errors=True)
-    work.rename(path)
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    key = hashlib.sha256(str(output_path(out)).encode()).hexdigest()[:32]
+    folder = Path(tempfile.gettempdir()) / f"zsq-locks-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{key}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise ZsqError(
+                f"{out} is in use by another zsq run (process {holder}); wait for it to end or "
+                "choose another --out"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _make_dirs(path: Path) -> list[Path]:

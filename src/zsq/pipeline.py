@@ -63,7 +63,7 @@ from zsq.mixed.allocate import BITS_FILE, Allocation, MixedConfig
 from zsq.models import ModelMeta, default_image_size, load_teacher
 from zsq.models.checkpoint import check_image_size
 from zsq.ptq import CalibrationSet, LapqConfig, is_synthetic
-from zsq.quant import QuantSpec, quant_params
+from zsq.quant import QuantSpec, inspect_forward, quant_params
 from zsq.runtime import device_description, resolve_device, seed_everything
 from zsq.synth import check_source_options
 
@@ -370,6 +370,7 @@ def build_context(cfg: QuantizeConfig, work_dir: Path | None) -> Context:
     teacher, meta, eval_set, device = prepare(cfg)
     image_shape = model_image_shape(cfg.teacher.model, meta)
     log.info("input shape %s (%s)", image_shape, _shape_source(cfg.teacher, meta))
+    inspect_forward(teacher, image_shape)  # a shape the model refuses: one line, before any work
     calib_set = None
     calib = resolved_calib(cfg)
     uses_calib = cfg.method in POST_TRAINING_METHODS or cfg.method_options.get("init")
@@ -471,13 +472,23 @@ def _for_this_rank(cfg: QuantizeConfig, current: distributed.World) -> QuantizeC
 def check_budget(ctx: Context) -> None:
     """Before anything is written: a reused allocation fits the teacher; a budget is
     achievable at the narrowest width (else one line naming the smallest achievable cost)."""
-    from zsq.mixed.allocate import check_feasible, check_fits, read_bits
+    from zsq.mixed.allocate import check_feasible, check_reuse, read_bits
 
     mixed = ctx.config.mixed
     if mixed is None:
         return
+    if ctx.config.quant.overrides:
+        raise ZsqError(
+            "--layer overrides and --budget/--bits-from both set layer widths; drop --layer (the "
+            "allocation chooses every layer's width)"
+        )
+    if (ctx.config.method_options.get("lapq") or {}).get("layers") == "paper":
+        raise ZsqError(
+            "--lapq-layers paper keeps three layers in full precision, which the allocation "
+            "counts as quantized; use --lapq-layers all with --budget/--bits-from"
+        )
     if mixed.bits_from is not None:
-        check_fits(read_bits(mixed.bits_from), ctx.teacher)
+        check_reuse(read_bits(mixed.bits_from), ctx.teacher, ctx.image_shape, ctx.config.quant)
     else:
         check_feasible(ctx.teacher, ctx.image_shape, mixed, ctx.config.quant)
 
@@ -485,14 +496,15 @@ def check_budget(ctx: Context) -> None:
 def run_allocation(ctx: Context, work: Path) -> Allocation:
     """The run's allocation: kept from an earlier session, reused (--bits-from) or made now on
     synthetic images from the configured source, and written to ``bits.json``."""
-    from zsq.mixed.allocate import allocate, read_bits, write_bits
+    from zsq.mixed.allocate import allocate, check_reuse, read_bits, write_bits
 
     cfg, mixed = ctx.config, ctx.config.mixed
     kept = work / BITS_FILE
     if kept.is_file():
         return read_bits(kept)
     if mixed.bits_from is not None:
-        allocation = read_bits(mixed.bits_from)
+        reused = read_bits(mixed.bits_from)
+        allocation = check_reuse(reused, ctx.teacher, ctx.image_shape, cfg.quant)
     else:
         folder = work / "allocation"
         folder.mkdir(exist_ok=True)
@@ -532,14 +544,26 @@ def apply_allocation(ctx: Context, allocation: Allocation) -> None:
     ctx.config = dataclasses.replace(ctx.config, quant=allocation.apply(ctx.config.quant))
 
 
-def allocation_report(allocation: Allocation) -> dict[str, Any]:
-    """What the report says about the bits: per layer, the cost beside the budget, the time."""
+MIXED = "mixed"  # the report's wbits/abits where an allocation chose the widths per layer
+
+
+def mixed_bits(allocation: Allocation) -> dict[str, str]:
+    """The report's top-level widths under an allocation: ``--wbits``/``--abits`` were only the
+    defaults it overrode, so they would misstate the student (per layer: ``allocation``)."""
+    return {"wbits": MIXED, **({"abits": MIXED} if allocation.act_sites else {})}
+
+
+def allocation_report(allocation: Allocation, sizes: dict[str, Any]) -> dict[str, Any]:
+    """What the report says about the bits: per layer, their parameter-weighted mean (the unit
+    of a ``wbits=`` budget), the cost beside the budget, the time."""
+    params = [sizes["layers"][name]["params"] for name in allocation.layers]
     return {
         "allocator": allocation.allocator,
         "budget": allocation.budget,
         "cost": allocation.cost,
         "limit": allocation.limit,
         "within_budget": allocation.cost <= allocation.limit * (1 + 1e-9),
+        "mean_wbits": round(allocation.mean_wbits(params), 4),
         "wbits": dict(zip(allocation.layers, allocation.wbits, strict=True)),
         "abits": (
             dict(zip(allocation.act_sites, allocation.act_bits, strict=True))
@@ -722,9 +746,11 @@ def _build_report(
         "python": platform.python_version(),
     }
     report.update(result.report)
+    sizes = size_report(result.student)
     if ctx.allocation is not None:
-        report["allocation"] = allocation_report(ctx.allocation)
-    report["sizes"] = size_report(result.student)
+        report.update(mixed_bits(ctx.allocation))
+        report["allocation"] = allocation_report(ctx.allocation, sizes)
+    report["sizes"] = sizes
     report["sessions"] = [*previous, _seconds_since(started)]
     report["seconds"] = round(sum(report["sessions"]), 2)
     return report
@@ -745,11 +771,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _bits_text(report: dict[str, Any]) -> str:
+    """``W4A4``; under an allocation, the budget, its allocator and the mean weight bits."""
+    allocation = report.get("allocation")
+    if allocation is None:
+        return f"W{report['wbits'] or 32}A{report['abits'] or 32}"
+    acts = "mixed" if report["abits"] == MIXED else report["abits"] or 32
+    return (
+        f"mixed (budget {allocation['budget']}, {allocation['allocator']}): "
+        f"mean W{allocation['mean_wbits']:.2f} A{acts}"
+    )
+
+
 def report_markdown(report: dict[str, Any]) -> str:
-    bits = f"W{report['wbits'] or 32}A{report['abits'] or 32}"
     rows = [
         ("method", report["method"]),
-        ("bits", bits),
+        ("bits", _bits_text(report)),
         ("model", report["model"]),
         ("weights", report["weights"]),
         ("eval data", report["eval_data"]),

@@ -345,6 +345,22 @@ def _input_name(module: nn.Module) -> str:
     return next(iter(inspect.signature(module.forward).parameters))
 
 
+def onnxruntime_session(path: str | Path, threads: int | None = None) -> Any:
+    """A CPU onnxruntime session that runs the exported graph's own arithmetic.
+
+    Graph optimisation stays at ``ORT_ENABLE_BASIC``: the default (``ORT_ENABLE_ALL``) fuses a
+    weight-only-quantized Linear's ``DequantizeLinear -> MatMul`` into ``MatMulNBits``, whose
+    arithmetic differs from the student's (max |diff| ~1e-2 on a ViT), so a check or an
+    evaluation would measure onnxruntime's rewrite instead of the export."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxRuntimeModel(nn.Module):
     """An exported ONNX model run by onnxruntime on the CPU, callable like the student (for
     :func:`zsq.evaluate.evaluate`); ``info`` holds its ``zsq.*`` metadata."""
@@ -354,15 +370,8 @@ class OnnxRuntimeModel(nn.Module):
         require_onnx()
         import json
 
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = onnxruntime_session(path, threads)
         except Exception as err:  # onnxruntime's own error types
             raise ZsqError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
         meta = self.session.get_modelmeta().custom_metadata_map

@@ -48,7 +48,9 @@ def verify_export(
     int: the reloaded student's outputs equal the original's bit for bit. onnx: onnxruntime's
     outputs and the student's are finite and of one shape; their max difference and argmax
     agreement are reported, not judged (onnxruntime rounds ties its own way, which moves
-    logits, and on random inputs even argmaxes: no tolerance holds for every model)."""
+    logits, and on random inputs even argmaxes: no tolerance holds for every model). The
+    session is :func:`zsq.export.onnx.onnxruntime_session`'s: the graph's own arithmetic, not
+    onnxruntime's extended fusions."""
     x = torch.randn(CHECK_BATCH, *image_shape, generator=torch.Generator().manual_seed(seed))
     expected = student.cpu()(x)
     if fmt == "int":
@@ -59,10 +61,9 @@ def verify_export(
             "bit-identical outputs" if identical else "OUTPUTS DIFFER"
         )
         return {"passed": identical, "identical_outputs": identical, "summary": summary}
-    import onnxruntime as ort
+    from zsq.export.onnx import OnnxRuntimeModel  # here: onnx imports this module
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    got = OnnxRuntimeModel(path)(x)
     finite = bool(torch.isfinite(got).all()) and bool(torch.isfinite(expected).all())
     if got.shape != expected.shape or not finite:
         summary = (

@@ -40,7 +40,14 @@ from zsq.mixed.activations import (
     site_sensitivities,
     sites_of,
 )
-from zsq.mixed.cost import Budget, budget_limit, layer_cost, layer_costs, parse_budget
+from zsq.mixed.cost import (
+    Budget,
+    budget_limit,
+    layer_cost,
+    layer_costs,
+    parse_budget,
+    total_cost,
+)
 from zsq.mixed.sensitivity import EVAL_BATCH, mean_kl, teacher_logits
 from zsq.mixed.solver import cheapest_cost, solve_allocation
 from zsq.quant import QuantSpec, parse_bits, quant_layers, quantize_model
@@ -168,10 +175,13 @@ class MixedConfig:
                     "--act-choices needs --allocator sensitivity (the other allocators keep "
                     "activations at --abits); use it or drop --act-choices"
                 )
-        if self.penalty is not None and self.penalty < 0:
-            raise ZsqError(f"--penalty must be >= 0, got {self.penalty}")
+        if self.penalty is not None and not 0 <= self.penalty < float("inf"):
+            raise ZsqError(f"--penalty must be a finite number >= 0, got {self.penalty}")
         for key, low in (("samples", 1), ("probes", 1), ("steps", 1)):
-            if getattr(self, key) < low:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ZsqError(f"--alloc-opt {key} takes a whole number, got {value!r}")
+            if value < low:
                 raise ZsqError(f"--alloc-opt {key} must be >= {low}, got {getattr(self, key)}")
 
     @classmethod
@@ -265,6 +275,36 @@ def check_fits(allocation: Allocation, model: nn.Module) -> None:
             f"the bit allocation does not fit this model (layers differ: {missing}...); make it "
             "for this model with --budget"
         )
+
+
+def check_reuse(
+    allocation: Allocation, model: nn.Module, image_shape: tuple[int, int, int], spec: QuantSpec
+) -> Allocation:
+    """A reused allocation (``--bits-from``) for this run: it must name this model's layers and
+    activation sites, and still meet its budget on this model, input and ``--abits``. Its cost
+    is recomputed, not trusted (another model with the same layer names, or other activation
+    bits, cost differently); returns it with the cost and limit of this run."""
+    check_fits(allocation, model)
+    sites = {site.name for site in sites_of(model, spec, image_shape)}
+    lost = [site for site in allocation.act_sites if site not in sites]
+    if lost:
+        raise ZsqError(
+            f"the bit allocation sets activation widths at {lost[:3]}, where this run has no "
+            "activation quantizer (another --act-placement?); make one for this run with --budget"
+        )
+    if allocation.act_sites:  # the sites' own widths count, as the allocator counted them
+        return allocation
+    costs = layer_costs(model, image_shape)
+    budget = parse_budget(allocation.budget)
+    cost = total_cost(costs, budget.kind, allocation.wbits, [spec.abits] * len(costs))
+    limit = budget_limit(budget, costs)
+    if cost > limit * (1 + 1e-9):
+        raise ZsqError(
+            f"the reused bit allocation costs {cost:.6g} on this model with activations at "
+            f"{spec.abits or 'full precision'}, over its budget {allocation.budget} "
+            f"({limit:.6g}); make one for this run with --budget"
+        )
+    return replace(allocation, cost=cost, limit=limit)
 
 
 # --- the allocators -----------------------------------------------------------------------

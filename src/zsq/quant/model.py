@@ -260,7 +260,7 @@ def inspect_forward(model: nn.Module, image_shape: Sequence[int]) -> Any:
             aq.observing = False
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             return model(x)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, AssertionError) as exc:  # timm asserts on input sizes
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ZsqError(
             f"the model's forward failed on a 1x{'x'.join(map(str, image_shape))} input "

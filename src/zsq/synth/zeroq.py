@@ -85,10 +85,13 @@ def require_batchnorm(teacher: nn.Module, name: str = "zeroq") -> list[nn.Module
     """The teacher's BN layers, or a one-line error naming the sources that need none."""
     layers = batchnorm_layers(teacher)
     if not layers:
+        from zsq.synth.vit_losses import has_attention
+
+        vit = has_attention(teacher)
+        others = "gaussian, psaq or mimiq (the vision-transformer sources)" if vit else "gaussian"
         raise ZsqError(
             f"{name} needs BatchNorm running statistics and {type(teacher).__name__} has no "
-            "BatchNorm layer (fused into the convolutions?); sources that work without "
-            "BatchNorm: gaussian"
+            f"BatchNorm layer (fused into the convolutions?); samples that need none: {others}"
         )
     return layers
 
