@@ -86,7 +86,7 @@ def check_source_options(name: str, options: dict[str, Any]) -> None:
             f"it takes: {', '.join(accepted) or 'no options'}"
         )
     rules = getattr(factory, "OPTIONS", {})
-    read_options(f"{key} source", rules, {k: v for k, v in options.items() if k in rules})
+    read_options(f"{key} source", rules, options)
 
 
 register_source("gdfq", GdfqSource)

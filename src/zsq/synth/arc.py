@@ -425,18 +425,7 @@ class ArcSource(GdfqSource):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
     ) -> None:
-        options = read_options(
-            "arc source",
-            ARC_OPTIONS,
-            {
-                "genotype": genotype,
-                "latent_dim": latent_dim,
-                "width": width,
-                "bns_weight": bns_weight,
-                "lr": lr,
-                "betas": betas,
-            },
-        )
+        options = read_options("arc source", ARC_OPTIONS, locals())
         generator = ArcGenerator(
             num_classes, image_shape, latent_dim=latent_dim, width=width, genotype=genotype
         )

@@ -191,9 +191,14 @@ class OptionRule:
 def read_options(
     owner: str, rules: Mapping[str, OptionRule], values: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """``values`` as ``owner`` (e.g. 'gdfq source') uses them, each checked against its rule: a
-    bad one is one line naming it and its form, 'gdfq source option betas takes two numbers'."""
-    return {name: _read_option(owner, name, rules[name], value) for name, value in values.items()}
+    """The ``values`` that have a rule, as ``owner`` (e.g. 'gdfq source') uses them, each checked
+    against its rule: a bad one is one line naming it and its form, 'gdfq source option betas
+    takes two numbers'. A constructor passes ``locals()``: every argument with a rule."""
+    return {
+        name: _read_option(owner, name, rules[name], value)
+        for name, value in values.items()
+        if name in rules
+    }
 
 
 def _read_option(owner: str, name: str, rule: OptionRule, value: Any) -> Any:

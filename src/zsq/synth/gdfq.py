@@ -228,19 +228,7 @@ class GdfqSource(SampleSource):
         variant: Variant = "auto",
         bn_eps: float = 0.8,
     ) -> None:
-        options = read_options(
-            "gdfq source",
-            GENERATOR_OPTIONS,
-            {
-                "latent_dim": latent_dim,
-                "bns_weight": bns_weight,
-                "lr": lr,
-                "betas": betas,
-                "generator": generator,
-                "variant": variant,
-                "bn_eps": bn_eps,
-            },
-        )
+        options = read_options("gdfq source", GENERATOR_OPTIONS, locals())
         super().__init__(teacher, num_classes=num_classes, image_shape=image_shape)
         # First, so a teacher without BN fails fast, untouched and before any large allocation.
         self.bns = BatchNormStatsLoss(teacher)

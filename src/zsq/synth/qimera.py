@@ -210,25 +210,7 @@ class QimeraSource(GdfqSource):
         bn_eps: float = 0.8,
     ) -> None:
         check_num_classes(num_classes)
-        options = read_options(
-            "qimera source",
-            QIMERA_OPTIONS,
-            {
-                "mix_prob": mix_prob,
-                "num_mix": num_mix,
-                "init_from_teacher": init_from_teacher,
-                "disentangle": disentangle,
-                "noise_scale": noise_scale,
-                "distinct_classes": distinct_classes,
-                "latent_dim": latent_dim,
-                "bns_weight": bns_weight,
-                "lr": lr,
-                "betas": betas,
-                "generator": generator,
-                "variant": variant,
-                "bn_eps": bn_eps,
-            },
-        )
+        options = read_options("qimera source", QIMERA_OPTIONS, locals())
         checked_num_mix = _check_num_mix(num_mix, num_classes, distinct_classes)
         if generator is None:
             generator, init_weight = _build_generator(
