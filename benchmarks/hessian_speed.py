@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from zsq.analysis.hessian import hutchinson_trace, top_eigenpairs
+from zsq.numerics.hessian import hutchinson_trace, top_eigenpairs
 from zsq.analysis.measure import (
     _student,
     _teacher,

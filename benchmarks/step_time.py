@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from zsq.api import resolve_recipe
+from zsq.methods import GDFQ
 from zsq.distill import Distiller
 from zsq.execution import COMPILE_FLAGS, PRECISIONS, Execution, tune_cpu_allocator
 from zsq.models import load_teacher
@@ -53,9 +53,9 @@ def build(
     weights = shared_data_dir() / "weights" / "resnet20_cifar10jpeg.pt"
     teacher, _ = load_teacher("resnet20", weights if weights.exists() else None)
     teacher = teacher.to(device)
-    recipe = resolve_recipe(
-        "paper-cifar", ait=ait, overrides={"batch_size": batch, "gen_warmup_epochs": 0}
-    )
+    recipe = GDFQ(  # the schedule is the method's; only its source differs here
+        recipe="paper-cifar", ait=ait, overrides={"batch_size": batch, "gen_warmup_epochs": 0}
+    ).resolved
     student = quantize_model(teacher, QuantSpec(wbits=4, abits=4)).to(device)
     source = build_source(method, teacher, num_classes=10, image_shape=(3, 32, 32)).to(device)
     return Distiller(

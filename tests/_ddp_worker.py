@@ -14,10 +14,10 @@ from tests._teachers import tiny_teacher
 from torch.utils.data import TensorDataset
 
 from zsq import distributed
-from zsq.api import resolve_recipe
 from zsq.distill import Distiller
-from zsq.distill.losses import kl_to_teacher
 from zsq.evaluate import evaluate
+from zsq.methods import GDFQ
+from zsq.numerics.losses import kl_to_teacher
 from zsq.quant import QuantSpec, quantize_model, set_observing
 from zsq.runtime import seed_everything
 from zsq.synth.gdfq import GdfqSource
@@ -75,7 +75,7 @@ def train() -> dict[str, Any]:
     teacher = tiny_teacher()
     student = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
     source = GdfqSource(teacher, num_classes=10, image_shape=(3, 8, 8))
-    recipe = resolve_recipe("demo", ait=True, overrides=TINY_SCHEDULE)
+    recipe = GDFQ(recipe="demo", ait=True, overrides=TINY_SCHEDULE).resolved
     data = eval_set()
     trainer = Distiller(
         teacher,
@@ -161,23 +161,20 @@ def vit_pool() -> dict[str, Any]:
 
 def vit_train() -> dict[str, Any]:
     """MimiQ+AIT (KL, attention distillation, GI) through the API over the ranks."""
-    from zsq.api import zero_shot_quantize
+    import zsq
 
     teacher, meta = vit_teacher()
-    student, history = zero_shot_quantize(
-        teacher,
-        image_shape=(1, 28, 28),
-        num_classes=10,
-        method="mimiq",
+    method = zsq.MimiQ(
         ait=True,
         recipe="demo",
         overrides={**TINY_SCHEDULE, "epochs": 3, "iters_per_epoch": 2},
         source_options={k: v for k, v in VIT_POOL.items() if k != "progress"},
-        device="cpu",
-        seed=0,
-        progress=False,
     )
-    return {"student": {k: v.clone() for k, v in student.state_dict().items()}, "history": history}
+    result = zsq.quantize(
+        teacher, method, image_shape=(1, 28, 28), num_classes=10, device="cpu", progress=False
+    )
+    state = {k: v.clone() for k, v in result.student.state_dict().items()}
+    return {"student": state, "history": result.history}
 
 
 def teardown() -> dict[str, Any]:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from zsq.analysis import (
+from zsq.errors import ZsqError
+from zsq.numerics import (
     Density,
     GradientMeter,
     cosine_similarity,
@@ -29,7 +30,6 @@ from zsq.analysis import (
     slq_density,
     top_eigenpairs,
 )
-from zsq.errors import ZsqError
 from zsq.ptq import calibrate_activations
 from zsq.quant import QuantSpec, quant_layers, quantize_model
 

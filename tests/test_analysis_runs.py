@@ -134,7 +134,7 @@ def test_analyze_hessian_on_the_runs_generator(runs):
 
 def test_analyze_hessian_cli_on_real_data(runs, tmp_path, capsys):
     from zsq.data import load_dataset
-    from zsq.export import student_from_run
+    from zsq.run.finished import student_from_run
 
     out = tmp_path / "hessian"
     args = ["--probes", "2", "--iters", "3", "--batch-size", "20", "--surface-points", "3"]

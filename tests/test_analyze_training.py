@@ -4,25 +4,18 @@ the update and never changing it."""
 import torch
 from tests.test_api import TINY
 
-from zsq.api import zero_shot_quantize
+import zsq
 from zsq.demo import digits_cnn
 
 
 def run(**overrides):
     torch.manual_seed(0)
     teacher = digits_cnn().eval()
-    return zero_shot_quantize(
-        teacher,
-        image_shape=(1, 8, 8),
-        num_classes=10,
-        method="gdfq",
-        ait=True,
-        recipe="demo",
-        overrides={**TINY, "epochs": 4, **overrides},
-        device="cpu",
-        progress=False,
-        seed=0,
+    method = zsq.GDFQ(ait=True, recipe="demo", overrides={**TINY, "epochs": 4, **overrides})
+    result = zsq.quantize(
+        teacher, method, image_shape=(1, 8, 8), num_classes=10, device="cpu", progress=False
     )
+    return result.student, result.history
 
 
 def test_measuring_gradients_leaves_the_student_bit_identical():

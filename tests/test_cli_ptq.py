@@ -91,7 +91,7 @@ def test_init_lapq_starts_gdfq_from_lapqs_student(small_teacher, tmp_path, capsy
 def test_carry_over_copies_deployed_weights_and_activation_ranges():
     from tests._teachers import tiny_teacher
 
-    from zsq.api import carry_over_lapq
+    from zsq.methods.lapq import carry_over as carry_over_lapq
     from zsq.ptq import CalibrationSet, LapqConfig, lapq_quantize
     from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model
 
@@ -111,23 +111,17 @@ def test_carry_over_copies_deployed_weights_and_activation_ranges():
 
 
 @pytest.mark.parametrize("method", ["zeroq", "lapq"])
-def test_api_lists_the_report_as_the_history(method):
+def test_api_returns_the_report_and_no_epochs(method):
     from tests._teachers import tiny_teacher
 
-    from zsq.api import zero_shot_quantize
+    import zsq
+    from zsq.methods import get_method
 
-    options = {"lapq": {"stages": "lw"}} if method == "lapq" else {}
-    student, history = zero_shot_quantize(
-        tiny_teacher(),
-        method=method,
-        image_shape=(3, 8, 8),
-        num_classes=10,
-        calib_size=8,
-        source_options={"steps": 2},
-        device="cpu",
+    options = {"stages": "lw"} if method == "lapq" else {}
+    config = get_method(method).config(calib_size=8, calib_options={"steps": 2}, **options)
+    result = zsq.quantize(
+        tiny_teacher(), config, image_shape=(3, 8, 8), num_classes=10, device="cpu",
         progress=False,
-        seed=0,
-        **options,
-    )
-    assert len(history) == 1 and history[0]["real_data"] is False
-    assert ("lapq" in history[0]) == (method == "lapq")
+    )  # fmt: skip
+    assert result.history == [] and result.report["real_data"] is False
+    assert ("lapq" in result.report) == (method == "lapq")

@@ -69,7 +69,7 @@ def test_unknown_split():
 
 
 def test_cifar10_empty_folder_suggests_download(tmp_path):
-    with pytest.raises(ZsqError, match="--download"):
+    with pytest.raises(ZsqError, match="download=True"):
         load_dataset(f"cifar10:{tmp_path}")
 
 
@@ -330,7 +330,7 @@ def test_data_must_fit_the_model(tmp_path):
         load_dataset(spec, channels=1)
     with pytest.raises(ZsqError, match="labels run from 0 to 9 .* 5 classes"):
         load_dataset(spec, num_classes=5)
-    with pytest.raises(ZsqError, match="8x8 .* 32x32 .*--image-size 8"):
+    with pytest.raises(ZsqError, match="8x8 .* 32x32 .*image_size=8"):
         load_dataset(spec, image_size=32)
     np.savez(tmp_path / "e.npz", x=np.zeros((0, 8, 8, 3), np.uint8), y=np.zeros(0))
     with pytest.raises(ZsqError, match="no images"):
@@ -365,7 +365,7 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, exist
 
 
 def test_download_only_for_kinds_torchvision_fetches(tmp_path):
-    with pytest.raises(ZsqError, match="--download"):
+    with pytest.raises(ZsqError, match="download=True"):
         load_dataset(f"npz:{tmp_path / 'x.npz'}", download=True)
     assert set(DOWNLOADABLE) == {"cifar10", "cifar100", "fashion-mnist"}
 

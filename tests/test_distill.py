@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zsq.api import resolve_recipe
 from zsq.demo import digits_cnn
-from zsq.distill import Distiller, kl_to_teacher, soft_cross_entropy
+from zsq.distill import Distiller
 from zsq.errors import ZsqError
+from zsq.methods import GDFQ
+from zsq.numerics import kl_to_teacher, soft_cross_entropy
 from zsq.quant import QuantSpec, quantize_model
 from zsq.recipes import apply_overrides, get_recipe
 from zsq.synth import SynthBatch, build_source
@@ -88,11 +89,11 @@ def test_loss_switch_kl_only_ignores_labels_and_ce_uses_them():
 
 
 def test_ait_and_table_switches_resolve_into_the_recipe():
-    ait = resolve_recipe("paper-cifar", ait=True)
+    ait = GDFQ(recipe="paper-cifar", ait=True).resolved
     assert (ait.loss, ait.gi, ait.weight_decay, ait.student_lr) == ("kl", True, 0.0, 1e-4)
-    base_gi = resolve_recipe("paper-cifar", overrides={"gi": True})
+    base_gi = GDFQ(recipe="paper-cifar", overrides={"gi": True}).resolved
     assert (base_gi.loss, base_gi.gi) == ("ce+kl", True)  # Table 2 'Baseline + GI'
-    imagenet_ait = resolve_recipe("paper-imagenet", ait=True)
+    imagenet_ait = GDFQ(recipe="paper-imagenet", ait=True).resolved
     assert imagenet_ait.student_lr == 1e-4 and get_recipe("paper-imagenet").student_lr == 1e-6
     trainer = _setup(optimizer="adam", lr_mult=100.0, gi=True)
     assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.gi is not None
@@ -209,22 +210,17 @@ def test_resume_refuses_another_teacher_of_the_same_shape(tmp_path):
 @pytest.mark.parametrize("method", ["gdfq", "qimera", "arc"])
 @pytest.mark.parametrize("ait", [False, True])
 def test_every_method_runs_end_to_end(method, ait):
-    from zsq.api import zero_shot_quantize
+    import zsq
+    from zsq.methods import get_method
 
     torch.manual_seed(0)
     teacher = digits_cnn().eval()
     tiny = {**TINY, "epochs": 2, "iters_per_epoch": 2, "lr_milestones": ()}
-    student, history = zero_shot_quantize(
-        teacher,
-        image_shape=(1, 8, 8),
-        num_classes=10,
-        method=method,
-        ait=ait,
-        recipe="demo",
-        overrides=tiny,
-        device="cpu",
-        progress=False,
+    config = get_method(method).config(ait=ait, recipe="demo", overrides=tiny)
+    result = zsq.quantize(
+        teacher, config, image_shape=(1, 8, 8), num_classes=10, device="cpu", progress=False
     )
+    student, history = result.student, result.history
     assert len(history) == 2 and "probe_kl" in history[-1]
     assert ("kappa" in history[-1]) == ait
     assert student(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -20,7 +20,8 @@ from tests._teachers import tiny_teacher
 from zsq import distributed
 from zsq.errors import ZsqError
 from zsq.evaluate import evaluate
-from zsq.io import checkpoint_file, partial_dir
+from zsq.io import partial_dir
+from zsq.layout import RunLayout
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -184,7 +185,7 @@ def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, small_teache
     out = tmp_path / "run"
     args = [*_run_args(small_teacher, epochs=5), "--device", "cpu", "--quiet"]
     launcher = _torchrun([*args, "--out", out])
-    checkpoint = checkpoint_file(partial_dir(out))
+    checkpoint = RunLayout(partial_dir(out)).checkpoint
     deadline = time.monotonic() + 120
     while not checkpoint.exists():
         assert launcher.poll() is None, launcher.communicate()[1][-2000:]

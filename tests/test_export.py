@@ -420,7 +420,7 @@ def test_an_export_never_replaces_the_run_it_comes_from(name, run_dir, capsys):
 def test_the_python_api_refuses_existing_files_too(tmp_path):
     s, info = student(SPECS["w4a4 reference"]), {**INFO, "act_placement": "reference"}
     (tmp_path / "s.json").write_text("mine")
-    with pytest.raises(ZsqError, match="s.json .* exists; pass --overwrite"):
+    with pytest.raises(ZsqError, match="s.json .* exists; pass overwrite=True"):
         export_int(s, tmp_path / "s.safetensors", info)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
     export_int(s, tmp_path / "s.safetensors", info, overwrite=True)
@@ -428,7 +428,7 @@ def test_the_python_api_refuses_existing_files_too(tmp_path):
     from zsq.export import export_onnx
 
     (tmp_path / "s.onnx").write_text("mine")
-    with pytest.raises(ZsqError, match="s.onnx exists; pass --overwrite"):
+    with pytest.raises(ZsqError, match="s.onnx exists; pass overwrite=True"):
         export_onnx(s, tmp_path / "s.onnx", (3, 16, 16))
     assert (tmp_path / "s.onnx").read_text() == "mine"
 
@@ -436,16 +436,16 @@ def test_the_python_api_refuses_existing_files_too(tmp_path):
 def break_the_check(fmt, monkeypatch):
     """Make the reloaded export differ from the student, as a bug in a writer would."""
     if fmt == "int":
-        import zsq.export.integer as integer
+        import zsq.export.verify as verify
 
-        real_load_int = integer.load_int
+        real_load_int = verify.load_int
 
         def load_shifted(path):
             reloaded = real_load_int(path)
             reloaded.register_forward_hook(lambda module, inputs, output: output + 1)
             return reloaded
 
-        monkeypatch.setattr(integer, "load_int", load_shifted)
+        monkeypatch.setattr(verify, "load_int", load_shifted)
     else:
         import numpy as np
 
@@ -488,7 +488,7 @@ def student_with_non_finite(run_dir, tmp_path, bad):
 
 @pytest.mark.parametrize("fmt", ["int", "onnx"])
 def test_a_diverged_student_is_refused_naming_its_first_bad_tensor(fmt, run_dir, tmp_path, capsys):
-    from zsq.export import student_from_run
+    from zsq.run.finished import student_from_run
 
     order = list(student_from_run(run_dir)[0].state_dict())
     weights = [k for k in order if k.endswith(".weight")]
@@ -501,7 +501,7 @@ def test_a_diverged_student_is_refused_naming_its_first_bad_tensor(fmt, run_dir,
 
 
 def test_an_infinite_activation_range_is_refused(run_dir, tmp_path):
-    from zsq.export import student_from_run
+    from zsq.run.finished import student_from_run
 
     s, info = student_from_run(run_dir)
     name, aq = next((n, aq) for n, aq in act_quantizers(s) if aq.bits is not None)

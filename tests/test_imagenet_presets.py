@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from zsq.api import resolve_recipe, zero_shot_quantize
+import zsq
 from zsq.models import create_model
 from zsq.quant import quant_layers
 
@@ -37,6 +37,7 @@ SHRUNK = {
     "lr_milestones": (),
     "probe_batch_size": 2,
 }
+METHOD = zsq.GDFQ(ait=True, recipe="paper-imagenet", overrides=SHRUNK)
 
 
 @torch.no_grad()
@@ -66,24 +67,21 @@ def run(request):
     teacher = create_model(request.param, num_classes=NUM_CLASSES)
     _estimate_bn_statistics(teacher)
     before = {n: m.weight.detach().clone() for n, m in _float_layers(teacher).items()}
-    student, history = zero_shot_quantize(
+    result = zsq.quantize(
         teacher,
-        method="gdfq",
-        ait=True,
-        recipe="paper-imagenet",
-        overrides=SHRUNK,
+        METHOD,
         image_shape=IMAGE_SHAPE,
         num_classes=NUM_CLASSES,
         device="cpu",
         progress=False,
         seed=SEED,
     )
-    return teacher, before, student, history
+    return teacher, before, result.student, result.history
 
 
 @pytest.mark.slow
 def test_shrunk_recipe_keeps_the_paper_imagenet_hyperparameters():
-    recipe = resolve_recipe("paper-imagenet", ait=True, overrides=SHRUNK)
+    recipe = METHOD.resolved
     assert recipe.name == "paper-imagenet"
     assert recipe.gi and recipe.loss == "kl" and recipe.weight_decay == 0.0
     assert recipe.rho == 1e-4 and recipe.student_lr == 1e-4  # AIT's lr replaces the preset's
@@ -108,7 +106,7 @@ def test_gradient_inundation_acts_on_every_quantized_layer(run):
     assert "kappa" not in history[0]  # generator warm-up: no student step
     last = history[-1]
     assert set(last["kappa"]) == names and set(last["crossing_fraction"]) == names
-    cap = resolve_recipe("paper-imagenet", ait=True, overrides=SHRUNK).max_kappa
+    cap = METHOD.resolved.max_kappa
     for name in names:
         kappa, share = last["kappa"][name], last["crossing_fraction"][name]
         assert math.isfinite(kappa) and 1.0 <= kappa <= cap, (name, kappa)

@@ -10,7 +10,6 @@ import torch
 from tests._teachers import tiny_teacher
 from torch import nn
 
-from zsq.distill.losses import kl_to_teacher
 from zsq.errors import ZsqError
 from zsq.mixed.activations import (
     Site,
@@ -25,6 +24,7 @@ from zsq.mixed.allocate import MixedConfig, allocate
 from zsq.mixed.cost import LayerCost, layer_costs, total_cost
 from zsq.mixed.solver import solve_allocation
 from zsq.models import create_model
+from zsq.numerics.losses import kl_to_teacher
 from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model, set_observing
 
 CHOICES = (2, 4, 8)
@@ -147,16 +147,16 @@ def test_allocation_sets_each_sites_width_and_meets_the_bops_budget():
     assert recomputed == pytest.approx(allocation.cost) and recomputed <= uniform
 
 
-def test_flags_default_and_refusals():
-    cfg = MixedConfig.from_flags("bops=1G", None, "2,4,8", None, None, {})
+def test_defaults_and_refusals():
+    cfg = MixedConfig(budget="bops=1G", choices="2,4,8")
     assert cfg.act_choices == (2, 4, 8)  # mixed when the budget is BOPs
-    assert MixedConfig.from_flags("bops=1G", None, None, None, None, {}, "off").act_choices is None
-    assert MixedConfig.from_flags("wbits=4", None, None, None, None, {}).act_choices is None
-    assert MixedConfig.from_flags("bops=1G", "hessian", None, None, None, {}).act_choices is None
+    assert MixedConfig(budget="bops=1G", act_choices="off").act_choices is None
+    assert MixedConfig(budget="wbits=4").act_choices is None
+    assert MixedConfig(budget="bops=1G", allocator="hessian").act_choices is None
     with pytest.raises(ZsqError, match="bops= budget only"):
-        MixedConfig.from_flags("wbits=4", None, None, None, None, {}, "4,8")
-    with pytest.raises(ZsqError, match="needs --allocator sensitivity"):
-        MixedConfig.from_flags("bops=1G", "hessian", None, None, None, {}, "4,8")
+        MixedConfig(budget="wbits=4", act_choices="4,8")
+    with pytest.raises(ZsqError, match="needs the sensitivity allocator"):
+        MixedConfig(budget="bops=1G", allocator="hessian", act_choices="4,8")
 
 
 def test_too_many_joint_choices_is_refused():

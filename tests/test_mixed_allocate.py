@@ -13,7 +13,6 @@ import torch
 from tests._teachers import tiny_teacher
 from torch import nn
 
-from zsq.distill.losses import kl_to_teacher
 from zsq.errors import ZsqError
 from zsq.mixed.allocate import (
     Allocation,
@@ -24,6 +23,7 @@ from zsq.mixed.allocate import (
     write_bits,
 )
 from zsq.mixed.cost import budget_limit, layer_cost, layer_costs, parse_budget
+from zsq.numerics.losses import kl_to_teacher
 from zsq.quant import QuantSpec, quant_layers, quantize_model
 
 CHOICES = (2, 4, 8)

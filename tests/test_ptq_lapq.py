@@ -7,6 +7,7 @@ from tests._teachers import tiny_teacher
 from torch import nn
 
 from zsq.errors import ZsqError
+from zsq.methods import LAPQ
 from zsq.ptq import CalibrationSet, LapqConfig, lapq_quantize
 from zsq.ptq.lapq import (
     Lapq,
@@ -171,5 +172,5 @@ def test_real_labelled_data_uses_cross_entropy():
 )
 def test_bad_options_are_one_line_errors(options):
     with pytest.raises(ZsqError) as info:
-        LapqConfig.from_options(options)
+        LAPQ.from_fields(options)
     assert "\n" not in str(info.value)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from zsq.api import resolve_recipe, zero_shot_quantize
+import zsq
 from zsq.demo import digits_cnn
 from zsq.distill.trainer import build_optimizer
 from zsq.errors import ZsqError
-from zsq.methods import METHOD_RECIPE
+from zsq.methods import get_method, method_names
 from zsq.recipes import (
     FIELD_BOUNDS,
     FIELD_CHOICES,
@@ -119,10 +119,10 @@ def test_range_edges_are_accepted(edge) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-@pytest.mark.parametrize("method", [None, *METHOD_RECIPE])
+@pytest.mark.parametrize("method", method_names("distillation"))
 @pytest.mark.parametrize("ait", [False, True])
 def test_every_built_in_recipe_validates(name, method, ait) -> None:
-    recipe = resolve_recipe(name, ait=ait, method=method)
+    recipe = get_method(method).config(recipe=name, ait=ait).resolved
     assert replace(recipe) == recipe  # __post_init__ runs again on a copy
 
 
@@ -137,15 +137,13 @@ def test_the_api_refuses_a_bad_momentum_before_any_work(tmp_path, monkeypatch) -
     def training_started(*args, **kwargs):
         raise AssertionError("the recipe was refused only after training began")
 
-    monkeypatch.setattr("zsq.api.Distiller", training_started)
+    monkeypatch.setattr("zsq.methods.distillation.Distiller", training_started)
     with pytest.raises(ZsqError, match="recipe field momentum=-1.0 must be in"):
-        zero_shot_quantize(
+        zsq.quantize(
             digits_cnn(),
+            zsq.GDFQ(recipe="demo", overrides={"momentum": -1}),
             image_shape=(1, 8, 8),
             num_classes=10,
-            method="gdfq",
-            recipe="demo",
-            overrides={"momentum": -1},
             work_dir=tmp_path / "run",
             device="cpu",
             progress=False,

@@ -17,7 +17,8 @@ from zsq.cli import main
 from zsq.demo import digits_cnn
 from zsq.distill import Distiller
 from zsq.errors import ZsqError
-from zsq.io import checkpoint_file, read_verified, run_lock, users_entries, write_verified
+from zsq.io import read_verified, run_lock, users_entries, write_verified
+from zsq.layout import RunLayout
 
 SIDECAR = {"num_classes": 10, "in_channels": 1, "normalize_mean": [0.3], "normalize_std": [0.4]}
 TINY_SETS = [
@@ -318,7 +319,7 @@ def test_resume_of_the_working_folder_or_without_options_says_what_to_give(stopp
     assert "working folder of the unfinished run" in line and f"--resume {out}" in line, line
     assert main(["quantize", "--resume", str(out)]) == 2
     assert "needs every option the run started with" in error_line(capsys)
-    assert checkpoint_file(work).exists()
+    assert RunLayout(work).checkpoint.exists()
 
 
 def test_resume_with_a_damaged_checkpoint_is_refused(stopped_run, capsys):
@@ -350,31 +351,41 @@ def test_resume_with_only_speed_options_changed_is_accepted(tmp_path, weights, m
     assert report["epochs_run"] == 3 and len(report["sessions"]) == 2
 
 
+def _trainer_on(folder, teacher, method, spec):
+    """A trainer of ``method`` over the checkpoint in ``folder`` (the run record bypassed)."""
+    from zsq.quant import QuantSpec, quantize_model
+    from zsq.synth import build_source
+
+    student = quantize_model(teacher, QuantSpec(**spec))
+    source = build_source(
+        method.SOURCE, teacher, num_classes=10, image_shape=(1, 8, 8), **method.source_options
+    )
+    device = torch.device("cpu")
+    return Distiller(teacher, student, source, method.resolved, device=device, work_dir=folder)
+
+
 def test_resume_with_another_recipe_on_the_api_path_is_still_refused(stopped_run):
-    """The trainer's own check (used by ``zero_shot_quantize``) backs up the run record."""
-    from zsq.api import zero_shot_quantize
+    """The run record refuses first (``zsq.quantize``); the trainer's own check backs it up."""
+    import zsq
 
     _, out = stopped_run
     teacher = digits_cnn().eval()
+    method = zsq.Qimera(recipe="demo", overrides={"epochs": 5})
+    with pytest.raises(ZsqError, match="cannot resume .*method.recipe.epochs 3 -> 5"):
+        zsq.quantize(
+            teacher, method, image_shape=(1, 8, 8), num_classes=10, device="cpu", work_dir=out,
+            resume=True, progress=False,
+        )  # fmt: skip
+    trainer = _trainer_on(out.parent / "run.partial", teacher, method, {})
     with pytest.raises(ZsqError, match="different recipe|does not fit"):
-        zero_shot_quantize(
-            teacher,
-            image_shape=(1, 8, 8),
-            num_classes=10,
-            method="qimera",
-            recipe="demo",
-            overrides={"epochs": 5},
-            device="cpu",
-            work_dir=out.parent / "run.partial",
-            resume=True,
-            progress=False,
-        )
+        trainer.resume()
 
 
 @pytest.mark.parametrize(("bits", "match"), [({"wbits": 2}, "'0'"), ({"abits": 8}, "act_quant")])
 def test_resume_with_other_bits_on_the_api_path_is_refused(stopped_run, bits, match):
     """The state dict holds no bit width: the checkpoint records the quantizers' settings."""
-    from zsq.api import zero_shot_quantize
+    import zsq
+    from zsq.recipes import parse_overrides
 
     weights, out = stopped_run
     teacher = digits_cnn().eval()
@@ -382,22 +393,18 @@ def test_resume_with_other_bits_on_the_api_path_is_refused(stopped_run, bits, ma
     checkpoint = out.parent / "run.partial" / "checkpoint" / "last.pt"
     before = checkpoint.read_bytes()
     options = {"wbits": 4, "abits": 4, **bits}
+    method = zsq.Qimera(
+        ait=True, recipe="demo", overrides=parse_overrides(TINY_SETS),
+        source_options={"mix_prob": 0.4},
+    )  # fmt: skip
+    with pytest.raises(ZsqError, match="cannot resume .*quant"):
+        zsq.quantize(
+            teacher, method, image_shape=(1, 8, 8), num_classes=10, quant=zsq.QuantSpec(**options),
+            device="cpu", work_dir=out, resume=True, progress=False,
+        )  # fmt: skip
+    trainer = _trainer_on(out.parent / "run.partial", teacher, method, options)
     with pytest.raises(ZsqError, match=f"other quantizer settings .*{match}"):
-        zero_shot_quantize(
-            teacher,
-            image_shape=(1, 8, 8),
-            num_classes=10,
-            method="qimera",
-            ait=True,
-            recipe="demo",
-            overrides=TINY_SETS,
-            source_options={"mix_prob": 0.4},
-            device="cpu",
-            work_dir=out.parent / "run.partial",
-            resume=True,
-            progress=False,
-            **options,
-        )
+        trainer.resume()
     assert checkpoint.read_bytes() == before
 
 
@@ -450,8 +457,8 @@ def test_output_files_follow_the_umask(tmp_path, weights, umask):
 
 
 def test_an_option_newer_than_the_run_does_not_block_its_resume_while_unset():
-    from zsq.pipeline import _differences
+    from zsq.run.record import differences
 
-    saved = {"--method": "gdfq", "--seed": 0}
-    assert _differences(saved, {**saved, "--init": None}) == ""
-    assert _differences(saved, {**saved, "--init": "lapq"}) == "--init (unset) -> lapq"
+    saved = {"method": "gdfq", "seed": 0}
+    assert differences(saved, {**saved, "method.init": None}) == []
+    assert differences(saved, {**saved, "method.init": "lapq"}) == ["method.init (unset) -> lapq"]

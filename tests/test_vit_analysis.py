@@ -77,8 +77,8 @@ def metrics_rows(folder):
 
 def student_layers(folder):
     """The run's student rebuilt from its folder (eval mode) and its quantized layers by name."""
-    from zsq.export import student_from_run
     from zsq.quant import quant_layers
+    from zsq.run.finished import student_from_run
 
     student, info = student_from_run(folder)
     return student.eval(), info, dict(quant_layers(student))
@@ -170,8 +170,8 @@ def test_analyze_hessian_without_data_draws_from_the_runs_image_pool(run, tmp_pa
 
 
 def test_analyze_hessian_on_fashion_mnist_measures_every_vit_layer(run, tmp_path, capsys):
-    from zsq.distill.losses import kl_to_teacher
     from zsq.models import load_teacher
+    from zsq.numerics.losses import kl_to_teacher
 
     folder = shared_data_dir() / "fashion-mnist"
     if not folder.is_dir():

@@ -42,7 +42,7 @@ def test_sidecar_names_the_model_and_the_run_records_its_kwargs(tmp_path, vit, s
     assert report["model"] == "timm:vit_tiny_patch16_224"
     assert report["student_top1"] > 80
     record = json.loads((out / ".zsq-run").read_text())
-    assert record["options"]["--model-kwarg"]["embed_dim"] == 64
+    assert record["options"]["teacher.model_kwargs"]["embed_dim"] == 64
 
 
 @pytest.mark.parametrize(
@@ -81,9 +81,9 @@ def test_onnx_export_quantizes_the_attention_matmuls_and_matches_on_real_images(
     import torch
 
     from zsq.data import load_dataset
-    from zsq.export import student_from_run
     from zsq.export.onnx import onnxruntime_session
     from zsq.quant import quant_layers
+    from zsq.run.finished import student_from_run
 
     out = tmp_path / "w4a4"
     args = _quantize(out, "--weights", str(vit))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from tests._teachers import tiny_teacher
 
-from zsq.api import resolve_recipe
 from zsq.distill import Distiller
 from zsq.distill.attention import structural_attention_loss
 from zsq.errors import ZsqError
+from zsq.methods import GDFQ, MimiQ
 from zsq.quant import QuantSpec, quantize_model
 from zsq.synth.noise import GaussianSource
 
@@ -64,7 +64,7 @@ def test_trainer_adds_the_attention_term_and_gi_acts_on_every_linear():
     source = GaussianSource(teacher, num_classes=10, image_shape=(3, 8, 8))
     schedule = {"epochs": 3, "iters_per_epoch": 2, "batch_size": 4, "gen_warmup_epochs": 1}
     schedule |= {"act_calib_epochs": 1, "probe_batch_size": 4}
-    recipe = resolve_recipe("demo", ait=True, overrides=schedule, method="mimiq")
+    recipe = MimiQ(recipe="demo", ait=True, overrides=schedule).resolved
     assert recipe.attn_distill == 10.0 and recipe.loss == "kl"
     trainer = Distiller(
         teacher, student, source, recipe, device=torch.device("cpu"), progress=False
@@ -80,6 +80,6 @@ def test_attention_distillation_needs_a_vit():
     teacher = tiny_teacher()
     student = quantize_model(teacher, QuantSpec())
     source = GaussianSource(teacher, num_classes=10, image_shape=(3, 8, 8))
-    recipe = resolve_recipe("demo", overrides={"attn_distill": 1.0})
+    recipe = GDFQ(recipe="demo", overrides={"attn_distill": 1.0}).resolved
     with pytest.raises(ZsqError, match="attn_distill needs a vision transformer"):
         Distiller(teacher, student, source, recipe, device=torch.device("cpu"), progress=False)

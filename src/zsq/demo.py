@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from zsq.api import zero_shot_quantize
 from zsq.data import load_dataset
 from zsq.evaluate import evaluate
 from zsq.ptq import calibrate_activations, gaussian_batches
@@ -77,19 +76,16 @@ def _minmax(teacher: nn.Module, bits: int, device: torch.device, seed: int) -> n
     return student
 
 
-def _distilled(teacher: nn.Module, device: torch.device, seed: int, **options) -> nn.Module:
-    student, _ = zero_shot_quantize(
-        teacher,
-        image_shape=IMAGE_SHAPE,
-        num_classes=10,
-        wbits=4,
-        abits=4,
-        recipe="demo",
-        device=device,
+def _distilled(teacher: nn.Module, device: torch.device, seed: int, ait: bool) -> nn.Module:
+    from zsq.methods import GDFQ
+    from zsq.run.quantize import quantize
+
+    method = GDFQ(ait=ait, recipe="demo")
+    result = quantize(
+        teacher, method, image_shape=IMAGE_SHAPE, num_classes=10, device=device, seed=seed,
         progress=False,
-        **options,
-    )
-    return student
+    )  # fmt: skip
+    return result.student
 
 
 def demo_methods() -> dict[str, Callable[[nn.Module, torch.device, int], nn.Module]]:
@@ -97,8 +93,8 @@ def demo_methods() -> dict[str, Callable[[nn.Module, torch.device, int], nn.Modu
     return {
         "minmax W8A8": lambda t, d, s: _minmax(t, 8, d, s),
         "minmax W4A4": lambda t, d, s: _minmax(t, 4, d, s),
-        "GDFQ W4A4": lambda t, d, s: _distilled(t, d, s, method="gdfq"),
-        "GDFQ+AIT W4A4": lambda t, d, s: _distilled(t, d, s, method="gdfq", ait=True),
+        "GDFQ W4A4": lambda t, d, s: _distilled(t, d, s, ait=False),
+        "GDFQ+AIT W4A4": lambda t, d, s: _distilled(t, d, s, ait=True),
     }
 
 

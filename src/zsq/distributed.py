@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def init_from_env(device: str | None = "auto") -> World:
         raise ZsqError("this torch build has no torch.distributed; run one process")
     cuda = device not in ("cpu",) and torch.cuda.is_available()
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ZsqError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise ZsqError(f"device {device!r} requested but CUDA is not available; use device cpu")
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -147,9 +147,11 @@ def rank_seed(seed: int, rank: int) -> int:
 def local_batch_size(batch_size: int, current: World) -> int:
     """Each rank's share of the global ``batch_size`` (which must divide evenly)."""
     if batch_size % current.size:
-        raise ZsqError(
+        raise ConfigError(
             f"the batch size {batch_size} does not split evenly over {current.size} processes; "
-            f"use a multiple of {current.size} (--set batch_size=...) or another process count"
+            f"use a multiple of {current.size} (overrides batch_size=...) or another process "
+            "count",
+            fields=["overrides"],
         )
     return batch_size // current.size
 
@@ -341,12 +343,15 @@ def on_main(fn: Callable[[], T]) -> T:
     if not current.active:
         return fn()
     outcome: tuple[str, Any] = ("ok", None)
+    failure: ZsqError | None = None
     if current.is_main:
         try:
             outcome = ("ok", fn())
         except ZsqError as err:
-            outcome = ("error", str(err))
+            outcome, failure = ("error", str(err)), err
     outcome = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
     if outcome[0] == "error":
         raise ZsqError(outcome[1])
     return outcome[1]

@@ -80,7 +80,7 @@ class Execution:
         """Why this setting changes nothing on ``device`` (tf32 off CUDA), for the log, or None."""
         if self.precision == "tf32" and device.type != "cuda":
             return (
-                f"--precision tf32 has no effect on {device.type} (TF32 is a CUDA tensor-core "
+                f"precision tf32 has no effect on {device.type} (TF32 is a CUDA tensor-core "
                 "mode): the run computes in plain float32, as fp32 does"
             )
         return None

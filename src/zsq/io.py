@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -23,33 +23,10 @@ from typing import Any
 
 import torch
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
+from zsq.layout import PARTIAL_SUFFIX, RunLayout, digest_file
 
-PARTIAL_SUFFIX = ".partial"
-CHECKPOINT_DIRNAME = "checkpoint"
-CHECKPOINT_FILE = "last.pt"
-DIGEST_SUFFIX = ".sha256"
-MARKER_FILE = ".zsq-run"
 MARKER_VERSION = 1
-# What zsq writes into a run folder: the run itself, and the exports and analyses whose default
-# place is the run folder. Anything else there is the user's and stops --overwrite.
-RUN_ENTRIES = (
-    MARKER_FILE,
-    CHECKPOINT_DIRNAME,
-    "student.*",
-    "report.json",
-    "report.md",
-    "quant.json",
-    "metrics.jsonl",
-    "bits.json",
-    "allocation",
-    "init_lapq.json",
-    ".*.tmp",  # a write or an export cut short (atomic writes go through such names)
-    "calibration.safetensors",
-    "generator.safetensors",
-    "synthetic.safetensors",
-    "analysis",
-)
 
 
 # --- run folders --------------------------------------------------------------------------------
@@ -67,14 +44,10 @@ def partial_dir(out: Path | str) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-def checkpoint_file(work: Path) -> Path:
-    return work / CHECKPOINT_DIRNAME / CHECKPOINT_FILE
-
-
 def read_marker(folder: Path) -> dict[str, Any] | None:
     """The run record in ``folder``, or None when ``folder`` is not a zsq run folder."""
     try:
-        record = json.loads((folder / MARKER_FILE).read_text())
+        record = json.loads(RunLayout(folder).marker.read_text())
     except (OSError, ValueError):
         return None
     if isinstance(record, dict) and record.get("zsq_run") == MARKER_VERSION:
@@ -83,10 +56,10 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 
 
 def write_marker(folder: Path, record: dict[str, Any]) -> None:
-    write_json(folder / MARKER_FILE, {"zsq_run": MARKER_VERSION, **record})
+    write_json(RunLayout(folder).marker, {"zsq_run": MARKER_VERSION, **record})
 
 
-def _kind(path: Path) -> str:
+def _kind(path: Path, entries: Sequence[str] = RunLayout.COMMON_ENTRIES) -> str:
     """'missing', 'file', 'empty', 'run' (holds zsq's marker and only what zsq writes), 'mixed'
     (a run holding other files too) or 'foreign' (anything else)."""
     if not path.exists():
@@ -95,48 +68,59 @@ def _kind(path: Path) -> str:
         return "file"
     try:
         if read_marker(path) is not None:
-            return "mixed" if users_entries(path) else "run"
+            return "mixed" if users_entries(path, entries) else "run"
         return "foreign" if any(path.iterdir()) else "empty"
     except OSError:  # unreadable: treat as someone else's
         return "foreign"
 
 
-def users_entries(run: Path) -> list[str]:
-    """The names in a run folder that zsq does not write there."""
+def users_entries(run: Path, entries: Sequence[str] = RunLayout.COMMON_ENTRIES) -> list[str]:
+    """The names in a run folder that zsq does not write there (``entries``: the glob patterns of
+    what it writes: the common ones, and the files of the methods zsq knows)."""
     names = (entry.name for entry in run.iterdir())
-    return sorted(n for n in names if not any(fnmatch(n, pattern) for pattern in RUN_ENTRIES))
+    return sorted(n for n in names if not any(fnmatch(n, pattern) for pattern in entries))
 
 
-def _refuse_mixed(folder: Path, what: str) -> None:
-    shown = ", ".join(users_entries(folder)[:5])
-    raise ZsqError(
+def _refuse_mixed(folder: Path, what: str, entries: Sequence[str]) -> None:
+    shown = ", ".join(users_entries(folder, entries)[:5])
+    raise ConfigError(
         f"{folder} is a zsq run but also holds files zsq did not write ({shown}); {what} would "
-        "delete them: move them out first or choose another --out"
+        "delete them: move them out first or choose another work_dir",
+        fields=FOLDER_FIELDS,
     )
 
 
-def check_output_dir(out: Path | str, *, overwrite: bool = False, resume: bool = False) -> None:
-    """Fail early, before any work, unless ``out`` can receive this run without losing anything.
+# how the messages below name the run's options (a front end spells them its own way)
+FOLDER_FIELDS = ("work_dir", "work_dir=", "overwrite=True", "resume=True", "resume=True, work_dir=")
+
+
+def check_output_dir(
+    out: Path | str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    entries: Sequence[str] = RunLayout.COMMON_ENTRIES,
+) -> None:
+    """Unless ``out`` can receive this run without losing anything, a one-line error.
 
     ``overwrite`` may replace only an empty folder or a zsq run (recognised by its marker);
-    ``resume`` needs ``OUT.partial`` to be a zsq run holding a checkpoint.
+    ``resume`` needs ``OUT.partial`` to be a zsq run holding a checkpoint. :func:`run_folder`
+    checks this under the run's lock; on its own it says what a run would be told.
     """
     path, work = output_path(out), partial_dir(out)
-    with run_lock(out):  # another process writing there holds it: refused here, by name
-        pass
-    kind, work_kind = _kind(path), _kind(work)
+    kind, work_kind = _kind(path, entries), _kind(work, entries)
     if kind == "file":
-        raise ZsqError(f"{out} is a file, not a folder; choose another output folder")
+        _refuse(f"{out} is a file, not a folder; choose another work_dir")
     if path.is_symlink() or work.is_symlink():
-        raise ZsqError(f"{out} is a symbolic link; give the real folder's path as --out")
+        _refuse(f"{out} is a symbolic link; give the real folder's path as work_dir")
     if work_kind in ("file", "foreign"):
-        raise ZsqError(
-            f"{work} exists and is not a zsq run folder; move it away or choose another --out"
+        _refuse(
+            f"{work} exists and is not a zsq run folder; move it away or choose another work_dir"
         )
     if work_kind == "mixed" and not resume:
-        _refuse_mixed(work, "starting again")
+        _refuse_mixed(work, "starting again", entries)
     if kind == "mixed":
-        _refuse_mixed(path, "replacing it")
+        _refuse_mixed(path, "replacing it", entries)
     if resume:
         _check_resumable(out, kind, work, work_kind, overwrite)
     else:
@@ -144,25 +128,30 @@ def check_output_dir(out: Path | str, *, overwrite: bool = False, resume: bool =
     _check_writable(path)
 
 
+def _refuse(message: str) -> None:
+    raise ConfigError(message, fields=FOLDER_FIELDS)
+
+
 def _check_new(out: Path | str, kind: str, work: Path, work_kind: str, overwrite: bool) -> None:
     if kind == "foreign":
-        raise ZsqError(
-            f"output folder {out} already exists and is not a zsq run; --overwrite replaces only "
-            "an empty folder or a zsq run: choose another --out"
+        _refuse(
+            f"output folder {out} already exists and is not a zsq run; overwrite=True replaces "
+            "only an empty folder or a zsq run: choose another work_dir"
         )
     if work_kind != "missing" and not overwrite:
-        if checkpoint_file(work).exists():
-            raise ZsqError(
-                f"{work} holds an unfinished run; continue it with --resume {out} or pass "
-                "--overwrite to start again"
+        if RunLayout(work).checkpoint.exists():
+            _refuse(
+                f"{work} holds an unfinished run; continue it with resume=True or use "
+                "overwrite=True to start again"
             )
-        raise ZsqError(
-            f"{work} holds a run that stopped before its first checkpoint; pass --overwrite to "
-            "start again"
+        _refuse(
+            f"{work} holds a run that stopped before its first checkpoint; pass overwrite=True "
+            "to start again"
         )
     if kind != "missing" and not overwrite:
-        raise ZsqError(
-            f"output folder {out} already exists; pass --overwrite to replace it or choose another"
+        _refuse(
+            f"output folder {out} already exists; pass overwrite=True to replace it or choose "
+            "another work_dir"
         )
 
 
@@ -171,31 +160,31 @@ def _check_resumable(
 ) -> None:
     if work_kind == "missing":
         path = output_path(out)
-        if path.name.endswith(PARTIAL_SUFFIX) and checkpoint_file(path).exists():
+        if path.name.endswith(PARTIAL_SUFFIX) and RunLayout(path).checkpoint.exists():
             run = path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
-            raise ZsqError(
-                f"{out} is the working folder of the unfinished run {run}; resume it with "
-                f"--resume {run}"
+            _refuse(
+                f"{out} is the working folder of the unfinished run {run}; resume that run "
+                f"instead: resume=True, work_dir={run}"
             )
         if kind == "run":
-            raise ZsqError(f"the run in {out} already finished; there is nothing to resume")
+            _refuse(f"the run in {out} already finished; there is nothing to resume")
         if kind == "foreign":
-            raise ZsqError(f"{out} is not a zsq run and {work} does not exist; nothing to resume")
-        raise ZsqError(f"there is no unfinished run {work} to resume; start one with --out {out}")
-    if not checkpoint_file(work).exists():
-        raise ZsqError(
-            f"{work} holds no checkpoint (the run stopped before its first one); start again "
-            f"with --out {out} --overwrite"
+            _refuse(f"{out} is not a zsq run and {work} does not exist; nothing to resume")
+        _refuse(f"there is no unfinished run {work} to resume; start one without resume=True")
+    if not RunLayout(work).checkpoint.exists():
+        _refuse(
+            f"{work} holds no checkpoint (the run stopped before its first one); start it again "
+            f"with work_dir={out} overwrite=True"
         )
     if kind == "foreign":
-        raise ZsqError(
+        _refuse(
             f"output folder {out} is not a zsq run; move it away, then resume: the resumed run "
             "will be renamed to it"
         )
     if kind != "missing" and not overwrite:
-        raise ZsqError(
-            f"output folder {out} already exists; add --overwrite to replace it with the resumed "
-            "run"
+        _refuse(
+            f"output folder {out} already exists; pass overwrite=True to replace it with the "
+            "resumed run"
         )
 
 
@@ -206,22 +195,23 @@ def _check_writable(path: Path) -> None:
     try:  # a real probe: permission bits say nothing for root or for special filesystems
         Path(tempfile.mkdtemp(dir=parent, prefix=".zsq-probe-")).rmdir()
     except OSError:
-        raise ZsqError(
-            f"cannot write to {parent}; choose an output directory you can write to"
-        ) from None
+        _refuse(f"cannot write to {parent}; choose a work_dir you can write to")
 
 
 @contextmanager
-def atomic_output_dir(
-    out: Path | str, *, overwrite: bool = False, resume: bool = False
+def run_folder(
+    out: Path | str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    entries: Sequence[str] = RunLayout.COMMON_ENTRIES,
 ) -> Iterator[Path]:
-    """Yield a working folder that becomes ``out`` only if the block succeeds.
-
-    On failure the working folder, and any parent folder this call created, is removed unless it
-    holds a checkpoint a run can resume.
-    """
-    check_output_dir(out, overwrite=overwrite, resume=resume)
+    """Check ``out`` (:func:`check_output_dir`) under the run's lock, held until the block ends,
+    and yield its working folder ``OUT.partial``, which becomes ``out`` only if the block
+    succeeds. On failure the working folder, and any parent folder this call created, is
+    removed unless it holds a checkpoint a run can resume."""
     with run_lock(out):
+        check_output_dir(out, overwrite=overwrite, resume=resume, entries=entries)
         path, work = output_path(out), partial_dir(out)
         if work.exists() and not resume:
             shutil.rmtree(work)
@@ -229,17 +219,17 @@ def atomic_output_dir(
         try:
             yield work
         except BaseException:
-            if not checkpoint_file(work).exists():
+            if not RunLayout(work).checkpoint.exists():
                 shutil.rmtree(work, ignore_errors=True)
                 _remove_empty(created[1:])
             raise
-        if _kind(path) in ("foreign", "mixed"):  # someone put files there during the run
+        if _kind(path, entries) in ("foreign", "mixed"):  # someone put files there meanwhile
             raise ZsqError(
                 f"{out} changed during the run and is not a zsq run; the result is in {work}"
             )
         if path.exists():
             shutil.rmtree(path)
-        shutil.rmtree(work / CHECKPOINT_DIRNAME, ignore_errors=True)
+        shutil.rmtree(RunLayout(work).checkpoint_dir, ignore_errors=True)
         work.rename(path)
 
 
@@ -263,9 +253,10 @@ def run_lock(out: Path | str) -> Iterator[None]:
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "?"
-            raise ZsqError(
+            raise ConfigError(
                 f"{out} is in use by another zsq run (process {holder}); wait for it to end or "
-                "choose another --out"
+                "choose another work_dir",
+                fields=FOLDER_FIELDS,
             ) from None
         lock.seek(0)
         lock.truncate()
@@ -357,20 +348,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _digest_path(path: Path) -> Path:
-    return path.with_name(path.name + DIGEST_SUFFIX)
-
-
 def _read_digests(path: Path) -> list[str]:
     try:
-        lines = _digest_path(path).read_text().splitlines()
+        lines = digest_file(path).read_text().splitlines()
     except OSError:
         return []
     return [line.split()[0] for line in lines if line.strip()]
 
 
 def _write_digests(path: Path, digests: list[str]) -> None:
-    write_text(_digest_path(path), "".join(f"{d}  {path.name}\n" for d in digests))
+    write_text(digest_file(path), "".join(f"{d}  {path.name}\n" for d in digests))
 
 
 def write_verified(path: Path, payload: bytes) -> None:
@@ -392,7 +379,7 @@ def read_verified(path: Path, fix: str = "start the run again") -> bytes:
     digests = _read_digests(path)
     if not digests:
         raise ZsqError(
-            f"checkpoint {path} has no digest file {_digest_path(path).name}, so it cannot be "
+            f"checkpoint {path} has no digest file {digest_file(path).name}, so it cannot be "
             f"verified; {fix}"
         )
     if hashlib.sha256(payload).hexdigest() not in digests:

@@ -7,7 +7,7 @@ for each loss term, at the student's quantized-layer weights:
 - ``ce``: cross-entropy against the teacher's argmax labels (synthetic data) or the true labels
   (real data);
 - ``kl``: KL(teacher || student) at the run's temperature T, times T^2, with the run's reduction
-  (``mean`` by default), as the student trained on it (``zsq.distill.losses.kl_to_teacher``);
+  (``mean`` by default), as the student trained on it (``zsq.numerics.losses.kl_to_teacher``);
 
 it computes the Hutchinson trace of the Hessian, its top eigenvalue(s) and eigenvector (power
 iteration), the eigenvalue density (stochastic Lanczos quadrature, one run) and the loss along
@@ -28,15 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zsq.analysis.gradients import cosine_similarity, flat_grad
-from zsq.analysis.hessian import hutchinson_trace, loss_along, slq_density, top_eigenpairs
 from zsq.analysis.runs import FinishedRun, finished_run
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
+from zsq.numerics.gradients import cosine_similarity, flat_grad
+from zsq.numerics.hessian import hutchinson_trace, loss_along, slq_density, top_eigenpairs
 from zsq.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
-GENERATOR_FILE = "generator.safetensors"
 SURFACE_RADIUS = 0.02
 """The loss surface spans k in [-K, K] along the unit top eigenvector, K = SURFACE_RADIUS x the
 norm of the measured weights: a step of up to 2% of the weights' size. For a CIFAR ResNet-20
@@ -198,41 +197,57 @@ def _count(params: list[Tensor]) -> int:
 # --- the run's models ---------------------------------------------------------------------------
 
 
-def _require_generator(run: FinishedRun) -> None:
-    from zsq.methods import GENERATOR_METHODS, VIT_METHODS
+def _run_source(run: FinishedRun) -> str | None:
+    """The sample source a distillation run drew from (None for any other run)."""
+    registered = run.registered
+    if registered is None or registered.family != "distillation":
+        return None
+    return registered.config.SOURCE
 
-    if run.base_method not in GENERATOR_METHODS:
-        raise ZsqError(
+
+def _keeps_pool(source: str) -> bool:
+    """Whether the source is a pool of images (kept in the run folder), not a generator."""
+    from zsq.synth import source_class
+
+    return not source_class(source).trainable
+
+
+def _require_generator(run: FinishedRun) -> None:
+    source = _run_source(run)
+    if source is None:
+        raise ConfigError(
             f"{run.folder} is a {run.method} run: it has no generator to draw a synthetic batch "
-            "from; give --data SPEC to measure on real images"
+            "from; give data (real images) to measure on",
+            fields=["data"],
         )
-    if run.base_method in VIT_METHODS:
+    if _keeps_pool(source):
         _pool_file(run)
-    elif not (run.folder / GENERATOR_FILE).is_file():
-        raise ZsqError(
-            f"{run.folder}: this run predates {GENERATOR_FILE}; rerun it, or give --data SPEC "
-            "to measure on real images"
+    elif not run.layout.generator.is_file():
+        raise ConfigError(
+            f"{run.folder}: this run predates {run.layout.GENERATOR}; rerun it, or give data "
+            "(real images) to measure on",
+            fields=["data"],
         )
 
 
 def _pool_file(run: FinishedRun) -> Path:
     """The synthetic images a ViT run distilled on: kept in its folder, or where its
     ``cache`` source option put them."""
-    from zsq.api import POOL_FILE
-
     cache = (run.report.get("source_options") or {}).get("cache")
-    for path in (run.folder / POOL_FILE, Path(cache) if cache else None):
+    for path in (run.layout.pool, Path(cache) if cache else None):
         if path is not None and path.is_file():
             return path
-    raise ZsqError(
-        f"{run.folder}: the {run.base_method} images it distilled on are gone ({POOL_FILE}"
-        f"{', ' + str(cache) if cache else ''}); give --data SPEC to measure on real images"
+    raise ConfigError(
+        f"{run.folder}: the {run.base_method} images it distilled on are gone "
+        f"({run.layout.POOL}{', ' + str(cache) if cache else ''}); give data (real images) to "
+        "measure on",
+        fields=["data"],
     )
 
 
 def _student(run: FinishedRun, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The run's student in eval mode, activation ranges frozen, only its weights trainable."""
-    from zsq.export import student_from_run
+    from zsq.run.finished import student_from_run
 
     student, info = student_from_run(run.folder)
     student = student.to(device).eval()
@@ -251,7 +266,7 @@ def _teacher(run: FinishedRun, info: dict[str, Any], weights: str | Path | None)
             f"the run's teacher weights {path} are not found from here; run from the folder the "
             "run was made in, or give the file with --weights"
         )
-    expected = run.options.get("--weights (sha256)")
+    expected = run.options.get("teacher.weights_sha256")
     if expected and sha256_file(path) != expected:
         raise ZsqError(
             f"{path} is not the teacher this run distilled from (its sha256 differs from the "
@@ -305,26 +320,27 @@ def synthetic_batch(
     """A batch from the run's own sample source: its trained generator (``generator.safetensors``)
     or, for a ViT method, its pool of synthesised images; drawn under ``seed`` with the global
     RNG state restored afterwards. CE labels are the teacher's argmax."""
-    from zsq.methods import VIT_METHODS
     from zsq.synth import build_source
 
+    source_name = _run_source(run)
+    pool_source = _keeps_pool(source_name)
     options = dict(run.report.get("source_options") or {})
-    if run.base_method in VIT_METHODS:
+    if pool_source:
         pool = _pool_file(run)
         options.update(cache=pool, progress=False)
         what = f"{batch_size} of the run's {run.base_method} images ({pool.name})"
     else:
         what = f"{batch_size} images from the run's trained {run.base_method} generator"
-        what += f" ({GENERATOR_FILE})"
+        what += f" ({run.layout.GENERATOR})"
     source = build_source(
-        run.base_method,
+        source_name,
         teacher,
         num_classes=info["num_classes"],
         image_shape=info["image_shape"],
         **options,
     )
     try:
-        if run.base_method not in VIT_METHODS:
+        if not pool_source:
             _load_generator(source, run)
         source = source.to(device)
         forked = [device] if device.type == "cuda" else []
@@ -341,10 +357,10 @@ def _load_generator(source: nn.Module, run: FinishedRun) -> None:
     from safetensors.torch import load_file
 
     try:
-        source.load_state_dict(load_file(str(run.folder / GENERATOR_FILE)))
+        source.load_state_dict(load_file(str(run.layout.generator)))
     except RuntimeError as err:
         raise ZsqError(
-            f"{run.folder / GENERATOR_FILE} does not fit the run's {run.base_method} source "
+            f"{run.layout.generator} does not fit the run's {run.base_method} source "
             f"({str(err).splitlines()[0]}); rerun the quantize"
         ) from None
 
@@ -390,7 +406,7 @@ def loss_functions(
     student: nn.Module, batch: Batch, temperature: float, reduction: str
 ) -> dict[str, Any]:
     """Zero-argument CE and KL losses of ``student`` on ``batch``."""
-    from zsq.distill.losses import kl_to_teacher
+    from zsq.numerics.losses import kl_to_teacher
 
     def ce() -> Tensor:
         return F.cross_entropy(student(batch.images), batch.labels)

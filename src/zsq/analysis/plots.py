@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from zsq.analysis.hessian import Density, density_on_grid
 from zsq.analysis.runs import RunMetrics, Series
 from zsq.errors import ZsqError
 from zsq.io import write_bytes
+from zsq.numerics.hessian import Density, density_on_grid
 
 TERM_STYLE = {"ce": ("CE (hard labels)", "tab:red"), "kl": ("KL to the teacher", "tab:blue")}
 BROADENING = 0.01  # Gaussian width of the density plot: this share of a term's eigenvalue span

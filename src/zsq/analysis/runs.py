@@ -21,12 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from zsq.errors import ZsqError
-from zsq.io import read_marker
-from zsq.methods import GENERATOR_METHODS, POST_TRAINING_METHODS
-
-METRICS_FILE = "metrics.jsonl"
-REPORT_FILE = "report.json"
-STUDENT_FILE = "student.safetensors"
+from zsq.methods import method_names
+from zsq.run.finished import FinishedRun, open_run
 
 # metrics.jsonl key -> RunMetrics series name, for the scalar series read as they are
 SCALAR_KEYS = {
@@ -36,25 +32,6 @@ SCALAR_KEYS = {
     "grad_cos_ce_kl": "grad_cos_ce_kl",
     "grad_cos_epoch": "grad_cos_epoch",
 }
-
-
-@dataclass(frozen=True)
-class FinishedRun:
-    """A finished quantize run folder: its marker's options and its report."""
-
-    folder: Path
-    options: dict[str, Any]
-    report: dict[str, Any]
-
-    @property
-    def method(self) -> str:
-        """As the report names it: gdfq, gdfq+ait, minmax, ..."""
-        return str(self.report.get("method", "?"))
-
-    @property
-    def base_method(self) -> str:
-        """The quantize --method: the sample source of a generator run (no "+ait")."""
-        return str(self.options.get("--method") or self.method.removesuffix("+ait"))
 
 
 @dataclass(frozen=True)
@@ -111,47 +88,23 @@ class RunMetrics:
 
 
 def finished_run(run_dir: str | Path) -> FinishedRun:
-    """The run in ``run_dir``, checked to be a finished ``zsq quantize`` output folder.
-
-    Folders written before runs carried a ``.zsq-run`` marker are accepted by their report and
-    student (with no options).
-    """
-    folder = Path(run_dir)
-    record = read_marker(folder) if folder.is_dir() else None
-    finished = (folder / REPORT_FILE).is_file() and (folder / STUDENT_FILE).is_file()
-    if record is None and not finished:
-        raise ZsqError(
-            f"{folder} is not a zsq run folder (no .zsq-run, {REPORT_FILE} or {STUDENT_FILE}); "
-            "give the output folder of a finished `zsq quantize` run"
-        )
-    if not finished:
-        raise ZsqError(
-            f"{folder} is not a finished run (no {REPORT_FILE} or {STUDENT_FILE}); finish it with "
-            "`zsq quantize --resume`, or give a finished run's folder"
-        )
-    try:
-        report = json.loads((folder / REPORT_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise ZsqError(
-            f"{folder / REPORT_FILE} is unreadable ({err}); rerun the quantize"
-        ) from None
-    if not isinstance(report, dict) or "method" not in report:
-        raise ZsqError(f"{folder / REPORT_FILE} is not a zsq quantize report (no method)")
-    options = (record or {}).get("options") or {}
-    return FinishedRun(folder, dict(options), report)
+    """The run in ``run_dir``, checked to be a finished ``zsq quantize`` output folder (folders
+    written before runs carried a ``.zsq-run`` marker are accepted by their report and student)."""
+    return open_run(run_dir, marker=False)
 
 
 def read_metrics_rows(run: FinishedRun) -> list[dict[str, Any]]:
     """The run's per-epoch records; an error for a post-training run (it trains nothing)."""
-    path = run.folder / METRICS_FILE
-    if not path.is_file() and run.base_method in POST_TRAINING_METHODS:
+    path = run.layout.metrics
+    registered = run.registered
+    if not path.is_file() and registered is not None and registered.family != "distillation":
         raise ZsqError(
-            f"{run.folder} has no {METRICS_FILE}: method {run.method} is post-training (no "
+            f"{run.folder} has no {path.name}: method {run.method} is post-training (no "
             "training epochs to analyse); use a run of a distillation method "
-            f"({', '.join(GENERATOR_METHODS)})"
+            f"({', '.join(method_names('distillation'))})"
         )
     if not path.is_file():
-        raise ZsqError(f"{run.folder} has no {METRICS_FILE}; the run folder is incomplete")
+        raise ZsqError(f"{run.folder} has no {path.name}; the run folder is incomplete")
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,11 @@ DOWNLOADABLE = ("cifar10", "cifar100", "fashion-mnist")  # kinds torchvision can
 Sample = tuple[torch.Tensor, int]
 
 
-class _Mismatch(ZsqError):
+class _Mismatch(ConfigError):
     """The data does not fit the model; ``load_dataset`` names the dataset in the message."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message, fields=fields)
 
 
 class _NormalizedImages(Dataset):
@@ -77,7 +80,8 @@ class _NormalizedImages(Dataset):
         if model_channels is not None and channels != model_channels:
             raise _Mismatch(
                 f"its images have {channels} channel(s) but the model takes {model_channels}; "
-                f"use {model_channels}-channel data, or the model (--in-channels) built for it"
+                f"use {model_channels}-channel data, or the model (in_channels) built for it",
+                "in_channels",
             )
         self.labels = np.asarray(labels, dtype=np.int64)
         self.channels = channels
@@ -242,16 +246,17 @@ def load_dataset(
     if split not in SPLITS:
         raise ZsqError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if download and kind not in DOWNLOADABLE:
-        raise ZsqError(
-            f"--download (download=True) fetches only {', '.join(DOWNLOADABLE)}; {kind} data "
-            "must already be on disk, so drop --download"
+        raise ConfigError(
+            f"download=True fetches only {', '.join(DOWNLOADABLE)}; {kind} data must already be "
+            "on disk, so drop download=True",
+            fields=["download=True"],
         )
     request = _Request(path, split, normalize_mean, normalize_std, download, image_size, channels)
     try:
         dataset = _LOADERS[kind](request)
         _check_fits_model(dataset, kind, image_size, num_classes)
     except _Mismatch as err:
-        raise ZsqError(f"dataset {spec} ({split} split): {err}") from None
+        raise ConfigError(f"dataset {spec} ({split} split): {err}", fields=err.fields) from None
     logger.info("dataset %s (%s split): %d images", spec, split, len(dataset))
     return dataset
 
@@ -301,7 +306,8 @@ def _check_labels(dataset: Dataset, num_classes: int) -> None:
         raise _Mismatch(
             f"its labels run from {labels.min()} to {labels.max()} but the model has "
             f"{num_classes} classes (labels 0..{num_classes - 1}); use the data the model was "
-            "trained for, or give the model's class count (--num-classes)"
+            "trained for, or give the model's class count (num_classes)",
+            "num_classes",
         )
 
 
@@ -310,14 +316,15 @@ def _check_image_size(dataset: Dataset, image_size: int) -> None:
     if (height, width) == (image_size, image_size):
         return
     fix = (
-        f"pass --image-size {height} (image_size={height}) if the model takes {height}x{width} "
-        "images"
+        f"pass image_size={height} if the model takes {height}x{width} images"
         if height == width
         else f"resize the images to {image_size}x{image_size}"
     )
     raise _Mismatch(
         f"its images are {height}x{width} but the model's input is {image_size}x{image_size} "
-        f"(--image-size, else the weights' sidecar, else the model's usual size); {fix}"
+        f"(image_size, else the weights' sidecar, else the model's usual size); {fix}",
+        "image_size",
+        "image_size=",
     )
 
 
@@ -338,9 +345,10 @@ def _parse_spec(spec: str) -> tuple[str, Path | None]:
 
 def _require_dir(path: Path, kind: str, hint: str = "") -> Path:
     if not path.is_dir():
-        raise ZsqError(
+        raise ConfigError(
             f"dataset folder {path} not found; give the folder holding the {kind} data"
-            + (f" ({hint})" if hint else "")
+            + (f" ({hint})" if hint else ""),
+            fields=["download=True"],
         )
     return path
 
@@ -363,16 +371,17 @@ def _load_torchvision_cifar(kind: str, request: _Request) -> Dataset:
     if root.name in ("cifar-10-batches-py", "cifar-100-python"):
         root = root.parent  # torchvision wants the folder *containing* the extracted batches
     if not root.is_dir() and not download:
-        _require_dir(root, kind, "pass --download to fetch it there")
+        _require_dir(root, kind, "pass download=True to fetch it there")
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
     if download:
         _fetch(kind, root, lambda: cls(root=str(root), train=request.train, download=True))
     try:
         raw = cls(root=str(root), train=request.train)
     except RuntimeError as exc:
-        raise ZsqError(
-            f"{kind} not found in {root} ({exc}); pass --download to fetch it, or give the folder "
-            "that contains the extracted python batches"
+        raise ConfigError(
+            f"{kind} not found in {root} ({exc}); pass download=True to fetch it, or give the "
+            "folder that contains the extracted python batches",
+            fields=["download=True"],
         ) from exc
     return ImageArrayDataset(raw.data, np.asarray(raw.targets), **request.norm)
 
@@ -446,9 +455,10 @@ def _fetch(kind: str, root: Path, download: Callable[[], Any]) -> None:
             for path in sorted(set(root.rglob("*")) - before, reverse=True):  # deepest first
                 path.rmdir() if path.is_dir() else path.unlink()
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ZsqError(
+        raise ConfigError(
             f"cannot download {kind} into {root} ({reason}); check the network connection, or "
-            "download the files by hand and give their folder without --download"
+            "download the files by hand and give their folder without download=True",
+            fields=["download=True"],
         ) from exc
 
 

@@ -1,4 +1,5 @@
-"""Student distillation: losses, gradient inundation, the trainer loop with checkpoints."""
+"""Student distillation: gradient inundation, the trainer loop with checkpoints (the losses are
+:mod:`zsq.numerics.losses`)."""
 
 from zsq.distill.inundation import (
     CrossingMeter,
@@ -8,7 +9,6 @@ from zsq.distill.inundation import (
     layer_codes,
     search_kappa,
 )
-from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
 from zsq.distill.trainer import Distiller, build_optimizer
 
 __all__ = [
@@ -18,8 +18,6 @@ __all__ = [
     "InundationStats",
     "build_optimizer",
     "code_change_fraction",
-    "kl_to_teacher",
     "layer_codes",
     "search_kappa",
-    "soft_cross_entropy",
 ]

@@ -27,12 +27,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq import distributed
-from zsq.analysis.gradients import GradientMeter, cosine_similarity, grads_or_zeros
 from zsq.distill.inundation import CrossingMeter, GradientInundation, InundationStats
-from zsq.distill.losses import kl_to_teacher, soft_cross_entropy
 from zsq.errors import ZsqError
 from zsq.execution import Execution, compile_in_place, release_compiled
-from zsq.io import checkpoint_file, read_verified, write_text, write_verified
+from zsq.io import read_verified, write_text, write_verified
+from zsq.layout import RunLayout
+from zsq.numerics import GradientMeter, cosine_similarity, grads_or_zeros
+from zsq.numerics.losses import kl_to_teacher, soft_cross_entropy
 from zsq.quant import quant_layers, quantizer_settings, set_observing
 from zsq.recipes import DistillRecipe
 from zsq.runtime import module_digest, rng_state, seed_everything, set_rng_state
@@ -40,7 +41,6 @@ from zsq.synth import SampleSource, SynthBatch
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 ETA_AFTER_ITERATIONS = 5  # iterations timed before the log estimates how long the run takes
 Evaluator = Callable[[nn.Module], float]
 
@@ -188,7 +188,7 @@ class Distiller:
         if not attention_modules(self.student):
             raise ZsqError(
                 "attn_distill needs a vision transformer (timm attention modules); drop "
-                "--set attn_distill for this model"
+                "the recipe field attn_distill for this model"
             )
         set_keep_attention(self.student, True)
         copy = expose_attention(self.teacher)
@@ -342,8 +342,8 @@ class Distiller:
 
     def _attention_loss(self) -> Tensor:
         from zsq.distill.attention import structural_attention_loss
+        from zsq.models.introspect import vit_layout
         from zsq.quant.attention import attention_maps
-        from zsq.synth.vit_losses import vit_layout
 
         prefix, grid = vit_layout(self.teacher)
         return structural_attention_loss(
@@ -417,7 +417,7 @@ class Distiller:
 
     # --- checkpoints ------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path | None:
-        return None if self.work_dir is None else checkpoint_file(Path(self.work_dir))
+        return None if self.work_dir is None else RunLayout(Path(self.work_dir)).checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -479,7 +479,7 @@ class Distiller:
         torch.save(state, buffer)
         write_verified(path, buffer.getvalue())  # with its sha256: a damaged file is refused
         lines = "".join(json.dumps(m) + "\n" for m in self.history)
-        write_text(self.work_dir / METRICS_FILE, lines)
+        write_text(RunLayout(Path(self.work_dir)).metrics, lines)
 
     def resume(self) -> bool:
         """Load ``checkpoint/last.pt`` if present (returns whether it did).

@@ -1,12 +1,11 @@
 """Export of a quantized student: integer tensors with a manifest, ONNX Q/DQ, sizes.
 
-from zsq.export import export_int, load_int, export_onnx, size_report, student_from_run
-from zsq.export import export_run  # what `zsq export` does: a run's student, checked
+from zsq.export import export_int, load_int, export_onnx, size_report
+from zsq.run.export import export_run  # what `zsq export` does: a finished run's student
 """
 
 from zsq.export.integer import export_int, integer_conv2d, integer_linear, load_int, read_manifest
 from zsq.export.packing import pack_codes, unpack_codes
-from zsq.export.run import export_run, student_from_run
 from zsq.export.sizes import size_report, size_table
 
 
@@ -20,7 +19,6 @@ def export_onnx(*args, **kwargs):
 __all__ = [
     "export_int",
     "export_onnx",
-    "export_run",
     "integer_conv2d",
     "integer_linear",
     "load_int",
@@ -28,6 +26,5 @@ __all__ = [
     "read_manifest",
     "size_report",
     "size_table",
-    "student_from_run",
     "unpack_codes",
 ]

@@ -10,7 +10,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError
+
+EXPORT_FIELDS = ("out", "overwrite=True")  # how the messages name the export's options
 
 
 def check_targets(
@@ -21,16 +23,26 @@ def check_targets(
     ``overwrite``; their folder exists."""
     folder = targets[0].parent
     if not folder.is_dir():
-        raise ZsqError(f"--out {targets[0]}: the folder {folder} does not exist; create it first")
+        raise ConfigError(
+            f"out {targets[0]}: the folder {folder} does not exist; create it first",
+            fields=EXPORT_FIELDS,
+        )
     kept = {_real(p) for p in keep}
     for target in targets:
         role = "" if target == targets[0] else f" (written with {targets[0].name})"
         if target.is_dir():
-            raise ZsqError(f"{target}{role} is a folder; choose another --out")
+            raise ConfigError(
+                f"{target}{role} is a folder; choose another out", fields=EXPORT_FIELDS
+            )
         if _real(target) in kept:
-            raise ZsqError(f"{target} is a file of the run being exported; choose another --out")
+            raise ConfigError(
+                f"{target} is a file of the run being exported; choose another out",
+                fields=EXPORT_FIELDS,
+            )
         if os.path.lexists(target) and not overwrite:
-            raise ZsqError(f"{target}{role} exists; pass --overwrite to replace it")
+            raise ConfigError(
+                f"{target}{role} exists; pass overwrite=True to replace it", fields=EXPORT_FIELDS
+            )
 
 
 def _real(path: Path) -> Path:

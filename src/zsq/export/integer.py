@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import zsq
+from zsq._version import __version__
 from zsq.errors import ZsqError
 from zsq.export._files import check_targets, staged
+from zsq.export.finite import check_finite
 from zsq.export.packing import is_packed, pack_codes, unpack_codes
-from zsq.export.verify import check_finite
 from zsq.io import save_safetensors, write_text
+from zsq.layout import manifest_file
 from zsq.quant import (
     ActQuantizer,
     QuantSpec,
@@ -51,13 +52,9 @@ FORMAT = "zsq-int"
 FORMAT_VERSION = 1
 
 
-def manifest_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
 def export_files(path: Path) -> list[Path]:
     """What an integer export to ``path`` writes: the tensors, then the manifest."""
-    return [path, manifest_path(path)]
+    return [path, manifest_file(path)]
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -82,7 +79,7 @@ def export_int(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "zsq_version": zsq.__version__,
+        "zsq_version": __version__,
         "model": model,
         "layers": layers,
         "activations": acts,
@@ -164,7 +161,7 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from safetensors import safe_open
 
     path = Path(path)
-    mpath = manifest_path(path)
+    mpath = manifest_file(path)
     for p in (path, mpath):
         if not p.is_file():
             raise ZsqError(

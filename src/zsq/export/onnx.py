@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from zsq.errors import ZsqError
 from zsq.export._files import check_targets, staged
-from zsq.export.verify import check_finite
+from zsq.export.finite import check_finite
 from zsq.quant import ActQuantizer, code_range
 from zsq.quant.modules import QuantConv2d, QuantLinear
 

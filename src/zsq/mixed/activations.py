@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError
 from zsq.mixed.cost import LayerCost, layer_cost
 from zsq.mixed.sensitivity import EVAL_BATCH, mean_kl, teacher_logits
 from zsq.quant import (
@@ -128,9 +128,10 @@ def build_groups(
         parts = [list(achoices), *[list(wchoices)] * len(site.consumers)]
         count = len(achoices) * len(wchoices) ** len(site.consumers)
         if count > MAX_GROUP_CHOICES:
-            raise ZsqError(
+            raise ConfigError(
                 f"activation {site.name!r} feeds {len(site.consumers)} layers: {count} joint "
-                "width choices are too many; give fewer --bit-choices or --act-choices"
+                "width options are too many; give fewer choices or act_choices",
+                fields=["choices", "act_choices"],
             )
         options = tuple(Option(a, tuple(w)) for a, *w in itertools.product(*parts))
         groups.append(Group(site.name, site.consumers, options))

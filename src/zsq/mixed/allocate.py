@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from zsq.distill.losses import kl_to_teacher
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
 from zsq.mixed.activations import (
     build_groups,
     group_costs,
@@ -50,6 +49,9 @@ from zsq.mixed.cost import (
 )
 from zsq.mixed.sensitivity import EVAL_BATCH, mean_kl, teacher_logits
 from zsq.mixed.solver import cheapest_cost, solve_allocation
+from zsq.numerics.losses import kl_to_teacher
+from zsq.options import read_options, whole_number
+from zsq.ptq.calibration import check_calibration_options
 from zsq.quant import QuantSpec, parse_bits, quant_layers, quantize_model
 
 log = logging.getLogger(__name__)
@@ -113,18 +115,20 @@ def _glob_literal(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def parse_choices(text: str | Sequence[int]) -> tuple[int, ...]:
+def parse_choices(text: str | Sequence[int], name: str = "choices") -> tuple[int, ...]:
     """``"2,3,4,5,6,8"`` -> (2, 3, 4, 5, 6, 8): distinct widths 2..8, at least two."""
     items = text.split(",") if isinstance(text, str) else list(text)
     widths = []
     for item in items:
         bits = parse_bits(str(item).strip())
         if bits is None:
-            raise ZsqError("--bit-choices takes bit widths 2..8, not 'off'")
+            raise ConfigError(f"{name} takes bit widths 2..8, not 'off'", fields=[name])
         widths.append(bits)
     widths = sorted(set(widths))
     if len(widths) < 2:
-        raise ZsqError(f"--bit-choices needs at least two widths, got {text!r}; e.g. 2,3,4,5,6,8")
+        raise ConfigError(
+            f"{name} needs at least two widths, got {text!r}; e.g. 2,3,4,5,6,8", fields=[name]
+        )
     return tuple(widths)
 
 
@@ -136,11 +140,16 @@ def check_allocator(name: str) -> str:
 
 @dataclass(frozen=True)
 class MixedConfig:
-    """``--budget``/``--bits-from`` and their options, as ``zsq quantize`` takes them.
+    """Per-layer bit widths chosen under a hard ``budget`` before the method runs, or reused
+    from an earlier run's allocation (``bits_from``: its ``bits.json`` or folder).
 
-    ``source``/``samples``: the synthetic images the allocator sees (any registered source;
-    ZeroQ's distilled data by default); ``probes`` (hessian), ``steps`` (constrained, penalty);
-    ``source_options`` go to the source (e.g. ``steps`` or ``cache`` for zeroq).
+    ``allocator``: sensitivity, hessian, constrained or penalty (``penalty``: its weight);
+    ``choices``: the candidate weight widths; ``source``/``samples``: the synthetic images the
+    allocator sees (any registered source; ZeroQ's distilled data by default), with
+    ``source_options`` (e.g. zeroq's ``steps`` or ``cache``); ``probes`` (hessian), ``steps``
+    (constrained, penalty). ``act_choices``: activation widths chosen with the weights under a
+    ``bops=`` budget by the sensitivity allocator; ``"auto"`` (default) takes ``choices`` there
+    and none elsewhere, ``"off"`` none.
     """
 
     budget: str | None = None
@@ -153,93 +162,84 @@ class MixedConfig:
     probes: int = 20
     steps: int = 200
     source_options: dict[str, Any] = field(default_factory=dict)
-    act_choices: tuple[int, ...] | None = None  # mixed activation widths (bops + sensitivity)
+    act_choices: tuple[int, ...] | str | None = "auto"
 
-    OPTIONS = ("source", "samples", "probes", "steps")  # --alloc-opt keys; others go to the source
-
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if (self.budget is None) == (self.bits_from is None):
-            raise ZsqError("give one of --budget SPEC (choose the bits) or --bits-from FILE")
+            raise ConfigError(
+                "a bit allocation and its options need budget (to choose the bits) or bits_from "
+                "(to reuse a run's): give one of them",
+                fields=["budget", "bits_from"],
+            )
+        if self.bits_from is not None:
+            self._refuse_with_reuse()
         if self.budget is not None:
             parse_budget(self.budget)
         check_allocator(self.allocator)
-        parse_choices(list(self.choices))
+        object.__setattr__(self, "choices", parse_choices(self.choices))
+        object.__setattr__(self, "act_choices", self._act_choices())
         if self.penalty is not None and self.allocator != "penalty":
-            raise ZsqError("--penalty has no effect without --allocator penalty; drop it")
-        if self.act_choices is not None:
-            parse_choices(list(self.act_choices))
-            if self.budget is None or parse_budget(self.budget).kind != "bops":
-                raise ZsqError("--act-choices mixes activation widths under a bops= budget only")
-            if self.allocator != "sensitivity":
-                raise ZsqError(
-                    "--act-choices needs --allocator sensitivity (the other allocators keep "
-                    "activations at --abits); use it or drop --act-choices"
-                )
-        if self.penalty is not None and not 0 <= self.penalty < float("inf"):
-            raise ZsqError(f"--penalty must be a finite number >= 0, got {self.penalty}")
-        for key, low in (("samples", 1), ("probes", 1), ("steps", 1)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ZsqError(f"--alloc-opt {key} takes a whole number, got {value!r}")
-            if value < low:
-                raise ZsqError(f"--alloc-opt {key} must be >= {low}, got {getattr(self, key)}")
-
-    @classmethod
-    def from_flags(
-        cls,
-        budget: str | None,
-        allocator: str | None,
-        choices: str | None,
-        penalty: float | None,
-        bits_from: str | None,
-        options: dict[str, Any],
-        act_choices: str | None = None,
-    ) -> MixedConfig | None:
-        """None when no mixed-precision flag is given; the leftovers of ``options`` configure
-        the sample source. Under a ``bops=`` budget the sensitivity allocator mixes activation
-        widths too (``act_choices``: the weight choices unless given; ``off``: ``--abits``)."""
-        given = budget or bits_from or allocator or choices or penalty is not None or options
-        if not given and act_choices is None:
-            return None
-        if budget is None and bits_from is None:
-            raise ZsqError(
-                "--allocator/--bit-choices/--act-choices/--penalty/--alloc-opt need --budget SPEC; "
-                "add it"
+            raise ConfigError(
+                "penalty has no effect unless allocator is penalty; drop it",
+                fields=["penalty", "allocator"],
             )
-        reuse_flags = allocator or choices or penalty is not None or options or act_choices
-        if bits_from is not None and reuse_flags:
-            raise ZsqError("--bits-from reuses a finished allocation: drop the allocator flags")
-        own = {k: options[k] for k in cls.OPTIONS if k in options}
-        widths = parse_choices(choices) if choices else DEFAULT_CHOICES
-        allocator = allocator or "sensitivity"
-        config = cls(
-            budget=budget,
-            allocator=allocator,
-            choices=widths,
-            penalty=penalty,
-            bits_from=bits_from,
-            source_options={k: v for k, v in options.items() if k not in cls.OPTIONS},
-            act_choices=_act_choices(act_choices, budget, allocator, widths),
-            **own,
-        )
-        config.check()
-        return config
+        if self.penalty is not None and not 0 <= self.penalty < float("inf"):
+            raise ConfigError(
+                f"penalty must be a finite number >= 0, got {self.penalty}", fields=["penalty"]
+            )
+        read_options("allocation", MIXED_RULES, {k: getattr(self, k) for k in MIXED_RULES})
+        if self.source != "gaussian":  # noise takes no options and needs no check
+            check_calibration_options(self.source, dict(self.source_options))
+
+    def _refuse_with_reuse(self) -> None:
+        """A reused allocation is not searched: the search's options would do nothing."""
+        given = [
+            f.name
+            for f in fields(self)
+            if f.name not in ("budget", "bits_from") and getattr(self, f.name) != _default(f)
+        ]
+        if given:
+            raise ConfigError(
+                f"bits_from reuses a finished allocation: {', '.join(given)} would have no "
+                "effect; drop them",
+                fields=["bits_from", *given],
+            )
+
+    def _act_choices(self) -> tuple[int, ...] | None:
+        """The activation widths to choose from (see the class doc)."""
+        value = self.act_choices
+        bops = self.budget is not None and parse_budget(self.budget).kind == "bops"
+        if value == "auto":
+            return self.choices if bops and self.allocator == "sensitivity" else None
+        if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+            return None
+        widths = parse_choices(value, "act_choices")
+        if not bops:
+            raise ConfigError(
+                "act_choices mixes activation widths under a bops= budget only",
+                fields=["act_choices"],
+            )
+        if self.allocator != "sensitivity":
+            raise ConfigError(
+                "act_choices needs the sensitivity allocator (the others keep activations at "
+                "abits); use it or drop act_choices",
+                fields=["act_choices", "allocator", "abits"],
+            )
+        return widths
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _act_choices(
-    text: str | None, budget: str | None, allocator: str, widths: tuple[int, ...]
-) -> tuple[int, ...] | None:
-    """The activation widths to choose from: none unless asked or the default case (a bops
-    budget with the sensitivity allocator, where they default to the weight widths)."""
-    if text is not None and text.strip().lower() == "off":
-        return None
-    if text is not None:
-        return parse_choices(text)
-    bops = budget is not None and parse_budget(budget).kind == "bops"
-    return widths if bops and allocator == "sensitivity" else None
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+MIXED_RULES = {
+    "samples": whole_number(1, 64),
+    "probes": whole_number(1, 20),
+    "steps": whole_number(1, 200),
+}
 
 
 # --- bits.json ----------------------------------------------------------------------------
@@ -255,12 +255,16 @@ def read_bits(path: str | Path) -> Allocation:
     if path.is_dir():
         path = path / BITS_FILE
     if not path.is_file():
-        raise ZsqError(f"--bits-from {path}: no such file; give a run's bits.json")
+        raise ConfigError(
+            f"bits_from {path}: no such file; give a run's bits.json", fields=["bits_from"]
+        )
     try:
         raw = json.loads(path.read_text())
         allocation = Allocation(**raw)
     except (json.JSONDecodeError, TypeError) as err:
-        raise ZsqError(f"--bits-from {path} is not a zsq bits.json ({err})") from None
+        raise ConfigError(
+            f"bits_from {path} is not a zsq bits.json ({err})", fields=["bits_from"]
+        ) from None
     for bits in allocation.wbits:
         parse_bits(bits)
     return allocation
@@ -271,9 +275,10 @@ def check_fits(allocation: Allocation, model: nn.Module) -> None:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     if names != allocation.layers:
         missing = sorted(set(allocation.layers) ^ set(names))[:3]
-        raise ZsqError(
+        raise ConfigError(
             f"the bit allocation does not fit this model (layers differ: {missing}...); make it "
-            "for this model with --budget"
+            "for this model with budget=SPEC",
+            fields=["budget="],
         )
 
 
@@ -288,9 +293,11 @@ def check_reuse(
     sites = {site.name for site in sites_of(model, spec, image_shape)}
     lost = [site for site in allocation.act_sites if site not in sites]
     if lost:
-        raise ZsqError(
+        raise ConfigError(
             f"the bit allocation sets activation widths at {lost[:3]}, where this run has no "
-            "activation quantizer (another --act-placement?); make one for this run with --budget"
+            "activation quantizer (another quant.act_placement?); make one for this run with "
+            "budget=SPEC",
+            fields=["quant.act_placement", "budget="],
         )
     if allocation.act_sites:  # the sites' own widths count, as the allocator counted them
         return allocation
@@ -299,10 +306,11 @@ def check_reuse(
     cost = total_cost(costs, budget.kind, allocation.wbits, [spec.abits] * len(costs))
     limit = budget_limit(budget, costs)
     if cost > limit * (1 + 1e-9):
-        raise ZsqError(
+        raise ConfigError(
             f"the reused bit allocation costs {cost:.6g} on this model with activations at "
             f"{spec.abits or 'full precision'}, over its budget {allocation.budget} "
-            f"({limit:.6g}); make one for this run with --budget"
+            f"({limit:.6g}); make one for this run with budget=SPEC",
+            fields=["budget="],
         )
     return replace(allocation, cost=cost, limit=limit)
 
@@ -454,10 +462,11 @@ def cost_problem(
         cheapest = cheapest_cost(padded(group_costs(groups, costs, budget.kind, abits)))
         narrowest += f", activations at {min(act_choices)}"
     if cheapest > limit * (1 + 1e-9):
-        raise ZsqError(
+        raise ConfigError(
             f"budget {budget.text} is below the smallest achievable cost "
             f"{_in_budget_units(cheapest, budget, costs)} ({narrowest}); "
-            "raise it or add narrower --bit-choices"
+            "raise it or add narrower choices",
+            fields=["choices"],
         )
     return costs, table, limit
 
@@ -579,7 +588,7 @@ def hessian_scores(
 ) -> tuple[list[list[float]], list[float]]:
     """HAWQ-V2: mean Hessian diagonal of each layer (Hutchinson, one shared set of Rademacher
     probes for all layers) x squared quantization error. Returns the scores and the means."""
-    from zsq.analysis.hessian import HessianOperator, unflatten
+    from zsq.numerics.hessian import HessianOperator, unflatten
 
     model = _full_precision_copy(teacher, spec)
     layers = [layer for _, layer in quant_layers(model)]

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from zsq.distill.losses import kl_to_teacher
 from zsq.errors import ZsqError
 from zsq.mixed.solver import cheapest_cost, solve_allocation
+from zsq.numerics.losses import kl_to_teacher
 from zsq.quant.model import quant_layers
 from zsq.quant.modules import QuantLayer
 from zsq.quant.quantizer import check_bits, fake_quantize, qparams_from_range, tensor_minmax

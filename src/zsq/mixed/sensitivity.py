@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from zsq.distill.losses import kl_to_teacher
+from zsq.numerics.losses import kl_to_teacher
 
 EVAL_BATCH = 64  # images per forward while scoring
 

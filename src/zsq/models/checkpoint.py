@@ -43,7 +43,8 @@ class ModelMeta:
     but ``image_size``, which stays ``None`` unless given (then the model's usual size applies:
     :func:`zsq.models.default_image_size`). ``model`` (the model's name) and ``model_kwargs``
     (extra keyword arguments of its factory, e.g. a timm ViT's ``embed_dim``) say how to build
-    it; they are left out of comparisons, which are about what the model expects.
+    it, and ``weights`` names the file it was loaded from; they are left out of comparisons, which
+    are about what the model expects.
     """
 
     num_classes: int | None = None
@@ -53,6 +54,7 @@ class ModelMeta:
     image_size: int | None = None
     model: str | None = field(default=None, compare=False)
     model_kwargs: dict[str, Any] | None = field(default=None, compare=False)
+    weights: str | None = field(default=None, compare=False)  # the file it was loaded from
 
 
 def load_weights(
@@ -345,7 +347,7 @@ def load_teacher(
             "--normalize-std or add them to the checkpoint's .json sidecar"
         )
     model.eval()
-    return model, meta
+    return model, replace(meta, weights=str(weights) if weights is not None else None)
 
 
 MAX_IMAGE_SIZE = 4096  # a side; one float32 RGB image is then 200 MB, its activations far more

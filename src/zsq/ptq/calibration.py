@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
-from zsq.synth import available_sources, build_source
+from zsq.options import python_path, read_options, whole_number
+from zsq.synth import available_sources, build_source, check_source_options
 from zsq.synth.cache import load_images, save_images
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def synthetic_calibration(
     source_options: dict[str, Any] | None = None,
     work_dir: Path | None = None,
     progress: bool = True,
+    checked: bool = False,
 ) -> CalibrationSet:
     """``size`` images from the sample source ``name`` (trained first when it is a generator),
     loaded from ``work_dir`` when an earlier session of the run made them."""
@@ -107,7 +109,7 @@ def synthetic_calibration(
         options.setdefault("num_images", size)
         options.setdefault("progress", progress)
     source = build_source(
-        name, teacher, num_classes=num_classes, image_shape=image_shape, **options
+        name, teacher, num_classes=num_classes, image_shape=image_shape, checked=checked, **options
     )
     try:
         report = _train(source, train_steps, train_batch, progress) if source.trainable else {}
@@ -115,11 +117,27 @@ def synthetic_calibration(
         report.update(getattr(source, "report", {}) or {})
     finally:
         source.close()
-    images = images.detach().cpu()
+    # one layout, made or loaded (a 1-channel channels-last batch counts as contiguous, yet the
+    # convolutions take another path on it): a resumed run calibrates exactly as the first
+    images = images.detach().cpu().clone(memory_format=torch.contiguous_format)
     for path in (cache, shared):
         if path is not None:
             save_images(path, images, key, teacher, report)
     return CalibrationSet(images, None, _describe(name, size), real=False, report=report)
+
+
+CALIBRATION_RULES = {  # options of the calibration procedure itself, not of the source
+    "cache": python_path(),
+    "train_steps": whole_number(0, TRAIN_STEPS),
+    "train_batch": whole_number(1, TRAIN_BATCH),
+}
+
+
+def check_calibration_options(name: str, options: dict[str, Any]) -> None:
+    """One-line errors for the options of calibration images from source ``name``: the
+    procedure's own (``cache``, ``train_steps``, ``train_batch``), then the source's."""
+    read_options("calibration", CALIBRATION_RULES, options)
+    check_source_options(name, {k: v for k, v in options.items() if k not in CALIBRATION_RULES})
 
 
 def _describe(name: str, size: int) -> str:

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
+from zsq.options import flag, number, numbers, one_of, optional, read_options, whole_number
 from zsq.ptq.calibration import CalibrationSet
 from zsq.quant import (
     QuantSpec,
@@ -61,7 +62,7 @@ P_GRID = tuple(round(float(p), 4) for p in np.linspace(2.0, 4.0, 10))
 
 @dataclass(frozen=True)
 class LapqConfig:
-    """LAPQ's options (``--lapq-layers``, ``--lapq-opt KEY=VALUE``).
+    """LAPQ's options.
 
     ``layers``: ``all`` quantizes every Conv2d/Linear (AIT's setting, comparable across zsq's
     methods); ``paper`` leaves the first conv, the last conv and the last Linear in full
@@ -71,6 +72,7 @@ class LapqConfig:
     ``maxiter``/``maxfev``/``xtol``: Powell's iterations, its cap on loss evaluations (None: no
     cap) and its line-search tolerance in units of each starting clip (ours: 1%).
     ``max_samples``: elements per tensor kept for the layer-wise fits (a seeded random subset).
+    Values may also be given as ``KEY=VALUE`` text reads them (``p_grid="2,3,4"``).
     """
 
     layers: str = "all"
@@ -85,61 +87,27 @@ class LapqConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.layers not in LAYER_POLICIES:
-            raise ZsqError(
-                f"LAPQ layer policy {self.layers!r} is unknown; use one of "
-                f"{', '.join(LAYER_POLICIES)} (--lapq-layers)"
-            )
-        if self.stages not in STAGES:
-            raise ZsqError(f"LAPQ stages {self.stages!r} are unknown; use one of {STAGES}")
-        if len(self.p_grid) < 3 or min(self.p_grid) <= 0:
-            raise ZsqError(f"p_grid needs at least 3 positive values, got {self.p_grid}")
-        if self.lw_p <= 0:
-            raise ZsqError(f"lw_p must be > 0, got {self.lw_p}")
-        if self.maxiter < 1 or (self.maxfev is not None and self.maxfev < 1):
-            raise ZsqError("LAPQ maxiter and maxfev must be >= 1")
-        if not 0 < self.xtol < 1:
-            raise ZsqError(f"LAPQ xtol must be in (0, 1), got {self.xtol}")
-        if self.max_samples < 1000 or self.batch_size < 1:
-            raise ZsqError("LAPQ max_samples must be >= 1000 and batch_size >= 1")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any] | None) -> LapqConfig:
-        """From ``KEY=VALUE`` options (strings or JSON values), with one-line errors."""
-        options = dict(options or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ZsqError(
-                f"unknown LAPQ option(s) {', '.join(unknown)}; known: {', '.join(known)}"
-            )
-        values = {key: _coerce(key, value) for key, value in options.items()}
-        return cls(**values)
+        own = {f.name: getattr(self, f.name) for f in fields(LapqConfig)}
+        for name, value in read_options("LAPQ", LAPQ_RULES, own).items():
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """LAPQ's own options (a subclass's other fields left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(LapqConfig)}
 
 
-def _coerce(key: str, value: Any) -> Any:
-    try:
-        if key == "p_grid":
-            items = value.split(",") if isinstance(value, str) else value
-            return tuple(float(v) for v in items)
-        if key in ("layers", "stages"):
-            return str(value)
-        if key == "bias_correction":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if key == "maxfev" and value in (None, "none", "None"):
-            return None
-        if key in ("maxiter", "maxfev", "max_samples", "batch_size"):
-            return int(value)
-        return float(value)
-    except (TypeError, ValueError):
-        raise ZsqError(f"bad value {value!r} for LAPQ option {key}") from None
+LAPQ_RULES = {
+    "layers": one_of(LAYER_POLICIES, "paper", "a layer policy, one"),
+    "stages": one_of(STAGES, "lw+qa", "stages, one"),
+    "p_grid": numbers(3, "at least 3 numbers > 0", lambda p: p > 0, "2,2.5,3,3.5,4"),
+    "lw_p": number("> 0", lambda p: p > 0, 2.0),
+    "maxiter": whole_number(1, 1),
+    "maxfev": optional(whole_number(1, 200), "no cap"),
+    "xtol": number("in (0, 1)", lambda x: 0 < x < 1, 0.01),
+    "bias_correction": flag(True),
+    "max_samples": whole_number(1000, 2**18),
+    "batch_size": whole_number(1, 256),
+}
 
 
 # --- one tensor: the Lp-optimal clip ------------------------------------------------------------
@@ -264,7 +232,7 @@ class Lapq:
         self.seconds["collect"] = _since(started)
         if not self.clips:
             raise ZsqError(
-                "LAPQ found no quantized weight or activation to clip; set --wbits/--abits"
+                "LAPQ found no quantized weight or activation to clip; quantize some (wbits, abits)"
             )
 
     # the calibration loss ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ from zsq.quant.attention import (
 )
 from zsq.quant.model import (
     act_quantizers,
+    check_layer_patterns,
     inspect_forward,
     quant_layers,
     quant_params,
@@ -41,6 +42,7 @@ __all__ = [
     "QuantizedTensor",
     "UnitRangeQuantizer",
     "act_quantizers",
+    "check_layer_patterns",
     "attention_maps",
     "code_range",
     "dequantize",

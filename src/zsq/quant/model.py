@@ -8,6 +8,7 @@ data-dependent control flow work unchanged. The input model is never mutated.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
 from zsq.quant.attention import QuantAttention, UnitRangeQuantizer, timm_attention_class
 from zsq.quant.modules import ActQuantizer, QuantAfter, QuantConv2d, QuantLayer, QuantLinear
 from zsq.quant.spec import QuantSpec
@@ -70,6 +71,24 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     if device is not None:
         student.to(device)  # the new quantizers' buffers start on the CPU
     return student
+
+
+def check_layer_patterns(model: nn.Module, spec: QuantSpec) -> None:
+    """Every per-layer override pattern must match a layer it can change (else it does nothing).
+
+    Weight bits apply to Conv2d/Linear layers; with the reference placement activation bits
+    apply to ReLU/ReLU6 modules too.
+    """
+    types = (nn.Conv2d, nn.Linear) + (_ACTIVATIONS if spec.act_placement == "reference" else ())
+    names = [name for name, module in model.named_modules() if isinstance(module, types)]
+    for pattern in spec.overrides:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(names[:3]) + (f", ..., {names[-1]}" if len(names) > 3 else "")
+            raise ConfigError(
+                f"layer pattern {pattern!r} (quant overrides) matches no layer of "
+                f"{type(model).__name__}; patterns are globs over module names such as {shown}",
+                fields=["quant overrides"],
+            )
 
 
 def _single_device(model: nn.Module) -> torch.device | None:

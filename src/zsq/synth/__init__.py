@@ -14,9 +14,11 @@ from typing import Any
 from torch import nn
 
 from zsq.errors import ZsqError
+from zsq.models.introspect import has, require
+from zsq.options import read_options
 from zsq.synth.arc import GENOTYPES, ArcGenerator, ArcSource, CellGenotype
-from zsq.synth.base import OptionRule, SampleSource, SynthBatch, freeze_teacher, read_options
-from zsq.synth.bns import BatchNormStatsLoss, batch_mean_var, batchnorm_layers
+from zsq.synth.base import SampleSource, SynthBatch, freeze_teacher
+from zsq.synth.bns import BatchNormStatsLoss, batch_mean_var
 from zsq.synth.gdfq import (
     ConditionalBatchNorm2d,
     GdfqGenerator,
@@ -58,12 +60,43 @@ def build_source(
     *,
     num_classes: int,
     image_shape: Sequence[int],
+    checked: bool = False,
     **kwargs: Any,
 ) -> SampleSource:
-    """The sample source registered as ``name``, built for ``teacher``."""
-    check_source_options(name, kwargs)
+    """The sample source registered as ``name``, built for ``teacher`` (``checked``: the options
+    and the teacher's fit were checked already, as a run checks its config before any work)."""
+    if not checked:
+        check_source_options(name, kwargs)
+        require_fit(name, teacher)
     factory = _SOURCES[name.strip().lower()]
     return factory(teacher, num_classes=num_classes, image_shape=image_shape, **kwargs)
+
+
+def source_class(name: str) -> SourceFactory:
+    """The class (factory) registered as ``name``."""
+    return _SOURCES[name.strip().lower()]
+
+
+def source_needs(name: str) -> str | None:
+    """What the source ``name`` needs of a teacher: 'batchnorm', 'attention' or None."""
+    return getattr(_SOURCES[name.strip().lower()], "needs", None)
+
+
+def require_fit(name: str, teacher: nn.Module, what: str | None = None) -> None:
+    """A one-line error when the source ``name`` cannot draw from ``teacher`` (a BatchNorm source
+    on a model without BatchNorm, an attention source on a CNN), naming the sources that can;
+    ``what`` says who needs it (default: 'sample source NAME')."""
+    need = source_needs(name)
+    if has(teacher, need):
+        return
+    fits = [s for s in available_sources() if has(teacher, source_needs(s))]
+    kind = "CNNs" if need == "attention" else "models without BatchNorm"
+    require(
+        teacher,
+        need,
+        what or f"sample source {name}",
+        f"sources that work for {kind}: " + ", ".join(fits),
+    )
 
 
 def check_source_options(name: str, options: dict[str, Any]) -> None:
@@ -109,7 +142,6 @@ __all__ = [
     "GdfqGenerator",
     "GdfqSource",
     "MimiqSource",
-    "OptionRule",
     "PsaqSource",
     "QimeraSource",
     "SampleSource",
@@ -118,7 +150,6 @@ __all__ = [
     "ZeroQSource",
     "available_sources",
     "batch_mean_var",
-    "batchnorm_layers",
     "build_gdfq_generator",
     "build_source",
     "check_source_options",
@@ -128,5 +159,8 @@ __all__ = [
     "mean_interhead_similarity",
     "patch_similarity_entropy",
     "register_source",
+    "require_fit",
+    "source_class",
+    "source_needs",
     "total_variation",
 ]

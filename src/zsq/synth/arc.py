@@ -53,12 +53,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
-from zsq.synth.base import (
-    OptionRule,
-    check_image_shape,
-    check_num_classes,
+from zsq.options import (
+    Rule,
     read_options,
     whole_number,
+)
+from zsq.synth.base import (
+    check_image_shape,
+    check_num_classes,
 )
 from zsq.synth.gdfq import (
     GENERATOR_OPTIONS,
@@ -392,8 +394,8 @@ def _read_genotype(value: Any) -> Any:
     return value
 
 
-ARC_OPTIONS: dict[str, OptionRule] = {
-    "genotype": OptionRule(
+ARC_OPTIONS: dict[str, Rule] = {
+    "genotype": Rule(
         f"'auto', one of {', '.join(GENOTYPES)}, or (from Python) a list of CellGenotype",
         "auto",
         _read_genotype,
@@ -410,7 +412,7 @@ class ArcSource(GdfqSource):
     """ARC as a sample source: GDFQ's step and loss (CE + ``bns_weight`` * BNS, Adam) on an
     ``ArcGenerator``. See ``GdfqSource`` for the training contract."""
 
-    OPTIONS: ClassVar[dict[str, OptionRule]] = ARC_OPTIONS
+    OPTIONS: ClassVar[dict[str, Rule]] = ARC_OPTIONS
 
     def __init__(
         self,

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
+from zsq.options import Rule
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,10 @@ class SampleSource(nn.Module, ABC):
     """
 
     trainable: ClassVar[bool] = False
+    # what the source needs of the teacher: 'batchnorm', 'attention' (zsq.models.introspect)
+    needs: ClassVar[str | None] = None
     # each constructor option's rule, so its value is checked before any work (build_source)
-    OPTIONS: ClassVar[Mapping[str, OptionRule]] = {}
+    OPTIONS: ClassVar[Mapping[str, Rule]] = {}
 
     def __init__(self, teacher: nn.Module, *, num_classes: int, image_shape: Sequence[int]) -> None:
         super().__init__()
@@ -173,116 +175,3 @@ def check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ZsqError(f"batch_size must be a positive integer, got {batch_size!r}")
     return batch_size
-
-
-# --- source options: what each takes, as ``--source-opt KEY=VALUE`` or a keyword argument ------
-
-
-@dataclass(frozen=True)
-class OptionRule:
-    """What one source option takes. ``read`` returns the value as the source uses it, or raises
-    TypeError/ValueError; ``takes`` and ``example`` (None: no text form) make the error."""
-
-    takes: str
-    example: str | None
-    read: Callable[[Any], Any]
-
-
-def read_options(
-    owner: str, rules: Mapping[str, OptionRule], values: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The ``values`` that have a rule, as ``owner`` (e.g. 'gdfq source') uses them, each checked
-    against its rule: a bad one is one line naming it and its form, 'gdfq source option betas
-    takes two numbers'. A constructor passes ``locals()``: every argument with a rule."""
-    return {
-        name: _read_option(owner, name, rules[name], value)
-        for name, value in values.items()
-        if name in rules
-    }
-
-
-def _read_option(owner: str, name: str, rule: OptionRule, value: Any) -> Any:
-    try:
-        return rule.read(value)
-    except (TypeError, ValueError):
-        example = f"; e.g. {name}={rule.example}" if rule.example is not None else ""
-        message = f"{owner} option {name} takes {rule.takes}, got {value!r}{example}"
-        raise ZsqError(message) from None
-
-
-def _is_number(value: Any) -> bool:
-    """An int or float that is finite (JSON text may say Infinity or NaN); bools are not."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def whole_number(minimum: int, example: int) -> OptionRule:
-    def read(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(value)
-        return value
-
-    return OptionRule(f"a whole number >= {minimum}", str(example), read)
-
-
-def number(range_text: str, inside: Callable[[float], bool], example: float) -> OptionRule:
-    """A finite number for which ``inside`` holds (``range_text`` says where, e.g. '> 0')."""
-
-    def read(value: Any) -> float:
-        if not _is_number(value) or not inside(value):
-            raise ValueError(value)
-        return float(value)
-
-    return OptionRule(f"a number {range_text}", str(example), read)
-
-
-def number_pair(range_text: str, inside: Callable[[float], bool], example: str) -> OptionRule:
-    """Two numbers, as text 'a,b' or a pair, each with ``inside`` (e.g. Adam's betas)."""
-
-    def read(value: Any) -> tuple[float, float]:
-        parts = value.split(",") if isinstance(value, str) else value
-        if not isinstance(parts, (list, tuple)) or len(parts) != 2:
-            raise ValueError(value)
-        pair = tuple(float(p) if isinstance(p, str) else p for p in parts)
-        if not all(_is_number(v) and inside(v) for v in pair):
-            raise ValueError(value)
-        return (float(pair[0]), float(pair[1]))
-
-    return OptionRule(f"two numbers {range_text}", example, read)
-
-
-def flag(example: bool) -> OptionRule:
-    def read(value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise TypeError(value)
-        return value
-
-    return OptionRule("true or false", str(example).lower(), read)
-
-
-def one_of(choices: Sequence[str], example: str) -> OptionRule:
-    def read(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(value)
-        return value
-
-    return OptionRule(f"one of {', '.join(choices)}", example, read)
-
-
-def optional(rule: OptionRule, unset: str) -> OptionRule:
-    """``rule``, or None (JSON null) for the default ``unset`` describes."""
-
-    def read(value: Any) -> Any:
-        return None if value is None else rule.read(value)
-
-    return OptionRule(f"{rule.takes}, or null for {unset}", rule.example, read)
-
-
-def python_object(kind: type, what: str) -> OptionRule:
-    """An object only Python code can pass (None: the default); text is refused."""
-
-    def read(value: Any) -> Any:
-        if value is not None and not isinstance(value, kind):
-            raise TypeError(value)
-        return value
-
-    return OptionRule(f"{what}, passed from Python: it has no text form", None, read)

@@ -17,19 +17,9 @@ from torch import Tensor, nn
 
 from zsq import distributed
 from zsq.errors import ZsqError
+from zsq.models.introspect import batchnorm_layers
 
 log = logging.getLogger(__name__)
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's BatchNorm layers that carry running statistics."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, _BATCHNORMS) and m.running_mean is not None and m.running_var is not None
-    ]
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,21 +21,23 @@ from torch import Tensor, nn
 
 from zsq import distributed
 from zsq.errors import ZsqError
+from zsq.options import (
+    Rule,
+    number,
+    number_pair,
+    one_of,
+    python_object,
+    read_options,
+    whole_number,
+)
 from zsq.synth.base import (
-    OptionRule,
     SampleSource,
     SynthBatch,
     check_batch_size,
     check_image_shape,
     check_num_classes,
     freeze_teacher,
-    number,
-    number_pair,
     one_hot,
-    one_of,
-    python_object,
-    read_options,
-    whole_number,
 )
 from zsq.synth.bns import BatchNormStatsLoss
 
@@ -186,7 +188,7 @@ def build_gdfq_generator(
 
 
 # The generator options GDFQ, Qimera and ARC share, as GDFQ checks them.
-GENERATOR_OPTIONS: dict[str, OptionRule] = {
+GENERATOR_OPTIONS: dict[str, Rule] = {
     "latent_dim": whole_number(1, example=100),
     "bns_weight": number(">= 0", lambda v: v >= 0, example=0.1),
     "lr": number("> 0", lambda v: v > 0, example=1e-3),
@@ -212,7 +214,8 @@ class GdfqSource(SampleSource):
     """
 
     trainable = True
-    OPTIONS: ClassVar[dict[str, OptionRule]] = GENERATOR_OPTIONS
+    needs: ClassVar[str | None] = "batchnorm"
+    OPTIONS: ClassVar[dict[str, Rule]] = GENERATOR_OPTIONS
 
     def __init__(
         self,

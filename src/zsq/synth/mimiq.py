@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
+from zsq.models.introspect import vit_layout
 from zsq.quant.attention import attention_maps
 from zsq.synth.psaq import AttentionPoolSource, batch_report, loss_numbers
-from zsq.synth.vit_losses import head_alignment_loss, total_variation, vit_layout
+from zsq.synth.vit_losses import head_alignment_loss, total_variation
 
 log = logging.getLogger(__name__)
 

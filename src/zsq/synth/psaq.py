@@ -39,13 +39,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
+from zsq.models.introspect import require, vit_layout
 from zsq.quant.attention import attention_modules, expose_attention
 from zsq.synth.base import SampleSource, SynthBatch, check_batch_size
 from zsq.synth.vit_losses import (
     patch_similarity_entropy,
-    require_attention,
     total_variation,
-    vit_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,8 @@ class AttentionPoolSource(SampleSource):
     teacher's distribution; and after a short synthesis an image need not carry its label yet.
     """
 
+    needs: ClassVar[str | None] = "attention"
+
     trainable = False
     name: ClassVar[str] = ""
 
@@ -90,7 +91,7 @@ class AttentionPoolSource(SampleSource):
         progress: bool,
     ) -> None:
         super().__init__(teacher, num_classes=num_classes, image_shape=image_shape)
-        require_attention(teacher, self.name)
+        require(teacher, "attention", self.name)
         self.num_images = check_batch_size(num_images)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ZsqError(

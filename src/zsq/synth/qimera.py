@@ -58,15 +58,17 @@ import torch
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
-from zsq.synth.base import (
-    OptionRule,
-    check_batch_size,
-    check_num_classes,
+from zsq.options import (
+    Rule,
     flag,
     number,
     optional,
     read_options,
     whole_number,
+)
+from zsq.synth.base import (
+    check_batch_size,
+    check_num_classes,
 )
 from zsq.synth.gdfq import GENERATOR_OPTIONS, GdfqSource, Variant, build_gdfq_generator
 
@@ -80,7 +82,7 @@ INPUT_NORM_EPS = 1e-5  # BatchNorm1d's default, as in the official input normali
 
 LATENT_DIM = whole_number(1, example=FALLBACK_LATENT_DIM)
 NOISE_SCALE = number(">= 0", lambda v: v >= 0, example=1.0)
-QIMERA_OPTIONS: dict[str, OptionRule] = {
+QIMERA_OPTIONS: dict[str, Rule] = {
     **GENERATOR_OPTIONS,
     "mix_prob": number("in [0, 1]", lambda v: 0 <= v <= 1, example=0.4),
     "num_mix": optional(whole_number(1, example=2), "a quarter of the classes (2 to 250)"),
@@ -187,7 +189,7 @@ class QimeraSource(GdfqSource):
     100 classes when its input size is the latent size, random otherwise.
     """
 
-    OPTIONS: ClassVar[dict[str, OptionRule]] = QIMERA_OPTIONS
+    OPTIONS: ClassVar[dict[str, Rule]] = QIMERA_OPTIONS
 
     def __init__(
         self,

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
+from zsq.models.introspect import has_attention, vit_layout
 from zsq.quant.attention import (
     attention_maps,
     attention_modules,
     expose_attention,
     set_keep_attention,
-    timm_attention_class,
 )
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,8 @@ __all__ = [
     "kde_entropy",
     "mean_interhead_similarity",
     "patch_similarity_entropy",
-    "require_attention",
     "token_layout",
     "total_variation",
-    "vit_layout",
 ]
 
 KDE_BANDWIDTH = 0.01  # PSAQ-ViT's Gaussian kernel width
@@ -77,7 +75,6 @@ KDE_PAD = 3.0  # ours: bandwidths added on each side of the evaluation range (mo
 SSIM_WINDOW = 11  # Wang et al. 2004
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-VIT_SOURCES = ("mimiq", "psaq")
 
 
 # --- total variation ---------------------------------------------------------------------------
@@ -253,38 +250,6 @@ def head_alignment_loss(
     ssim = interhead_ssim(attention, num_prefix_tokens, grid)
     square = ssim * ssim.abs() if signed else ssim.square()
     return (1 - square).mean()
-
-
-# --- models ------------------------------------------------------------------------------------
-
-
-def has_attention(model: nn.Module) -> bool:
-    """Whether ``model`` holds attention modules whose maps zsq can read."""
-    if attention_modules(model):
-        return True
-    attention_cls = timm_attention_class()
-    return attention_cls is not None and any(type(m) is attention_cls for m in model.modules())
-
-
-def require_attention(model: nn.Module, name: str) -> None:
-    """A one-line error naming the sources that work for CNNs when ``model`` has no attention."""
-    if has_attention(model):
-        return
-    from zsq.synth import available_sources  # here: the registry imports this module
-
-    others = [s for s in available_sources() if s not in VIT_SOURCES]
-    raise ZsqError(
-        f"{name} needs a vision transformer with timm attention modules and "
-        f"{type(model).__name__} has none; sources that work for CNNs: {', '.join(others)}"
-    )
-
-
-def vit_layout(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
-    """A timm ViT's prefix-token count and patch grid (None where the model does not say)."""
-    prefix = getattr(model, "num_prefix_tokens", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    grid = (int(grid[0]), int(grid[1])) if grid is not None else None
-    return (int(prefix) if prefix is not None else None), grid
 
 
 @torch.no_grad()

@@ -34,16 +34,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
+from zsq.models.introspect import batchnorm_layers, require
 from zsq.quant import inspect_forward
 from zsq.synth.base import SampleSource, SynthBatch, check_batch_size
-from zsq.synth.bns import batchnorm_layers
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +79,6 @@ class ZeroQOptions:
             raise ZsqError(
                 f"zeroq precision {self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}"
             )
-
-
-def require_batchnorm(teacher: nn.Module, name: str = "zeroq") -> list[nn.Module]:
-    """The teacher's BN layers, or a one-line error naming the sources that need none."""
-    layers = batchnorm_layers(teacher)
-    if not layers:
-        from zsq.synth.vit_losses import has_attention
-
-        vit = has_attention(teacher)
-        others = "gaussian, psaq or mimiq (the vision-transformer sources)" if vit else "gaussian"
-        raise ZsqError(
-            f"{name} needs BatchNorm running statistics and {type(teacher).__name__} has no "
-            f"BatchNorm layer (fused into the convolutions?); samples that need none: {others}"
-        )
-    return layers
 
 
 def cpu_pass_size(
@@ -230,7 +215,8 @@ def distill_images(
     """``num_images`` distilled images (detached, on the teacher's device) and a report: loss
     per batch at the start and end, and the final per-BN-layer mismatch."""
     options = options or ZeroQOptions()
-    layers = require_batchnorm(teacher)
+    require(teacher, "batchnorm", "zeroq")
+    layers = batchnorm_layers(teacher)
     teacher.eval()
     device = next(teacher.parameters()).device
     batch = options.batch_size or num_images
@@ -330,6 +316,7 @@ class ZeroQSource(SampleSource):
     """
 
     trainable = False
+    needs: ClassVar[str | None] = "batchnorm"
 
     def __init__(
         self,
@@ -349,7 +336,7 @@ class ZeroQSource(SampleSource):
         progress: bool = True,
     ) -> None:
         super().__init__(teacher, num_classes=num_classes, image_shape=image_shape)
-        require_batchnorm(teacher)
+        require(teacher, "batchnorm", "zeroq")
         check_batch_size(num_images)
         self.options = ZeroQOptions(steps, lr, patience, min_lr, init, batch_size, precision)
         self.num_images = num_images

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from zsq.analysis.gradients import (
+from zsq.errors import ZsqError
+from zsq.numerics.gradients import (
     LossFn,
     Vector,
     check_params,
@@ -34,7 +35,6 @@ from zsq.analysis.gradients import (
     flatten,
     grads_or_zeros,
 )
-from zsq.errors import ZsqError
 
 log = logging.getLogger(__name__)
 

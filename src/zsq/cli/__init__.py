@@ -1,0 +1,75 @@
+"""Command line: one module per subcommand. Each parses its flags into the library's configs,
+calls the library and prints the result; the library's messages name its fields, and
+:func:`main` spells them as this CLI's flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from zsq.cli import analyze, budget, demo, export, quantize
+from zsq.cli import eval as evaluate
+from zsq.cli._common import Parser, flag_for
+from zsq.cli._signals import (
+    Terminated,
+    group_failure_message,
+    interrupted_message,
+    is_process_group_failure,
+    sigterm_as_interrupt,
+)
+from zsq.errors import ConfigError, ZsqError
+
+log = logging.getLogger("zsq")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="zsq", description="Zero-shot (data-free) quantization of PyTorch classifiers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    evaluate.add_parser(sub)
+    quantize.add_parser(sub)
+    budget.add_parser(sub)
+    export.add_parsers(sub)
+    demo.add_parser(sub)
+    analyze.add_parser(sub)
+    return parser
+
+
+def error_text(err: ZsqError, args: argparse.Namespace) -> str:
+    """The library's one line, with its field names spelt as the flags this command has."""
+    if isinstance(err, ConfigError):
+        typed = getattr(args, "typed", None)
+        return err.reworded(lambda field: flag_for(field, typed))
+    return str(err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; the other ranks only warn
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet or rank else logging.INFO,
+        format=("" if not rank else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s",
+    )
+    from zsq.execution import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    try:
+        with sigterm_as_interrupt():
+            return args.func(args)
+    except ZsqError as err:
+        print(f"zsq: error: {error_text(err, args)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not is_process_group_failure(err):
+            raise
+        print(f"zsq: error: {group_failure_message(err, args, argv)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:
+        print(f"zsq: {interrupted_message(args, argv)}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130

@@ -1,0 +1,240 @@
+"""What the subcommands share: the parser, the teacher/quantization/run flag groups, reading
+``KEY=VALUE`` options, loading the teacher, and spelling the library's field names as flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from zsq.errors import ZsqError
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr, like every other zsq error (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"zsq: error: {message}; see '{self.prog} --help'\n")
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def parse_option(item: str, what: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false), else text."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ZsqError(f"bad {what} {item!r}; write KEY=VALUE, e.g. steps=200")
+    try:
+        return key, json.loads(text)
+    except json.JSONDecodeError:
+        return key, text
+
+
+def parse_options(items: list[str], what: str) -> dict[str, Any]:
+    return dict(parse_option(item, what) for item in items)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher")
+    g.add_argument(
+        "--model",
+        help="resnet20/32/44/56, a torchvision name, timm:NAME (zsq[vit]) or pkg.mod:fn; may be "
+        "left out when the weights' .json sidecar names it",
+    )
+    g.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="constructor argument of the model (over the sidecar's model_kwargs), e.g. "
+        "img_size=28 for a timm ViT",
+    )
+    g.add_argument("--weights", help=".safetensors/.pt/.pth/.th; a <stem>.json sidecar is read")
+    g.add_argument("--num-classes", type=int, help="class count (default: sidecar, else 10)")
+    g.add_argument("--in-channels", type=int, help="input channels (default: sidecar, else 3)")
+    g.add_argument(
+        "--normalize-mean", type=floats, help="normalisation mean, e.g. 0.485,0.456,0.406"
+    )
+    g.add_argument("--normalize-std", type=floats, help="normalisation std, e.g. 0.229,0.224,0.225")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        help="input height=width (default: the sidecar's image_size, else 32 for the CIFAR "
+        "ResNets, 224 otherwise); image folders are resized to it, other data must match it",
+    )
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow an unsafe pickle checkpoint (only for files you trust)",
+    )
+
+
+def add_quant_args(p: argparse.ArgumentParser, default_bits: str | None) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--wbits", default=default_bits, help="weight bits 2..8 or 'off'")
+    g.add_argument("--abits", default=default_bits, help="activation bits 2..8 or 'off'")
+    g.add_argument("--per-tensor", action="store_true", help="one weight range per tensor")
+    g.add_argument("--symmetric", action="store_true", help="symmetric weight quantization")
+    g.add_argument(
+        "--act-placement",
+        choices=("input", "reference"),
+        default="reference",
+        help="reference (default): every ReLU/ReLU6 output, as the official GDFQ/AIT code; "
+        "input: every Conv2d/Linear input, the image included (harsher; functional ReLUs)",
+    )
+    g.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="PATTERN=W[/A]",
+        help="per-layer override by glob over module names, e.g. conv1=8 or 'linear=off/off'",
+    )
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def quant_spec(args: argparse.Namespace):
+    from zsq.quant import QuantSpec, parse_bits, parse_override
+
+    overrides = dict(parse_override(text) for text in args.layer)
+    return QuantSpec(
+        wbits=parse_bits(args.wbits),
+        abits=parse_bits(args.abits),
+        per_channel=not args.per_tensor,
+        w_symmetric=args.symmetric,
+        act_placement=args.act_placement,
+        overrides=overrides,
+    )
+
+
+def load_teacher(args: argparse.Namespace):
+    """The teacher the flags name, its metadata and its input shape (channels, size, size)."""
+    from zsq.models import default_image_size
+    from zsq.models import load_teacher as load
+
+    kwargs = parse_options(args.model_kwarg, "model argument") or None
+    teacher, meta = load(
+        args.model,
+        args.weights,
+        model_kwargs=kwargs,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+        normalize_mean=args.normalize_mean,
+        normalize_std=args.normalize_std,
+        image_size=args.image_size,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    size = meta.image_size or default_image_size(meta.model)
+    return teacher, meta, (meta.in_channels, size, size)
+
+
+# --- the library's field names as this CLI's flags ---------------------------------------------
+FLAGS = {
+    "method": "--method",
+    "recipe": "--recipe",
+    "ait": "--ait",
+    "overrides": "--set",
+    "source_options": "--source-opt",
+    "calib": "--calib",
+    "calib_size": "--calib-size",
+    "calib_options": "--calib-opt",
+    "execution": "--precision/--compile",
+    "init": "--init",
+    "layers": "--lapq-layers",
+    "work_dir": "--out",
+    "work_dir=": "--out ",
+    "overwrite=True": "--overwrite",
+    "resume=True": "--resume",
+    "resume=True, work_dir=": "--resume ",
+    "out": "--out",
+    "download=True": "--download",
+    "in_channels": "--in-channels",
+    "image_size": "--image-size",
+    "image_size=": "--image-size ",
+    "trust_checkpoint=True": "--trust-checkpoint",
+    "weights": "--weights",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "data": "--data",
+    "eval_data": "--eval-data",
+    "eval_limit": "--eval-limit",
+    "download": "--download",
+    "seed": "--seed",
+    "image_shape": "--image-size (input shape)",
+    "num_classes": "--num-classes",
+    "quant overrides": "--layer",
+    "budget": "--budget",
+    "budget=": "--budget ",
+    "bits_from": "--bits-from",
+    "allocator": "--allocator",
+    "choices": "--bit-choices",
+    "act_choices": "--act-choices",
+    "penalty": "--penalty",
+    "abits": "--abits",
+    # the run record's keys (a refused resume names them)
+    "method.ait": "--ait",
+    "method.init": "--init",
+    "method.init.method": "--init",
+    "teacher.model": "--model",
+    "teacher.model_kwargs": "--model-kwarg",
+    "teacher.weights_sha256": "--weights (sha256)",
+    "teacher.num_classes": "--num-classes",
+    "teacher.in_channels": "--in-channels",
+    "teacher.normalize_mean": "--normalize-mean",
+    "teacher.normalize_std": "--normalize-std",
+    "quant.wbits": "--wbits",
+    "quant.abits": "--abits",
+    "quant.per_channel": "per-channel weights (--per-tensor)",
+    "quant.w_symmetric": "--symmetric",
+    "quant.act_placement": "--act-placement",
+    "quant.overrides": "--layer",
+    "mixed": "mixed precision (--budget, --bits-from, ...)",
+    "world_size": "the process count",
+}
+_PREFIXES = {  # record keys by prefix: the flag that sets the rest of the key
+    "method.recipe.": "--set ",
+    "method.source_options.": "--source-opt ",
+    "method.calib_options.": "--calib-opt ",
+    "method.init.calib_options.": "--calib-opt ",
+    "quant.": "quant ",
+}
+
+
+def flag_for(field: str, typed: Mapping[str, str] | None = None) -> str:
+    """How this CLI spells a library field name (or a run-record key): the flag the user typed
+    for it when known (``typed``), else the usual one."""
+    if typed and field in typed:
+        return typed[field]
+    if field in FLAGS:
+        return FLAGS[field]
+    for prefix, flag in sorted(_PREFIXES.items(), key=lambda kv: -len(kv[0])):
+        if field.startswith(prefix):
+            return flag + field.removeprefix(prefix)
+    for prefix in ("method.init.", "method."):  # a method's own fields
+        if field.startswith(prefix):
+            rest = field.removeprefix(prefix)
+            return FLAGS.get(rest) or option_flag(rest)
+    return field
+
+
+def option_flag(field: str) -> str:
+    """The ``KEY=VALUE`` flag that sets a method field with no flag of its own: LAPQ's options
+    (``--lapq-opt``, also for ``--init lapq``), any other method's (``--method-opt``)."""
+    from dataclasses import fields
+
+    from zsq.ptq.lapq import LapqConfig
+
+    lapq = {f.name for f in fields(LapqConfig)}
+    return f"--lapq-opt {field}" if field in lapq else f"--method-opt {field}"

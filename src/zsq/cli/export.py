@@ -1,0 +1,113 @@
+"""``zsq export`` (a finished run's student as integer tensors or ONNX Q/DQ, checked before the
+files take their names) and ``zsq eval-export`` (top-1 of such a file)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from zsq.cli._common import add_common
+from zsq.errors import ZsqError
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a quantize run's student as integer tensors + manifest, or ONNX Q/DQ",
+    )
+    p.add_argument("dir", help="the output folder of a finished `zsq quantize` run")
+    p.add_argument(
+        "--format",
+        choices=("int", "onnx"),
+        required=True,
+        help="int: codes (two per byte at 4 bits and below), scales, zero points in safetensors "
+        "+ a JSON manifest; onnx: QuantizeLinear/DequantizeLinear graph (needs zsq[onnx])",
+    )
+    p.add_argument(
+        "--out",
+        help="file to write (default DIR/student.int.safetensors or DIR/student.onnx); its "
+        "folder must exist",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the file(s) the export writes (with --format int also the .json manifest "
+        "beside it) when they exist",
+    )
+    p.add_argument("--sizes", action="store_true", help="print FP32/int8/packed bytes per layer")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_common(p)
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser(
+        "eval-export",
+        help="top-1/top-5 of an exported model: an integer export reloaded, or ONNX in onnxruntime",
+    )
+    p.add_argument("file", help="a .safetensors integer export or a .onnx file from zsq export")
+    p.add_argument("--data", required=True, help="dataset spec (see zsq eval)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    p.set_defaults(func=run_eval_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from zsq.export import size_table
+    from zsq.run.export import export_run
+
+    result = export_run(args.dir, args.format, args.out, overwrite=args.overwrite)
+    sizes = result["sizes"]
+    if not args.sizes:
+        result["sizes"] = sizes["total"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        check = result["check"]
+        print(f"wrote {result['out']} ({result['bytes']:,} bytes); {check['summary']}")
+        if args.sizes:
+            print(size_table(sizes))
+    return 0
+
+
+def run_eval_export(args: argparse.Namespace) -> int:
+    from torch.utils.data import Subset
+
+    from zsq.data import load_dataset_for
+    from zsq.evaluate import evaluate
+
+    started = time.perf_counter()
+    path = Path(args.file)
+    if path.suffix == ".onnx":
+        from zsq.export.onnx import OnnxRuntimeModel
+
+        model = OnnxRuntimeModel(path)
+        info, runtime = model.info, "onnxruntime (CPU)"
+    elif path.suffix == ".safetensors":
+        from zsq.export import load_int, read_manifest
+
+        model, info, runtime = load_int(path), read_manifest(path)[0]["model"], "zsq (PyTorch)"
+    else:
+        raise ZsqError(f"{path}: give a .onnx or .safetensors file written by zsq export")
+    if "image_shape" not in info or "num_classes" not in info:
+        raise ZsqError(f"{path} has no zsq metadata (image shape, classes); export it with zsq")
+    dataset = load_dataset_for(args.data, info)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ZsqError(f"--limit must be >= 1, got {args.limit}")
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    result = evaluate(model, dataset, device="cpu", progress=not args.quiet)
+    out = {
+        "file": str(path),
+        "runtime": runtime,
+        "data": args.data,
+        "top1": round(result.top1, 2),
+        "top5": round(result.top5, 2),
+        "n": result.n,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    text = f"top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  ({result.n} images)"
+    print(json.dumps(out) if args.json else f"{path.name} in {runtime}: {text}")
+    return 0

@@ -1,0 +1,138 @@
+"""Every file name of a run folder, its checkpoint and its exports, in one place.
+
+A run, a method, an export or an analysis that writes or reads a run folder asks a
+:class:`RunLayout` for the path; nothing else spells these names. Pure path logic (no torch), so
+every layer of zsq can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PARTIAL_SUFFIX = ".partial"  # a run in progress writes into OUT.partial, renamed to OUT at the end
+DIGEST_SUFFIX = ".sha256"  # a verified file's sha256 beside it (sha256sum style)
+EXPORT_FILES = {"int": "student.int.safetensors", "onnx": "student.onnx"}
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of the run folder ``folder`` (a finished ``OUT`` or a working ``OUT.partial``)."""
+
+    folder: Path
+
+    MARKER = ".zsq-run"  # the run record: options that define the run, seconds per session
+    STUDENT = "student.safetensors"
+    QUANT = "quant.json"
+    REPORT = "report.json"
+    REPORT_MD = "report.md"
+    METRICS = "metrics.jsonl"  # per-epoch measurements of a distillation
+    CHECKPOINT_DIR = "checkpoint"
+    CHECKPOINT = "last.pt"
+    BITS = "bits.json"  # a mixed-precision allocation
+    ALLOCATION_DIR = "allocation"  # the allocator's synthetic images
+    CALIBRATION = "calibration.safetensors"  # synthetic calibration images, kept for a resume
+    GENERATOR = "generator.safetensors"  # a trained sample source's state, kept for analysis
+    POOL = "synthetic.safetensors"  # a pool source's images (ViT methods), kept for a resume
+    ANALYSIS_DIR = "analysis"  # where `zsq analyze` writes by default
+    # What zsq writes into a run folder, as glob patterns: the run itself, and the exports and
+    # analyses whose default place it is. Anything else there is the user's.
+    COMMON_ENTRIES = (
+        MARKER,
+        CHECKPOINT_DIR,
+        "student.*",
+        REPORT,
+        REPORT_MD,
+        QUANT,
+        METRICS,
+        BITS,
+        ALLOCATION_DIR,
+        "init_*.json",
+        ".*.tmp",  # a write or an export cut short (atomic writes go through such names)
+        CALIBRATION,
+        GENERATOR,
+        POOL,
+        ANALYSIS_DIR,
+    )
+    # the files a finished run's student is rebuilt from (export, analysis)
+    STUDENT_FILES = (MARKER, REPORT, STUDENT)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.folder / name
+
+    @property
+    def marker(self) -> Path:
+        return self.folder / self.MARKER
+
+    @property
+    def student(self) -> Path:
+        return self.folder / self.STUDENT
+
+    @property
+    def quant(self) -> Path:
+        return self.folder / self.QUANT
+
+    @property
+    def report(self) -> Path:
+        return self.folder / self.REPORT
+
+    @property
+    def report_md(self) -> Path:
+        return self.folder / self.REPORT_MD
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / self.METRICS
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder / self.CHECKPOINT_DIR
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoint_dir / self.CHECKPOINT
+
+    @property
+    def bits(self) -> Path:
+        return self.folder / self.BITS
+
+    @property
+    def allocation_dir(self) -> Path:
+        return self.folder / self.ALLOCATION_DIR
+
+    @property
+    def calibration(self) -> Path:
+        return self.folder / self.CALIBRATION
+
+    @property
+    def generator(self) -> Path:
+        return self.folder / self.GENERATOR
+
+    @property
+    def pool(self) -> Path:
+        return self.folder / self.POOL
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.folder / self.ANALYSIS_DIR
+
+    def init_report(self, method: str) -> Path:
+        """What the method a distillation started from (``init``) reported."""
+        return self.folder / f"init_{method}.json"
+
+    def export(self, fmt: str) -> Path:
+        """Where ``zsq export --format fmt`` writes by default."""
+        return self.folder / EXPORT_FILES[fmt]
+
+
+def digest_file(path: Path) -> Path:
+    """The sha256 file written beside a verified file."""
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def manifest_file(export: Path) -> Path:
+    """The JSON manifest beside an integer export."""
+    return export.with_suffix(".json")
