@@ -89,7 +89,7 @@ def test_arguments_are_checked_before_any_work(teacher, tmp_path, monkeypatch):
         ({"image_shape": (3, 8, 8)}, "3 channel(s) but the model's first layer takes 1"),
         ({"image_shape": (1, 0, 8)}, "image_shape"),
         ({"num_classes": 0}, "num_classes"),
-        ({"quant": QuantSpec(overrides={"conv*": {"wbits": 8}})}, "'conv*' (quant overrides)"),
+        ({"quant": QuantSpec(overrides={"conv*": {"wbits": 8}})}, "'conv*' (quant.overrides)"),
         ({"quant": 4}, "quant must be a zsq.quant.QuantSpec"),
         ({"seed": 10**20}, "seed must be a whole number"),
     ]

@@ -2,6 +2,7 @@
 library code leaves flag names to the CLI (docs/architecture.md)."""
 
 import ast
+import re
 from pathlib import Path
 
 import zsq
@@ -118,3 +119,35 @@ def test_layers_point_down():
     for low, highs in below.items():
         for high in highs:
             assert high not in graph.get(low, set()), f"{low} imports {high}"
+
+
+# a library message may name torchrun's flags, and a whole `zsq ...` command (the advice for a run
+# folder another command made)
+TORCHRUN_FLAGS = {"--nproc-per-node"}
+COMMAND = re.compile(r"`zsq [a-z-]+ [^`]*`")
+
+
+def raised_messages(path: Path) -> list[tuple[int, str]]:
+    """The string parts of every ``raise ...(...)`` in a module (f-string parts included)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            for arg in node.exc.args:
+                parts = [n.value for n in ast.walk(arg) if isinstance(n, ast.Constant)]
+                text = "".join(p for p in parts if isinstance(p, str))
+                found.append((node.lineno, text))
+    return found
+
+
+def test_library_errors_leave_flag_names_to_the_cli():
+    """Outside ``zsq/cli`` an error names options as the library does («field» markers the CLI
+    rewords); a flag appears only inside a whole command (`zsq quantize ... --resume DIR`)."""
+    offenders = []
+    for path in SOURCE.rglob("*.py"):
+        if "cli" in path.relative_to(SOURCE).parts:
+            continue
+        for line, text in raised_messages(path):
+            flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", COMMAND.sub("", text)))
+            if flags - TORCHRUN_FLAGS:
+                offenders.append(f"{path.relative_to(SOURCE)}:{line}: {sorted(flags)}")
+    assert offenders == []

@@ -146,7 +146,7 @@ class Toy(MethodConfig):
 
     def __post_init__(self) -> None:
         if not isinstance(self.scale, (int, float)) or not self.scale > 0:
-            raise ConfigError(f"scale must be a number > 0, got {self.scale!r}", fields=["scale"])
+            raise ConfigError(f"«scale» must be a number > 0, got {self.scale!r}")
 
 
 class ToyHandler(MethodHandler):
@@ -185,7 +185,7 @@ def test_a_method_registered_here_runs_through_the_cli_and_the_api(toy, teachers
     assert main([*argv, "--method-opt", "scale=-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--method-opt scale must be a number > 0" in capsys.readouterr().err
     assert main([*argv, "--ait", "--out", str(tmp_path / "bad")]) == 2
-    assert "--ait has no effect with method toy" in capsys.readouterr().err
+    assert "--ait has no effect with --method toy" in capsys.readouterr().err
     from zsq.models import load_teacher
 
     teacher, meta = load_teacher(None, weights, image_size=8)

@@ -128,7 +128,7 @@ def test_load_teacher_needs_a_name_from_somewhere(tmp_path):
     save_file(create_model(VIT, model_kwargs=SMALL).state_dict(), weights)
     with pytest.raises(ZsqError) as err:
         load_teacher(None, weights)
-    assert "--model" in _one_line(err)
+    assert "give model NAME" in _one_line(err)  # the CLI spells it --model
     model, meta = load_teacher(VIT, weights, model_kwargs=SMALL)  # all from the arguments
     assert meta.image_size == 16 and meta.model == VIT and not model.training
 

@@ -102,7 +102,9 @@ def init_from_env(device: str | None = "auto") -> World:
         raise ZsqError("this torch build has no torch.distributed; run one process")
     cuda = device not in ("cpu",) and torch.cuda.is_available()
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ZsqError(f"device {device!r} requested but CUDA is not available; use device cpu")
+        raise ConfigError(
+            f"«device» {device!r} requested but CUDA is not available; use «device» cpu"
+        )
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -149,9 +151,8 @@ def local_batch_size(batch_size: int, current: World) -> int:
     if batch_size % current.size:
         raise ConfigError(
             f"the batch size {batch_size} does not split evenly over {current.size} processes; "
-            f"use a multiple of {current.size} (overrides batch_size=...) or another process "
+            f"use a multiple of {current.size} (the recipe field batch_size) or another process "
             "count",
-            fields=["overrides"],
         )
     return batch_size // current.size
 
@@ -347,11 +348,15 @@ def on_main(fn: Callable[[], T]) -> T:
     if current.is_main:
         try:
             outcome = ("ok", fn())
+        except ConfigError as err:  # its marked options, so every rank words it alike
+            outcome, failure = ("config", err.template), err
         except ZsqError as err:
             outcome, failure = ("error", str(err)), err
     outcome = broadcast_object(outcome)
     if failure is not None:
         raise failure
+    if outcome[0] == "config":
+        raise ConfigError(outcome[1])
     if outcome[0] == "error":
         raise ZsqError(outcome[1])
     return outcome[1]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+FIELD = re.compile(r"«([^«»|]+)(?:\|([^«»]*))?»")
 
 
 class ZsqError(Exception):
@@ -14,22 +16,27 @@ class ZsqError(Exception):
 
 
 class ConfigError(ZsqError):
-    """A bad value or a misplaced option of a config, worded in the config's own field names.
+    """A bad value or a misplaced option, worded in the library's own names for its options.
 
-    ``fields`` are the names the message uses; a front end that spells them differently (the
-    CLI's flags) rewords the message with :meth:`reworded`, and library code never needs to know
-    how a flag is spelt.
+    The message marks each option it names: ``«calib_size»``, or ``«in_channels|the channels of
+    image_shape»`` where the library words it otherwise. ``str()`` shows the names (or those
+    words); a front end that spells options its own way (the CLI's flags) gets the message from
+    :meth:`reworded`, so library code never needs to know how a flag is spelt.
     """
 
-    def __init__(self, message: str, *, fields: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.fields = tuple(fields)
+    def __init__(self, message: str) -> None:
+        self.template = message
+        super().__init__(FIELD.sub(lambda m: m.group(2) or m.group(1), message))
 
-    def reworded(self, spelling: Callable[[str], str]) -> str:
-        """The message with each of its field names replaced by ``spelling(name)``."""
-        text = str(self)
-        for name in sorted(set(self.fields), key=len, reverse=True):  # calib_size before calib
-            after = r"(?![\w-])" if re.match(r"\w", name[-1]) else ""  # 'image_size=' ends a token
-            pattern = rf"(?<![\w.-]){re.escape(name)}{after}"
-            text = re.sub(pattern, lambda _, name=name: spelling(name), text)
-        return text
+    @property
+    def fields(self) -> list[str]:
+        """The option names the message marks, in order."""
+        return [match.group(1) for match in FIELD.finditer(self.template)]
+
+    def reworded(self, spelling: Callable[[str], str | None]) -> str:
+        """The message with each marked option spelt ``spelling(name)`` (None: as ``str()``)."""
+
+        def spell(match: re.Match) -> str:
+            return spelling(match.group(1)) or match.group(2) or match.group(1)
+
+        return FIELD.sub(spell, self.template)

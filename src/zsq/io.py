@@ -85,13 +85,8 @@ def _refuse_mixed(folder: Path, what: str, entries: Sequence[str]) -> None:
     shown = ", ".join(users_entries(folder, entries)[:5])
     raise ConfigError(
         f"{folder} is a zsq run but also holds files zsq did not write ({shown}); {what} would "
-        "delete them: move them out first or choose another work_dir",
-        fields=FOLDER_FIELDS,
+        "delete them: move them out first or choose another «work_dir»",
     )
-
-
-# how the messages below name the run's options (a front end spells them its own way)
-FOLDER_FIELDS = ("work_dir", "work_dir=", "overwrite=True", "resume=True", "resume=True, work_dir=")
 
 
 def check_output_dir(
@@ -110,12 +105,12 @@ def check_output_dir(
     path, work = output_path(out), partial_dir(out)
     kind, work_kind = _kind(path, entries), _kind(work, entries)
     if kind == "file":
-        _refuse(f"{out} is a file, not a folder; choose another work_dir")
+        _refuse(f"{out} is a file, not a folder; choose another «work_dir»")
     if path.is_symlink() or work.is_symlink():
-        _refuse(f"{out} is a symbolic link; give the real folder's path as work_dir")
+        _refuse(f"{out} is a symbolic link; give the real folder's path as «work_dir»")
     if work_kind in ("file", "foreign"):
         _refuse(
-            f"{work} exists and is not a zsq run folder; move it away or choose another work_dir"
+            f"{work} exists and is not a zsq run folder; move it away or choose another «work_dir»"
         )
     if work_kind == "mixed" and not resume:
         _refuse_mixed(work, "starting again", entries)
@@ -129,29 +124,29 @@ def check_output_dir(
 
 
 def _refuse(message: str) -> None:
-    raise ConfigError(message, fields=FOLDER_FIELDS)
+    raise ConfigError(message)
 
 
 def _check_new(out: Path | str, kind: str, work: Path, work_kind: str, overwrite: bool) -> None:
     if kind == "foreign":
         _refuse(
-            f"output folder {out} already exists and is not a zsq run; overwrite=True replaces "
-            "only an empty folder or a zsq run: choose another work_dir"
+            f"output folder {out} already exists and is not a zsq run; «overwrite=True» replaces "
+            "only an empty folder or a zsq run: choose another «work_dir»"
         )
     if work_kind != "missing" and not overwrite:
         if RunLayout(work).checkpoint.exists():
             _refuse(
-                f"{work} holds an unfinished run; continue it with resume=True or use "
-                "overwrite=True to start again"
+                f"{work} holds an unfinished run; continue it with «resume=True» or pass "
+                "«overwrite=True» to start again"
             )
         _refuse(
-            f"{work} holds a run that stopped before its first checkpoint; pass overwrite=True "
+            f"{work} holds a run that stopped before its first checkpoint; pass «overwrite=True» "
             "to start again"
         )
     if kind != "missing" and not overwrite:
         _refuse(
-            f"output folder {out} already exists; pass overwrite=True to replace it or choose "
-            "another work_dir"
+            f"output folder {out} already exists; pass «overwrite=True» to replace it or choose "
+            "another «work_dir»"
         )
 
 
@@ -164,17 +159,17 @@ def _check_resumable(
             run = path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
             _refuse(
                 f"{out} is the working folder of the unfinished run {run}; resume that run "
-                f"instead: resume=True, work_dir={run}"
+                f"instead: «resume=True, work_dir=»{run}"
             )
         if kind == "run":
             _refuse(f"the run in {out} already finished; there is nothing to resume")
         if kind == "foreign":
             _refuse(f"{out} is not a zsq run and {work} does not exist; nothing to resume")
-        _refuse(f"there is no unfinished run {work} to resume; start one without resume=True")
+        _refuse(f"there is no unfinished run {work} to resume; start one without «resume=True»")
     if not RunLayout(work).checkpoint.exists():
         _refuse(
             f"{work} holds no checkpoint (the run stopped before its first one); start it again "
-            f"with work_dir={out} overwrite=True"
+            f"with «work_dir=»{out} «overwrite=True»"
         )
     if kind == "foreign":
         _refuse(
@@ -183,7 +178,7 @@ def _check_resumable(
         )
     if kind != "missing" and not overwrite:
         _refuse(
-            f"output folder {out} already exists; pass overwrite=True to replace it with the "
+            f"output folder {out} already exists; pass «overwrite=True» to replace it with the "
             "resumed run"
         )
 
@@ -195,7 +190,7 @@ def _check_writable(path: Path) -> None:
     try:  # a real probe: permission bits say nothing for root or for special filesystems
         Path(tempfile.mkdtemp(dir=parent, prefix=".zsq-probe-")).rmdir()
     except OSError:
-        _refuse(f"cannot write to {parent}; choose a work_dir you can write to")
+        _refuse(f"cannot write to {parent}; choose a «work_dir» you can write to")
 
 
 @contextmanager
@@ -255,8 +250,7 @@ def run_lock(out: Path | str) -> Iterator[None]:
             holder = lock.read().strip() or "?"
             raise ConfigError(
                 f"{out} is in use by another zsq run (process {holder}); wait for it to end or "
-                "choose another work_dir",
-                fields=FOLDER_FIELDS,
+                "choose another «work_dir»",
             ) from None
         lock.seek(0)
         lock.truncate()

@@ -217,16 +217,14 @@ def _require_generator(run: FinishedRun) -> None:
     if source is None:
         raise ConfigError(
             f"{run.folder} is a {run.method} run: it has no generator to draw a synthetic batch "
-            "from; give data (real images) to measure on",
-            fields=["data"],
+            "from; give «data» (real images) to measure on",
         )
     if _keeps_pool(source):
         _pool_file(run)
     elif not run.layout.generator.is_file():
         raise ConfigError(
-            f"{run.folder}: this run predates {run.layout.GENERATOR}; rerun it, or give data "
+            f"{run.folder}: this run predates {run.layout.GENERATOR}; rerun it, or give «data» "
             "(real images) to measure on",
-            fields=["data"],
         )
 
 
@@ -239,9 +237,8 @@ def _pool_file(run: FinishedRun) -> Path:
             return path
     raise ConfigError(
         f"{run.folder}: the {run.base_method} images it distilled on are gone "
-        f"({run.layout.POOL}{', ' + str(cache) if cache else ''}); give data (real images) to "
+        f"({run.layout.POOL}{', ' + str(cache) if cache else ''}); give «data» (real images) to "
         "measure on",
-        fields=["data"],
     )
 
 
@@ -262,15 +259,15 @@ def _teacher(run: FinishedRun, info: dict[str, Any], weights: str | Path | None)
 
     path = Path(weights) if weights is not None else _report_weights(run)
     if not path.is_file():
-        raise ZsqError(
+        raise ConfigError(
             f"the run's teacher weights {path} are not found from here; run from the folder the "
-            "run was made in, or give the file with --weights"
+            "run was made in, or give the file («weights»)"
         )
     expected = run.options.get("teacher.weights_sha256")
     if expected and sha256_file(path) != expected:
-        raise ZsqError(
+        raise ConfigError(
             f"{path} is not the teacher this run distilled from (its sha256 differs from the "
-            "run's); give the run's teacher weights with --weights"
+            "run's); give the run's teacher weights («weights»)"
         )
     teacher, _ = load_teacher(
         info["name"],
@@ -380,7 +377,7 @@ def real_batch(
 
     dataset = load_dataset_for(spec, info)
     if len(dataset) < batch_size:
-        raise ZsqError(f"{spec} has {len(dataset)} test images; use --batch-size {len(dataset)}")
+        raise ConfigError(f"{spec} has {len(dataset)} test images; use «batch_size» {len(dataset)}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     samples = [dataset[int(i)] for i in order[:batch_size]]
     images = torch.stack([image for image, _ in samples]).to(device)

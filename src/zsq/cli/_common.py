@@ -159,6 +159,10 @@ FLAGS = {
     "resume=True": "--resume",
     "resume=True, work_dir=": "--resume ",
     "out": "--out",
+    "model": "--model",
+    "model_kwargs": "--model-kwarg",
+    "normalize_std": "--normalize-std",
+    "act_placement": "--act-placement",
     "download=True": "--download",
     "in_channels": "--in-channels",
     "image_size": "--image-size",
@@ -212,9 +216,9 @@ _PREFIXES = {  # record keys by prefix: the flag that sets the rest of the key
 }
 
 
-def flag_for(field: str, typed: Mapping[str, str] | None = None) -> str:
+def flag_for(field: str, typed: Mapping[str, str] | None = None) -> str | None:
     """How this CLI spells a library field name (or a run-record key): the flag the user typed
-    for it when known (``typed``), else the usual one."""
+    for it when known (``typed``), else the usual one; None where it has no flag."""
     if typed and field in typed:
         return typed[field]
     if field in FLAGS:
@@ -226,7 +230,7 @@ def flag_for(field: str, typed: Mapping[str, str] | None = None) -> str:
         if field.startswith(prefix):
             rest = field.removeprefix(prefix)
             return FLAGS.get(rest) or option_flag(rest)
-    return field
+    return None
 
 
 def option_flag(field: str) -> str:

@@ -43,10 +43,11 @@ def _is_quantized(spec) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zsq.data import eval_transform, load_dataset
+    from zsq.data import eval_transform, load_dataset_for
     from zsq.evaluate import evaluate
     from zsq.methods import MinMax
-    from zsq.run.quantize import quantize
+    from zsq.quant import check_layer_patterns, inspect_forward
+    from zsq.run.quantize import input_space, quantize
     from zsq.runtime import resolve_device
 
     started = time.perf_counter()
@@ -69,20 +70,10 @@ def run(args: argparse.Namespace) -> int:
         method = MinMax.from_fields({k: v for k, v in fields.items() if v is not None})
     teacher, meta, shape = load_teacher(args)
     device = resolve_device(args.device)
-    dataset = load_dataset(
-        args.data,
-        split="test",
-        normalize_mean=meta.normalize_mean,
-        normalize_std=meta.normalize_std,
-        download=args.download,
-        channels=shape[0],
-        image_size=shape[1],
-        num_classes=meta.num_classes,
-    )
-    if args.limit is not None and args.limit < len(dataset):
-        from torch.utils.data import Subset
-
-        dataset = Subset(dataset, range(args.limit))
+    check_layer_patterns(teacher, spec)
+    inspect_forward(teacher, shape)  # a shape the model refuses: one line, before the data
+    info = input_space(meta, shape)
+    dataset = load_dataset_for(args.data, info, download=args.download, limit=args.limit)
     model = teacher
     if method is not None:
         model = quantize(

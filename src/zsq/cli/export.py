@@ -73,8 +73,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_eval_export(args: argparse.Namespace) -> int:
-    from torch.utils.data import Subset
-
     from zsq.data import load_dataset_for
     from zsq.evaluate import evaluate
 
@@ -93,11 +91,9 @@ def run_eval_export(args: argparse.Namespace) -> int:
         raise ZsqError(f"{path}: give a .onnx or .safetensors file written by zsq export")
     if "image_shape" not in info or "num_classes" not in info:
         raise ZsqError(f"{path} has no zsq metadata (image shape, classes); export it with zsq")
-    dataset = load_dataset_for(args.data, info)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ZsqError(f"--limit must be >= 1, got {args.limit}")
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    if args.limit is not None and args.limit < 1:
+        raise ZsqError(f"--limit must be >= 1, got {args.limit}; leave it out to evaluate all")
+    dataset = load_dataset_for(args.data, info, limit=args.limit)
     result = evaluate(model, dataset, device="cpu", progress=not args.quiet)
     out = {
         "file": str(path),

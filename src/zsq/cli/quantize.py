@@ -36,7 +36,7 @@ RECIPE_HELP = (
 
 def add_parser(sub: Any) -> None:
     from zsq.execution import COMPILE_FLAGS, PRECISIONS
-    from zsq.methods import get_method, method_names
+    from zsq.methods.base import get_method, method_list, method_names, startable_methods
 
     p = sub.add_parser("quantize", help="quantize a teacher and write the student")
     add_model_args(p)
@@ -50,7 +50,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", help="output directory (created atomically)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run writing to DIR")
-    g = p.add_argument_group("distillation (gdfq, qimera, arc, psaq, mimiq)")
+    g = p.add_argument_group(f"distillation ({method_list('distillation')})")
     g.add_argument("--recipe", help=RECIPE_HELP)
     g.add_argument("--ait", action="store_true", help="AIT: KL-only loss + gradient inundation")
     g.add_argument("--loss", choices=("ce+kl", "kl", "ce"), help="student loss (Table 2 rows)")
@@ -74,7 +74,7 @@ def add_parser(sub: Any) -> None:
         "qimera's mix_prob=0.4, zeroq's steps=500 or precision=bf16, train_steps=200 for a "
         "generator used as --calib",
     )
-    starts = [n for n in method_names() if get_method(n).handler.can_start]
+    starts = startable_methods()
     g.add_argument(
         "--init",
         choices=starts,
@@ -97,7 +97,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--eval-data", help="dataset spec to measure accuracy on (never trained on)")
     p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")
-    g = p.add_argument_group("post-training (minmax, zeroq, lapq; and --init)")
+    g = p.add_argument_group(f"post-training ({method_list('post-training')}; and --init)")
     g.add_argument(
         "--calib",
         help="calibration images: a sample source, gaussian, zeroq, gdfq, qimera or arc "

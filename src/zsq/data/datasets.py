@@ -56,9 +56,6 @@ Sample = tuple[torch.Tensor, int]
 class _Mismatch(ConfigError):
     """The data does not fit the model; ``load_dataset`` names the dataset in the message."""
 
-    def __init__(self, message: str, *fields: str) -> None:
-        super().__init__(message, fields=fields)
-
 
 class _NormalizedImages(Dataset):
     """Turns one stored image (HWC uint8, or float already in [0, 1]) into a normalised tensor.
@@ -80,8 +77,7 @@ class _NormalizedImages(Dataset):
         if model_channels is not None and channels != model_channels:
             raise _Mismatch(
                 f"its images have {channels} channel(s) but the model takes {model_channels}; "
-                f"use {model_channels}-channel data, or the model (in_channels) built for it",
-                "in_channels",
+                f"use {model_channels}-channel data, or the model («in_channels») built for it"
             )
         self.labels = np.asarray(labels, dtype=np.int64)
         self.channels = channels
@@ -184,7 +180,7 @@ def _per_channel(
             "value per channel (use the teacher's normalisation)"
         )
     if what == "normalize_std" and any(v <= 0 for v in values):
-        raise ZsqError(f"normalize_std must be positive, got {values}; fix --normalize-std")
+        raise ConfigError(f"«normalize_std» must be positive, got {values}; fix it")
     return torch.tensor(values, dtype=torch.float32).view(channels, 1, 1)
 
 
@@ -247,33 +243,42 @@ def load_dataset(
         raise ZsqError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if download and kind not in DOWNLOADABLE:
         raise ConfigError(
-            f"download=True fetches only {', '.join(DOWNLOADABLE)}; {kind} data must already be "
-            "on disk, so drop download=True",
-            fields=["download=True"],
+            f"«download=True» fetches only {', '.join(DOWNLOADABLE)}; {kind} data must already be "
+            "on disk, so drop «download=True»",
         )
     request = _Request(path, split, normalize_mean, normalize_std, download, image_size, channels)
     try:
         dataset = _LOADERS[kind](request)
         _check_fits_model(dataset, kind, image_size, num_classes)
     except _Mismatch as err:
-        raise ConfigError(f"dataset {spec} ({split} split): {err}", fields=err.fields) from None
+        raise ConfigError(f"dataset {spec} ({split} split): {err.template}") from None
     logger.info("dataset %s (%s split): %d images", spec, split, len(dataset))
     return dataset
 
 
-def load_dataset_for(spec: str, info: Mapping[str, Any], split: str = "test") -> Dataset:
+def load_dataset_for(
+    spec: str,
+    info: Mapping[str, Any],
+    split: str = "test",
+    *,
+    download: bool = False,
+    limit: int | None = None,
+) -> Dataset:
     """:func:`load_dataset` in the input space that a run's or an export's model metadata
-    describes (``image_shape``, ``num_classes``, ``normalize_mean``/``normalize_std``)."""
+    describes (``image_shape``, ``num_classes``, ``normalize_mean``/``normalize_std``); with
+    ``limit``, its first images only."""
     channels, size, _ = info["image_shape"]
-    return load_dataset(
+    dataset = load_dataset(
         spec,
         split=split,
         normalize_mean=info.get("normalize_mean"),
         normalize_std=info.get("normalize_std"),
+        download=download,
         channels=channels,
         image_size=size,
         num_classes=info["num_classes"],
     )
+    return dataset if limit is None else head(dataset, limit)
 
 
 def eval_transform(dataset: Dataset) -> str:
@@ -306,8 +311,7 @@ def _check_labels(dataset: Dataset, num_classes: int) -> None:
         raise _Mismatch(
             f"its labels run from {labels.min()} to {labels.max()} but the model has "
             f"{num_classes} classes (labels 0..{num_classes - 1}); use the data the model was "
-            "trained for, or give the model's class count (num_classes)",
-            "num_classes",
+            "trained for, or give the model's class count («num_classes»)"
         )
 
 
@@ -316,15 +320,13 @@ def _check_image_size(dataset: Dataset, image_size: int) -> None:
     if (height, width) == (image_size, image_size):
         return
     fix = (
-        f"pass image_size={height} if the model takes {height}x{width} images"
+        f"pass «image_size=»{height} if the model takes {height}x{width} images"
         if height == width
         else f"resize the images to {image_size}x{image_size}"
     )
     raise _Mismatch(
         f"its images are {height}x{width} but the model's input is {image_size}x{image_size} "
-        f"(image_size, else the weights' sidecar, else the model's usual size); {fix}",
-        "image_size",
-        "image_size=",
+        f"(«image_size», else the weights' sidecar, else the model's usual size); {fix}"
     )
 
 
@@ -348,7 +350,6 @@ def _require_dir(path: Path, kind: str, hint: str = "") -> Path:
         raise ConfigError(
             f"dataset folder {path} not found; give the folder holding the {kind} data"
             + (f" ({hint})" if hint else ""),
-            fields=["download=True"],
         )
     return path
 
@@ -371,7 +372,7 @@ def _load_torchvision_cifar(kind: str, request: _Request) -> Dataset:
     if root.name in ("cifar-10-batches-py", "cifar-100-python"):
         root = root.parent  # torchvision wants the folder *containing* the extracted batches
     if not root.is_dir() and not download:
-        _require_dir(root, kind, "pass download=True to fetch it there")
+        _require_dir(root, kind, "pass «download=True» to fetch it there")
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
     if download:
         _fetch(kind, root, lambda: cls(root=str(root), train=request.train, download=True))
@@ -379,9 +380,8 @@ def _load_torchvision_cifar(kind: str, request: _Request) -> Dataset:
         raw = cls(root=str(root), train=request.train)
     except RuntimeError as exc:
         raise ConfigError(
-            f"{kind} not found in {root} ({exc}); pass download=True to fetch it, or give the "
+            f"{kind} not found in {root} ({exc}); pass «download=True» to fetch it, or give the "
             "folder that contains the extracted python batches",
-            fields=["download=True"],
         ) from exc
     return ImageArrayDataset(raw.data, np.asarray(raw.targets), **request.norm)
 
@@ -457,8 +457,7 @@ def _fetch(kind: str, root: Path, download: Callable[[], Any]) -> None:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
             f"cannot download {kind} into {root} ({reason}); check the network connection, or "
-            "download the files by hand and give their folder without download=True",
-            fields=["download=True"],
+            "download the files by hand and give their folder without «download=True»",
         ) from exc
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from zsq.errors import ConfigError
 
-EXPORT_FIELDS = ("out", "overwrite=True")  # how the messages name the export's options
-
 
 def check_targets(
     targets: list[Path], *, overwrite: bool = False, keep: Iterable[Path] = ()
@@ -24,25 +22,19 @@ def check_targets(
     folder = targets[0].parent
     if not folder.is_dir():
         raise ConfigError(
-            f"out {targets[0]}: the folder {folder} does not exist; create it first",
-            fields=EXPORT_FIELDS,
+            f"«out» {targets[0]}: the folder {folder} does not exist; create it first",
         )
     kept = {_real(p) for p in keep}
     for target in targets:
         role = "" if target == targets[0] else f" (written with {targets[0].name})"
         if target.is_dir():
-            raise ConfigError(
-                f"{target}{role} is a folder; choose another out", fields=EXPORT_FIELDS
-            )
+            raise ConfigError(f"{target}{role} is a folder; choose another «out»")
         if _real(target) in kept:
             raise ConfigError(
-                f"{target} is a file of the run being exported; choose another out",
-                fields=EXPORT_FIELDS,
+                f"{target} is a file of the run being exported; choose another «out»",
             )
         if os.path.lexists(target) and not overwrite:
-            raise ConfigError(
-                f"{target}{role} exists; pass overwrite=True to replace it", fields=EXPORT_FIELDS
-            )
+            raise ConfigError(f"{target}{role} exists; pass «overwrite=True» to replace it")
 
 
 def _real(path: Path) -> Path:

@@ -165,7 +165,7 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     for p in (path, mpath):
         if not p.is_file():
             raise ZsqError(
-                f"{p} not found; give the .safetensors file `zsq export --format int` wrote"
+                f"{p} not found; give the .safetensors file of an integer export (with its .json)"
             )
     text = mpath.read_text()
     try:
@@ -175,7 +175,7 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except Exception as err:  # safetensors raises its own types for a damaged file
         raise ZsqError(f"cannot read {path}: {err}; export it again") from None
     if metadata.get("format") != FORMAT:
-        raise ZsqError(f"{path} is not a zsq integer export; make one with zsq export --format int")
+        raise ZsqError(f"{path} is not a zsq integer export; export the run as integer tensors")
     if hashlib.sha256(text.encode()).hexdigest() != metadata.get("manifest_sha256"):
         raise ZsqError(
             f"{mpath} does not match {path.name} (edited or truncated); export the run again"

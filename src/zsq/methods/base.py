@@ -36,13 +36,11 @@ class MethodConfig:
     Class attributes a subclass may set:
     ``SPEED_FIELDS``: fields that change how fast a run goes, not its result (a resume may change
     them; the run record leaves them out). ``REFUSAL``: why an option of other methods has no
-    effect with this one, and what to do instead (``{it}`` is 'it' or 'them'; ``{distillation}``
-    and ``{post_training}`` list the methods of each family).
+    effect with this one, and what to do instead (``{it}`` is 'it' or 'them').
     """
 
     SPEED_FIELDS: ClassVar[tuple[str, ...]] = ()
     REFUSAL: ClassVar[str] = "drop {it}"
-    REFUSAL_FIELDS: ClassVar[tuple[str, ...]] = ()  # field names REFUSAL's text uses
 
     @property
     def method(self) -> str:
@@ -77,8 +75,8 @@ class MethodConfig:
         return {name: as_record(value) for name, value in values.items()}
 
     def sample_sources(self) -> list[tuple[str, str]]:
-        """The sample sources this config draws from, as (source, where it is named, e.g.
-        'calib zeroq'): the run checks each fits the teacher before any work."""
+        """The sample sources this config draws from, as (source, where it is named, with the
+        option marked: '«calib» zeroq'): the run checks each fits the teacher before any work."""
         return []
 
     def datasets(self) -> list[tuple[str, str]]:
@@ -112,17 +110,19 @@ def dataset_label(dataset: Dataset) -> str:
 
 
 def refusal(cls: type[MethodConfig], names: list[str]) -> ConfigError:
-    """'recipe has no effect with method minmax (...)': options the method would ignore."""
+    """'recipe has no effect with method minmax (...)': options the method would ignore, with
+    the methods that do take them."""
     name = registered_name(cls)
-    shown = ", ".join(names)
+    shown = ", ".join(f"«{n}»" for n in names)
     verb = "has" if len(names) == 1 else "have"
-    hint = cls.REFUSAL.format(
-        it="it" if len(names) == 1 else "them",
-        distillation=method_list("distillation"),
-        post_training=method_list("post-training"),
-    )
-    fields = [*names, *cls.REFUSAL_FIELDS]
-    return ConfigError(f"{shown} {verb} no effect with method {name}; {hint}", fields=fields)
+    takers = [m.name for m in _METHODS.values() if set(names) & _field_names(m.config)]
+    taken = f" (an option of {', '.join(takers)})" if takers else ""
+    hint = cls.REFUSAL.format(it="it" if len(names) == 1 else "them")
+    return ConfigError(f"{shown} {verb} no effect with «method» {name}{taken}; {hint}")
+
+
+def _field_names(config: type[MethodConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(config) if f.init}
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -244,8 +244,7 @@ def get_method(name: str) -> Method:
     key = str(name).strip().lower()
     if key not in _METHODS:
         raise ConfigError(
-            f"unknown method {name!r}; choose one of {', '.join(method_names())}",
-            fields=["method"],
+            f"unknown «method» {name!r}; choose one of {', '.join(method_names())}",
         )
     return _METHODS[key]
 
@@ -258,12 +257,16 @@ def method_of(config: MethodConfig) -> Method:
     raise ConfigError(
         f"{type(config).__name__} is not the config of a registered method; register it with "
         "zsq.methods.register_method",
-        fields=[],
     )
 
 
 def registered_name(config: type[MethodConfig]) -> str:
     return next((m.name for m in _METHODS.values() if m.config is config), config.__name__)
+
+
+def startable_methods() -> tuple[str, ...]:
+    """The methods whose student can start a distillation (``init``)."""
+    return tuple(m.name for m in _METHODS.values() if m.handler.can_start)
 
 
 def method_list(family: str) -> str:

@@ -47,8 +47,8 @@ class Calibrated(MethodConfig):
     calib_options: Mapping[str, Any] = field(default_factory=dict)
 
     REFUSAL: ClassVar[str] = (
-        "it is a post-training method (no distillation): drop {it}, or choose a distillation "
-        "method ({distillation})"
+        "it is a post-training method (it calibrates, it does not distil): drop {it}, or use a "
+        "method that takes {it}"
     )
 
     def __post_init__(self) -> None:
@@ -62,13 +62,11 @@ class Calibrated(MethodConfig):
     def _check_calibration(self) -> None:
         size = self.calib_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ConfigError(
-                f"calib_size must be a positive whole number, got {size!r}", fields=["calib_size"]
-            )
+            raise ConfigError(f"«calib_size» must be a positive whole number, got {size!r}")
         if not isinstance(self.calib_options, Mapping):
             raise ConfigError(
-                f"calib_options must be a dict of option -> value, got {self.calib_options!r:.60}",
-                fields=["calib_options"],
+                "«calib_options» must be a dict of option -> value, got "
+                f"{self.calib_options!r:.60}",
             )
         calib = self.calib
         if isinstance(calib, str):
@@ -76,16 +74,14 @@ class Calibrated(MethodConfig):
             object.__setattr__(self, "calib", calib.lower() if is_source(calib) else calib)
         elif not isinstance(calib, Dataset):
             raise ConfigError(
-                f"calib must be a sample source name, a dataset spec or a labelled Dataset, got "
+                f"«calib» must be a sample source name, a dataset spec or a labelled Dataset, got "
                 f"{type(calib).__name__} {calib!r:.60}",
-                fields=["calib"],
             )
         made = is_source(self.calib) and self.calib != NOISE
         if self.calib_options and not made:
             raise ConfigError(
-                f"calib_options has no effect with calib {self.calib_text} (they configure a "
+                f"«calib_options» has no effect with «calib» {self.calib_text} (they configure a "
                 "synthetic calibration source such as zeroq or gdfq); drop them",
-                fields=["calib_options", "calib"],
             )
         if made:
             check_calibration_options(self.calib, dict(self.calib_options))
@@ -101,7 +97,7 @@ class Calibrated(MethodConfig):
 
     def sample_sources(self) -> list[tuple[str, str]]:
         if is_source(self.calib) and self.calib != NOISE:
-            return [(self.calib, f"calib {self.calib}")]
+            return [(self.calib, f"«calib» {self.calib}")]
         return []
 
     def datasets(self) -> list[tuple[str, str]]:

@@ -25,9 +25,8 @@ from zsq.methods.base import (
     MethodConfig,
     MethodHandler,
     Outcome,
-    get_method,
-    method_names,
     method_of,
+    startable_methods,
 )
 from zsq.quant import quantize_model
 from zsq.recipes import AIT_CHANGES, DistillRecipe, apply_overrides, get_recipe
@@ -72,11 +71,10 @@ class Distillation(MethodConfig):
     RECIPE_CHANGES: ClassVar[Mapping[str, Any]] = {}  # fields the method sets before overrides
     SPEED_FIELDS: ClassVar[tuple[str, ...]] = ("execution",)
     REFUSAL: ClassVar[str] = (
-        "its activation ranges come from its synthetic samples and calibration data only serves "
-        "a post-training start (init): drop {it}, start from one (init lapq), or use a "
-        "post-training method ({post_training})"
+        "its activation ranges come from its synthetic samples, and calibration data only serves "
+        "a post-training start («init»): drop {it}, start from one («init» lapq), or use a "
+        "method that takes {it}"
     )
-    REFUSAL_FIELDS: ClassVar[tuple[str, ...]] = ("init",)
 
     @classmethod
     def smoke(cls):
@@ -84,22 +82,19 @@ class Distillation(MethodConfig):
 
     def __post_init__(self) -> None:
         if not isinstance(self.ait, bool):
-            raise ConfigError(f"ait must be True or False, got {self.ait!r:.60}", fields=["ait"])
+            raise ConfigError(f"«ait» must be True or False, got {self.ait!r:.60}")
         if not isinstance(self.overrides, (Mapping, list)):
             raise ConfigError(
-                f"overrides must be a dict of recipe field -> value, got {self.overrides!r:.60}",
-                fields=["overrides"],
+                f"«overrides» must be a dict of recipe field -> value, got {self.overrides!r:.60}",
             )
         if not isinstance(self.source_options, Mapping):
             raise ConfigError(
-                f"source_options must be a dict of option -> value, got "
+                f"«source_options» must be a dict of option -> value, got "
                 f"{self.source_options!r:.60}",
-                fields=["source_options"],
             )
         if not isinstance(self.execution, Execution):
             raise ConfigError(
-                f"execution must be a zsq.execution.Execution, got {self.execution!r:.60}",
-                fields=["execution"],
+                f"«execution» must be a zsq.execution.Execution, got {self.execution!r:.60}",
             )
         object.__setattr__(self, "resolved", self._resolve_recipe())
         check_source_options(self.SOURCE, dict(self.source_options))
@@ -110,8 +105,7 @@ class Distillation(MethodConfig):
         recipe = self.recipe
         if recipe is not None and not isinstance(recipe, (str, DistillRecipe)):
             raise ConfigError(
-                f"recipe must be a preset name or a DistillRecipe, got {recipe!r:.60}",
-                fields=["recipe"],
+                f"«recipe» must be a preset name or a DistillRecipe, got {recipe!r:.60}",
             )
         base = recipe if isinstance(recipe, DistillRecipe) else get_recipe(recipe or DEFAULT_RECIPE)
         if self.ait:
@@ -122,13 +116,12 @@ class Distillation(MethodConfig):
     def _check_init(self) -> None:
         if self.init is None:
             return
-        starts = [n for n in method_names() if get_method(n).handler.can_start]
+        starts = startable_methods()
         if not isinstance(self.init, MethodConfig) or not method_of(self.init).handler.can_start:
             shown = type(self.init).__name__
             raise ConfigError(
-                f"init must be the config of a method a distillation can start from "
+                f"«init» must be the config of a method a distillation can start from "
                 f"({', '.join(starts)}), got {shown}",
-                fields=["init"],
             )
 
     def record(self) -> dict[str, Any]:
@@ -139,7 +132,7 @@ class Distillation(MethodConfig):
         return {**record, "recipe": self.resolved.to_dict()}
 
     def sample_sources(self) -> list[tuple[str, str]]:
-        own = [(self.SOURCE, f"method {self.method}")]
+        own = [(self.SOURCE, f"«method» {self.method}")]
         return own + (self.init.sample_sources() if self.init is not None else [])
 
     def datasets(self) -> list[tuple[str, str]]:

@@ -44,25 +44,18 @@ class LapqHandler(MethodHandler):
     can_start = True
 
     def run(self, config: LAPQ, ctx: Context) -> Outcome:
-        images = calibration_images(config, ctx)
-        student, lapq = lapq_quantize(
-            ctx.teacher, ctx.quant, images, config, device=ctx.device, progress=ctx.progress
-        )
+        student, images, lapq = _lapq(config, ctx, keep=True)
         return Outcome(student, {**calibration_report(images), "lapq": lapq})
 
     def check_allocation(self, config: LAPQ) -> None:
         if config.layers == "paper":
             raise ConfigError(
-                "LAPQ layers 'paper' keeps three layers in full precision, which a bit "
-                "allocation counts as quantized; use layers 'all' with a budget",
-                fields=["layers"],
+                "LAPQ «layers» 'paper' keeps three layers in full precision, which a bit "
+                "allocation counts as quantized; use «layers» 'all' with a «budget»",
             )
 
     def start(self, config: LAPQ, ctx: Context, student: nn.Module) -> dict[str, Any]:
-        images = calibration_images(config, ctx, keep=False)
-        start, lapq = lapq_quantize(
-            ctx.teacher, ctx.quant, images, config, device=ctx.device, progress=ctx.progress
-        )
+        start, images, lapq = _lapq(config, ctx, keep=False)
         carry_over(start, student)
         log.info("student initialised from LAPQ (calibration loss %.4f)", lapq["loss_final"])
         record = {"calibration": images.description, "real_data": images.real, "lapq": lapq}
@@ -73,6 +66,15 @@ class LapqHandler(MethodHandler):
 
     def student_spec(self, report: dict[str, Any], spec: QuantSpec, model: nn.Module) -> QuantSpec:
         return lapq_spec(spec, model, report["lapq"]["config"]["layers"])
+
+
+def _lapq(config: LAPQ, ctx: Context, keep: bool) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """LAPQ's student on the config's calibration images (kept for a resume when ``keep``)."""
+    images = calibration_images(config, ctx, keep=keep)
+    student, lapq = lapq_quantize(
+        ctx.teacher, ctx.quant, images, config, device=ctx.device, progress=ctx.progress
+    )
+    return student, images, lapq
 
 
 @torch.no_grad()

@@ -23,11 +23,13 @@ class ZeroQ(MinMax):
         if not (isinstance(self.calib, str) and self.calib.strip().lower() == "zeroq"):
             shown = self.calib if isinstance(self.calib, str) else "a Dataset"
             raise ConfigError(
-                f"method zeroq calibrates on its own distilled images; drop calib, or use "
-                f"method minmax or lapq with calib {shown}",
-                fields=["calib"],
+                f"«method» zeroq calibrates on its own distilled images; drop «calib», or use "
+                f"«method» minmax or lapq with «calib» {shown}",
             )
         super().__post_init__()
+
+    def sample_sources(self) -> list[tuple[str, str]]:
+        return [("zeroq", "«method» zeroq")]
 
 
 register_method(

@@ -130,8 +130,7 @@ def build_groups(
         if count > MAX_GROUP_CHOICES:
             raise ConfigError(
                 f"activation {site.name!r} feeds {len(site.consumers)} layers: {count} joint "
-                "width options are too many; give fewer choices or act_choices",
-                fields=["choices", "act_choices"],
+                "width options are too many; give fewer «choices» or «act_choices»",
             )
         options = tuple(Option(a, tuple(w)) for a, *w in itertools.product(*parts))
         groups.append(Group(site.name, site.consumers, options))

@@ -122,13 +122,11 @@ def parse_choices(text: str | Sequence[int], name: str = "choices") -> tuple[int
     for item in items:
         bits = parse_bits(str(item).strip())
         if bits is None:
-            raise ConfigError(f"{name} takes bit widths 2..8, not 'off'", fields=[name])
+            raise ConfigError(f"«{name}» takes bit widths 2..8, not 'off'")
         widths.append(bits)
     widths = sorted(set(widths))
     if len(widths) < 2:
-        raise ConfigError(
-            f"{name} needs at least two widths, got {text!r}; e.g. 2,3,4,5,6,8", fields=[name]
-        )
+        raise ConfigError(f"«{name}» needs at least two widths, got {text!r}; e.g. 2,3,4,5,6,8")
     return tuple(widths)
 
 
@@ -167,9 +165,8 @@ class MixedConfig:
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.bits_from is None):
             raise ConfigError(
-                "a bit allocation and its options need budget (to choose the bits) or bits_from "
-                "(to reuse a run's): give one of them",
-                fields=["budget", "bits_from"],
+                "a bit allocation and its options need «budget» (to choose the bits) or "
+                "«bits_from» (to reuse a run's): give one of them",
             )
         if self.bits_from is not None:
             self._refuse_with_reuse()
@@ -180,16 +177,12 @@ class MixedConfig:
         object.__setattr__(self, "act_choices", self._act_choices())
         if self.penalty is not None and self.allocator != "penalty":
             raise ConfigError(
-                "penalty has no effect unless allocator is penalty; drop it",
-                fields=["penalty", "allocator"],
+                "«penalty» has no effect unless «allocator» is penalty; drop it",
             )
         if self.penalty is not None and not 0 <= self.penalty < float("inf"):
-            raise ConfigError(
-                f"penalty must be a finite number >= 0, got {self.penalty}", fields=["penalty"]
-            )
+            raise ConfigError(f"«penalty» must be a finite number >= 0, got {self.penalty}")
         read_options("allocation", MIXED_RULES, {k: getattr(self, k) for k in MIXED_RULES})
-        if self.source != "gaussian":  # noise takes no options and needs no check
-            check_calibration_options(self.source, dict(self.source_options))
+        check_calibration_options(self.source, dict(self.source_options))
 
     def _refuse_with_reuse(self) -> None:
         """A reused allocation is not searched: the search's options would do nothing."""
@@ -200,9 +193,8 @@ class MixedConfig:
         ]
         if given:
             raise ConfigError(
-                f"bits_from reuses a finished allocation: {', '.join(given)} would have no "
-                "effect; drop them",
-                fields=["bits_from", *given],
+                f"«bits_from» reuses a finished allocation: "
+                f"{', '.join(f'«{g}»' for g in given)} would have no effect; drop them",
             )
 
     def _act_choices(self) -> tuple[int, ...] | None:
@@ -216,14 +208,12 @@ class MixedConfig:
         widths = parse_choices(value, "act_choices")
         if not bops:
             raise ConfigError(
-                "act_choices mixes activation widths under a bops= budget only",
-                fields=["act_choices"],
+                "«act_choices» mixes activation widths under a bops= budget only",
             )
         if self.allocator != "sensitivity":
             raise ConfigError(
-                "act_choices needs the sensitivity allocator (the others keep activations at "
-                "abits); use it or drop act_choices",
-                fields=["act_choices", "allocator", "abits"],
+                "«act_choices» needs the sensitivity «allocator» (the others keep activations at "
+                "«abits»); use it or drop «act_choices»",
             )
         return widths
 
@@ -255,16 +245,12 @@ def read_bits(path: str | Path) -> Allocation:
     if path.is_dir():
         path = path / BITS_FILE
     if not path.is_file():
-        raise ConfigError(
-            f"bits_from {path}: no such file; give a run's bits.json", fields=["bits_from"]
-        )
+        raise ConfigError(f"«bits_from» {path}: no such file; give a run's bits.json")
     try:
         raw = json.loads(path.read_text())
         allocation = Allocation(**raw)
     except (json.JSONDecodeError, TypeError) as err:
-        raise ConfigError(
-            f"bits_from {path} is not a zsq bits.json ({err})", fields=["bits_from"]
-        ) from None
+        raise ConfigError(f"«bits_from» {path} is not a zsq bits.json ({err})") from None
     for bits in allocation.wbits:
         parse_bits(bits)
     return allocation
@@ -277,8 +263,7 @@ def check_fits(allocation: Allocation, model: nn.Module) -> None:
         missing = sorted(set(allocation.layers) ^ set(names))[:3]
         raise ConfigError(
             f"the bit allocation does not fit this model (layers differ: {missing}...); make it "
-            "for this model with budget=SPEC",
-            fields=["budget="],
+            "for this model with «budget=»SPEC",
         )
 
 
@@ -295,9 +280,8 @@ def check_reuse(
     if lost:
         raise ConfigError(
             f"the bit allocation sets activation widths at {lost[:3]}, where this run has no "
-            "activation quantizer (another quant.act_placement?); make one for this run with "
-            "budget=SPEC",
-            fields=["quant.act_placement", "budget="],
+            "activation quantizer (another «quant.act_placement»?); make one for this run with "
+            "«budget=»SPEC",
         )
     if allocation.act_sites:  # the sites' own widths count, as the allocator counted them
         return allocation
@@ -309,8 +293,7 @@ def check_reuse(
         raise ConfigError(
             f"the reused bit allocation costs {cost:.6g} on this model with activations at "
             f"{spec.abits or 'full precision'}, over its budget {allocation.budget} "
-            f"({limit:.6g}); make one for this run with budget=SPEC",
-            fields=["budget="],
+            f"({limit:.6g}); make one for this run with «budget=»SPEC",
         )
     return replace(allocation, cost=cost, limit=limit)
 
@@ -465,8 +448,7 @@ def cost_problem(
         raise ConfigError(
             f"budget {budget.text} is below the smallest achievable cost "
             f"{_in_budget_units(cheapest, budget, costs)} ({narrowest}); "
-            "raise it or add narrower choices",
-            fields=["choices"],
+            "raise it or add narrower «choices»",
         )
     return costs, table, limit
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
 from zsq.models.registry import create_model, is_timm_name
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ MAX_LISTED_KEYS = 10
 
 # model_kwargs keys that also say what the model expects (timm's names for them)
 KWARG_FIELDS = {"num_classes": "num_classes", "in_channels": "in_chans", "image_size": "img_size"}
-SHAPE_HINT = "pass the checkpoint's --num-classes / --in-channels (or fix the model name)"
-KWARGS_HINT = "fix model_kwargs (the weights' .json sidecar or --model-kwarg) to match the weights"
+SHAPE_HINT = "give the checkpoint's «num_classes» / «in_channels» (or fix the model name)"
+KWARGS_HINT = "fix model_kwargs (as given, or in the weights' .json sidecar) to match the weights"
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,10 @@ def _read_torch_file(path: Path, trust_checkpoint: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as exc:
         if not trust_checkpoint and "global" in str(exc).lower():
-            raise ZsqError(
+            raise ConfigError(
                 f"weights file {path} is a pickle that needs arbitrary classes to load "
-                f"({_unsupported_global(exc)}), which can run code; pass --trust-checkpoint "
-                "(trust_checkpoint=True) only if you trust where it came from, or re-save it as "
+                f"({_unsupported_global(exc)}), which can run code; pass «trust_checkpoint=True» "
+                "only if you trust where it came from, or re-save it as "
                 "a state_dict or .safetensors"
             ) from exc
         raise _corrupt_file_error(path, exc) from exc
@@ -185,14 +185,14 @@ def _check_compatible(
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ZsqError(
+        raise ConfigError(
             f"weights file {path} does not match the model: missing keys {_preview(missing)}, "
             f"unexpected keys {_preview(unexpected)}; {fix_hint}"
         )
     for key in expected:  # the model's order: the first mismatch is the earliest layer's
         tensor = state.get(key)
         if tensor is not None and tensor.shape != expected[key].shape:
-            raise ZsqError(
+            raise ConfigError(
                 f"weights file {path}: tensor {key!r} has shape {tuple(tensor.shape)} in the file "
                 f"but {tuple(expected[key].shape)} in the model; {fix_hint}"
             )
@@ -343,8 +343,8 @@ def load_teacher(
         load_weights(model, weights, trust_checkpoint=trust_checkpoint, fix_hint=hint)
     if normalize_mean is None and normalize_std is None and not sidecar.normalize_mean:
         logger.warning(
-            "no input normalisation given: using mean 0, std 1; pass --normalize-mean/"
-            "--normalize-std or add them to the checkpoint's .json sidecar"
+            "no input normalisation given: using mean 0, std 1; give normalize_mean/"
+            "normalize_std or add them to the checkpoint's .json sidecar"
         )
     model.eval()
     return model, replace(meta, weights=str(weights) if weights is not None else None)
@@ -357,9 +357,9 @@ def check_image_size(size: int) -> None:
     """An input side zsq can work with: positive, and not so large that the first forward
     exhausts memory (a typo such as 22400 for 224)."""
     if not 1 <= size <= MAX_IMAGE_SIZE:
-        raise ZsqError(
+        raise ConfigError(
             f"image size {size} is outside 1..{MAX_IMAGE_SIZE}; give the model's input side "
-            "(--image-size, or image_size in the weights' .json sidecar)"
+            "(«image_size», given or in the weights' .json sidecar)"
         )
 
 
@@ -373,8 +373,8 @@ def _model_name(name: str | None, sidecar: ModelMeta, weights: Path | None) -> s
         return name.strip()
     if sidecar.model is None:
         where = f"the sidecar of {weights} names none" if weights else "no weights were given"
-        raise ZsqError(
-            f'no model name given and {where}; pass --model NAME (or add "model": NAME to the '
+        raise ConfigError(
+            f'no model name given and {where}; give «model» NAME (or add "model": NAME to the '
             "weights' .json sidecar)"
         )
     return sidecar.model
@@ -399,7 +399,7 @@ def resolve_meta(explicit: ModelMeta, sidecar: ModelMeta) -> ModelMeta:
     mean = _per_channel(mean or (0.0,), in_channels, "normalize_mean")
     std = _per_channel(std or (1.0,), in_channels, "normalize_std")
     if any(s <= 0 for s in std):
-        raise ZsqError(f"normalize_std must be positive, got {std}; fix --normalize-std")
+        raise ConfigError(f"«normalize_std» must be positive, got {std}; fix it")
     image_size = _first(explicit.image_size, sidecar.image_size)
     if image_size is not None:
         check_image_size(image_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError
 from zsq.quant.attention import attention_modules, timm_attention_class
 
 NEEDS = ("batchnorm", "attention")
@@ -54,8 +54,9 @@ def has(model: nn.Module, need: str | None) -> bool:
 
 
 def require(model: nn.Module, need: str | None, what: str, instead: str = "") -> None:
-    """A one-line error when ``model`` lacks ``need``: ``what`` (e.g. 'method gdfq') needs it;
-    ``instead`` (e.g. 'sources that work for CNNs: ...') ends the message."""
+    """A one-line error when ``model`` lacks ``need``: ``what`` (e.g. '«method» gdfq', an option
+    marked as :class:`~zsq.errors.ConfigError` marks them) needs it; ``instead`` (e.g. 'sources
+    that work for CNNs: ...') ends the message."""
     if has(model, need):
         return
     name = type(model).__name__
@@ -68,4 +69,4 @@ def require(model: nn.Module, need: str | None, what: str, instead: str = "") ->
         message = (
             f"{what} needs a vision transformer with timm attention modules and {name} has none"
         )
-    raise ZsqError(message + (f"; {instead}" if instead else ""))
+    raise ConfigError(message + (f"; {instead}" if instead else ""))

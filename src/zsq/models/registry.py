@@ -125,7 +125,7 @@ def _bad_kwargs_error(name: str, kwargs: Mapping[str, Any], exc: Exception) -> Z
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return ZsqError(
         f"cannot build model {name!r} with model_kwargs {dict(kwargs)} ({reason}); fix the "
-        "model_kwargs (the weights' .json sidecar or --model-kwarg)"
+        "model_kwargs (given, or in the weights' .json sidecar)"
     )
 
 
@@ -154,7 +154,7 @@ def _create_timm_model(
         kwargs["in_chans"] = in_channels
     _check_counts(kwargs["num_classes"], kwargs["in_chans"])
     if kwargs.pop("pretrained", False):
-        logger.warning("ignoring pretrained=True in model_kwargs: zsq loads only --weights")
+        logger.warning("ignoring pretrained=True in model_kwargs: zsq loads only the given weights")
     logger.debug("timm.create_model(%r, pretrained=False, **%s)", name, kwargs)
     try:
         return timm.create_model(name, pretrained=False, **kwargs)

@@ -2,7 +2,6 @@
 
 from zsq.ptq.calibration import (
     CalibrationSet,
-    is_synthetic,
     real_calibration,
     synthetic_calibration,
 )
@@ -14,7 +13,6 @@ __all__ = [
     "LapqConfig",
     "calibrate_activations",
     "gaussian_batches",
-    "is_synthetic",
     "lapq_quantize",
     "minmax_quantize",
     "real_calibration",

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from zsq.errors import ZsqError
 from zsq.options import python_path, read_options, whole_number
-from zsq.synth import available_sources, build_source, check_source_options
+from zsq.synth import build_source, check_source_options, source_class
 from zsq.synth.cache import load_images, save_images
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,6 @@ class CalibrationSet:
     def batches(self, batch_size: int, device: torch.device | str) -> Iterator[Tensor]:
         for start in range(0, len(self.images), batch_size):
             yield self.images[start : start + batch_size].to(device)
-
-
-def is_synthetic(calib: str) -> bool:
-    """Whether ``--calib`` names a sample source (else it is a dataset spec)."""
-    return calib.strip().lower() in available_sources()
 
 
 def real_calibration(dataset: Dataset, size: int, seed: int, spec: str) -> CalibrationSet:
@@ -105,7 +100,7 @@ def synthetic_calibration(
             if cache is not None and path != cache:
                 save_images(cache, images, key, teacher, report)
             return CalibrationSet(images, None, _describe(name, size), real=False, report=report)
-    if name in ("zeroq", "psaq", "mimiq"):  # pool sources: a pool of the calibration size
+    if source_class(name).pooled:  # a pool of the calibration size
         options.setdefault("num_images", size)
         options.setdefault("progress", progress)
     source = build_source(

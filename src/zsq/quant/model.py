@@ -62,10 +62,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     if spec.act_placement == "reference":
         n_acts = _wrap_activations(student, spec, prefix="")
         if n_acts == 0 and spec.abits is not None and not linear_inputs:
-            raise ZsqError(
+            raise ConfigError(
                 f"{type(model).__name__} has no nn.ReLU/nn.ReLU6 modules (functional relu?), so "
                 "the reference activation placement would quantize no activation; use "
-                "--act-placement input (act_placement='input')"
+                "«act_placement» input"
             )
     device = _single_device(model)
     if device is not None:
@@ -85,9 +85,9 @@ def check_layer_patterns(model: nn.Module, spec: QuantSpec) -> None:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(names[:3]) + (f", ..., {names[-1]}" if len(names) > 3 else "")
             raise ConfigError(
-                f"layer pattern {pattern!r} (quant overrides) matches no layer of "
-                f"{type(model).__name__}; patterns are globs over module names such as {shown}",
-                fields=["quant overrides"],
+                f"layer pattern {pattern!r} («quant overrides|quant.overrides») matches no "
+                f"layer of {type(model).__name__}; patterns are globs over module names such as "
+                f"{shown}",
             )
 
 

@@ -35,9 +35,9 @@ def check_budget(
     smallest achievable cost)."""
     if quant.overrides:
         raise ConfigError(
-            "per-layer overrides and a bit allocation (budget, bits_from) both set layer widths; "
-            "drop quant overrides (the allocation chooses every layer's width)",
-            fields=["budget", "bits_from", "quant overrides"],
+            "per-layer overrides and a bit allocation («budget», «bits_from») both set layer "
+            "widths; drop «quant overrides|quant.overrides» (the allocation chooses every layer's "
+            "width)",
         )
     for config in (method, getattr(method, "init", None)):
         if config is not None:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from zsq.errors import ConfigError, ZsqError
-from zsq.export._files import EXPORT_FIELDS, check_targets, staged
+from zsq.export._files import check_targets, staged
 from zsq.export.integer import export_files, export_int
 from zsq.export.sizes import size_report
 from zsq.export.verify import verify_export
@@ -60,13 +60,12 @@ def _export_targets(path: Path, fmt: str) -> list[Path]:
     if fmt == "int":
         if path.suffix != ".safetensors":
             raise ConfigError(
-                f"out {path}: an integer export is a .safetensors file (its manifest goes "
+                f"«out» {path}: an integer export is a .safetensors file (its manifest goes "
                 "beside it as .json)",
-                fields=EXPORT_FIELDS,
             )
         return export_files(path)
     if path.suffix != ".onnx":
-        raise ConfigError(f"out {path}: an ONNX export is a .onnx file", fields=EXPORT_FIELDS)
+        raise ConfigError(f"«out» {path}: an ONNX export is a .onnx file")
     return [path]
 
 

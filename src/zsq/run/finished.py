@@ -88,11 +88,12 @@ def _refuse_missing(folder: Path) -> None:
     if RunLayout(work).checkpoint.exists():
         raise ZsqError(
             f"{folder} is an unfinished run ({shown}); finish it with `zsq quantize ... "
-            f"--resume {folder}` first"
+            f"--resume {folder}` first (in Python: zsq.quantize(..., resume=True))"
         )
     raise ZsqError(
         f"{folder} is an unfinished run ({shown}) that stopped before its first checkpoint; "
-        f"run `zsq quantize ... --out {folder} --overwrite` again first"
+        f"run `zsq quantize ... --out {folder} --overwrite` again first (in Python: "
+        "zsq.quantize(..., overwrite=True))"
     )
 
 

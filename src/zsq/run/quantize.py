@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from zsq import distributed
-from zsq.data import eval_transform, load_dataset
+from zsq.data import eval_transform, head, load_dataset_for
 from zsq.errors import ConfigError
 from zsq.evaluate import evaluate
 from zsq.execution import Execution
@@ -53,6 +53,7 @@ from zsq.run.allocation import check_budget, run_allocation
 from zsq.run.report import build_report, report_markdown
 from zsq.runtime import device_description, resolve_device, seed_everything
 from zsq.synth import require_fit
+from zsq.synth.base import check_image_shape, check_num_classes
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,7 @@ def quantize(
         download, work_dir, overwrite, resume, seed, device, progress,
     )  # fmt: skip
     plan = _for_this_rank(plan)
-    _check_teacher(plan)
-    data = _load_datasets(plan)
     options = _run_options(plan)
-    if plan.work_dir is None:
-        return _execute(plan, data, None, [], started)
     with contextlib.ExitStack() as stack:
 
         def open_folder() -> tuple[Path, list[float]]:  # rank 0's: it checks and writes
@@ -141,9 +138,12 @@ def quantize(
             )
             return work, resumed
 
-        work, previous = distributed.on_main(open_folder)
-        layout = RunLayout(work)
-        if not distributed.world().is_main:  # the other ranks train and evaluate their share
+        # the folder first (checked under its lock), then what needs the teacher and the data
+        work, previous = distributed.on_main(open_folder) if plan.work_dir else (None, [])
+        _check_teacher(plan)
+        data = _load_datasets(plan)
+        layout = RunLayout(work) if work is not None else None
+        if layout is None or not distributed.world().is_main:  # rank 0 alone writes
             return _execute(plan, data, layout, previous, started)
         write_marker(work, record.marker_record(options, previous))
         try:
@@ -186,13 +186,13 @@ def _plan(
         )
     if not isinstance(method, MethodConfig):
         raise ConfigError(
-            f"method must be a method config such as zsq.GDFQ() or zsq.MinMax(), got "
+            f"«method» must be a method config such as zsq.GDFQ() or zsq.MinMax(), got "
             f"{type(method).__name__} {method!r:.60}; methods: {', '.join(method_names())}",
-            fields=["method"],
         )
     registered = method_of(method)
-    shape = _image_shape(image_shape)
-    _whole("num_classes", num_classes, 1)
+    shape = check_image_shape(image_shape)
+    check_image_size(max(shape[1:]))
+    check_num_classes(num_classes)
     quant = QuantSpec() if quant is None else quant
     _typed("quant", quant, QuantSpec, "a zsq.quant.QuantSpec")
     if mixed is not None:
@@ -201,8 +201,7 @@ def _plan(
     _check_eval(eval_data, eval_limit)
     if download and not _names_a_spec(method, eval_data):
         raise ConfigError(
-            "download has no effect without a dataset spec (eval_data, calib); drop it",
-            fields=["download"],
+            "«download» has no effect without a dataset spec («eval_data», «calib»); drop it",
         )
     _whole("seed", seed, 0, MAX_SEED)
     folder = _work_dir(work_dir, overwrite, resume)
@@ -216,18 +215,6 @@ def _plan(
     )  # fmt: skip
 
 
-def _image_shape(image_shape: Any) -> tuple[int, int, int]:
-    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else None
-    if shape is None or len(shape) != 3 or not all(_is_int(s) and s > 0 for s in shape):
-        raise ConfigError(
-            f"image_shape must be (channels, height, width) of positive ints, got "
-            f"{image_shape!r:.60}",
-            fields=["image_shape"],
-        )
-    check_image_size(max(shape[1:]))
-    return shape  # type: ignore[return-value]
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -235,14 +222,12 @@ def _is_int(value: Any) -> bool:
 def _whole(name: str, value: Any, low: int, high: int | None = None) -> None:
     if not _is_int(value) or value < low or (high is not None and value > high):
         bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ConfigError(
-            f"{name} must be a whole number {bound}, got {value!r:.60}", fields=[name]
-        )
+        raise ConfigError(f"«{name}» must be a whole number {bound}, got {value!r:.60}")
 
 
 def _typed(name: str, value: Any, kind: type, what: str) -> None:
     if not isinstance(value, kind):
-        raise ConfigError(f"{name} must be {what}, got {value!r:.60}", fields=[name])
+        raise ConfigError(f"«{name}» must be {what}, got {value!r:.60}")
 
 
 def _meta(meta: Any, shape: tuple[int, int, int], num_classes: int) -> ModelMeta:
@@ -256,8 +241,7 @@ def _meta(meta: Any, shape: tuple[int, int, int], num_classes: int) -> ModelMeta
     ):
         if given is not None and given != expected:
             raise ConfigError(
-                f"meta says {name}={given} but the run has {expected}; give one value",
-                fields=["meta"],
+                f"«meta» says {name}={given} but the run has {expected}; give one value",
             )
     return replace(meta, num_classes=num_classes, in_channels=shape[0])
 
@@ -265,21 +249,18 @@ def _meta(meta: Any, shape: tuple[int, int, int], num_classes: int) -> ModelMeta
 def _check_eval(eval_data: Any, eval_limit: Any) -> None:
     if eval_data is not None and not isinstance(eval_data, (str, Dataset)):
         raise ConfigError(
-            f"eval_data must be a dataset spec or a labelled Dataset, got {eval_data!r:.60}",
-            fields=["eval_data"],
+            f"«eval_data» must be a dataset spec or a labelled Dataset, got {eval_data!r:.60}",
         )
     if eval_limit is None:
         return
     if eval_data is None:
         raise ConfigError(
-            "eval_limit has no effect without eval_data; drop it or add the data",
-            fields=["eval_limit", "eval_data"],
+            "«eval_limit» has no effect without «eval_data»; drop it or add the data",
         )
     if not _is_int(eval_limit) or eval_limit < 1:
         raise ConfigError(
-            f"eval_limit must be >= 1, got {eval_limit!r:.60}; leave it out to evaluate every "
+            f"«eval_limit» must be >= 1, got {eval_limit!r:.60}; leave it out to evaluate every "
             "image",
-            fields=["eval_limit"],
         )
 
 
@@ -291,10 +272,10 @@ def _work_dir(work_dir: Any, overwrite: Any, resume: Any) -> Path | None:
     if work_dir is None:
         for name, given in (("resume=True", resume), ("overwrite=True", overwrite)):
             if given:
-                raise ConfigError(f"{name} needs the run's work_dir", fields=[name, "work_dir"])
+                raise ConfigError(f"«{name}» needs the run's «work_dir»")
         return None
     if not isinstance(work_dir, (str, Path)):
-        raise ConfigError(f"work_dir must be a path, got {work_dir!r:.60}", fields=["work_dir"])
+        raise ConfigError(f"«work_dir» must be a path, got {work_dir!r:.60}")
     return Path(work_dir).expanduser()
 
 
@@ -304,12 +285,12 @@ def _for_this_rank(plan: _Plan) -> _Plan:
     current = distributed.world()
     if not current.active:
         return plan
-    for config in (plan.method, getattr(plan.method, "init", None)):
+    for name, config in (("method", plan.method), ("init", getattr(plan.method, "init", None))):
         if config is not None and not method_of(config).handler.multi_process:
             raise ConfigError(
-                f"method {config.method} runs in one process (it takes minutes, not GPU-days); "
-                "start it without torchrun, or use a distillation method over several processes",
-                fields=["method"],
+                f"«{name}» {config.method} runs in one process (it takes minutes, not "
+                "GPU-days); start it without torchrun, or use a distillation method over several "
+                "processes"
             )
     plan.ctx.device = resolve_device(distributed.device_for(str(plan.ctx.device), current))
     plan.ctx.progress = plan.ctx.progress and current.is_main
@@ -324,9 +305,8 @@ def _check_teacher(plan: _Plan) -> None:
     expected = input_channels(teacher)
     if expected is not None and expected != plan.ctx.image_shape[0]:
         raise ConfigError(
-            f"image_shape has {plan.ctx.image_shape[0]} channel(s) but the model's first layer "
-            f"takes {expected}; give image_shape=({expected}, H, W)",
-            fields=["image_shape"],
+            f"«image_shape» has {plan.ctx.image_shape[0]} channel(s) but the model's first "
+            f"layer takes {expected}; give «in_channels|image_shape channels» {expected}",
         )
     check_layer_patterns(teacher, plan.ctx.quant)
     logits = inspect_forward(teacher, plan.ctx.image_shape)  # a refused shape: one line, no work
@@ -334,7 +314,7 @@ def _check_teacher(plan: _Plan) -> None:
     configs = [plan.method, getattr(plan.method, "init", None)]
     for source, where in plan.method.sample_sources():
         require_fit(source, teacher, where)
-    if plan.mixed is not None and plan.mixed.bits_from is None and plan.mixed.source != "gaussian":
+    if plan.mixed is not None and plan.mixed.bits_from is None:
         require_fit(plan.mixed.source, teacher, f"the allocation's source {plan.mixed.source}")
     for config in configs:
         if config is not None:
@@ -348,8 +328,7 @@ def _check_class_count(logits: Any, num_classes: int) -> None:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ConfigError(
             f"the teacher's output on one image is {shape}, not (1, num_classes={num_classes}); "
-            "give the teacher's number of classes",
-            fields=["num_classes"],
+            "give the teacher's number of classes («num_classes»)",
         )
 
 
@@ -363,28 +342,25 @@ class _Data:
 def _load_datasets(plan: _Plan) -> _Data:
     """The evaluation data and the real datasets the method names, read before any work (a
     wrong path or a misfit fails first)."""
+    info = input_space(plan.meta, plan.ctx.image_shape)
+    options = {"download": plan.download}
     eval_set = plan.eval_data
     if isinstance(eval_set, str):
-        eval_set = _read(plan, eval_set, "test")
-    if eval_set is not None and plan.eval_limit is not None and plan.eval_limit < len(eval_set):
-        eval_set = Subset(eval_set, range(plan.eval_limit))
-    named = {spec: _read(plan, spec, "train") for spec, _ in plan.method.datasets()}
+        eval_set = load_dataset_for(eval_set, info, "test", **options, limit=plan.eval_limit)
+    elif eval_set is not None and plan.eval_limit is not None:
+        eval_set = head(eval_set, plan.eval_limit)
+    named = {s: load_dataset_for(s, info, "train", **options) for s, _ in plan.method.datasets()}
     return _Data(eval_set, named)
 
 
-def _read(plan: _Plan, spec: str, split: str) -> Dataset:
-    """A dataset spec read in the teacher's input space and checked to fit it."""
-    meta = plan.meta
-    return load_dataset(
-        spec,
-        split=split,
-        normalize_mean=meta.normalize_mean,
-        normalize_std=meta.normalize_std,
-        download=plan.download,
-        channels=plan.ctx.image_shape[0],
-        image_size=plan.ctx.image_shape[1],
-        num_classes=plan.ctx.num_classes,
-    )
+def input_space(meta: ModelMeta, image_shape: Sequence[int]) -> dict[str, Any]:
+    """What :func:`zsq.data.load_dataset_for` needs to read data as the teacher takes it."""
+    return {
+        "image_shape": list(image_shape),
+        "num_classes": meta.num_classes,
+        "normalize_mean": meta.normalize_mean,
+        "normalize_std": meta.normalize_std,
+    }
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 from zsq._version import __version__
 from zsq.errors import ConfigError, ZsqError
-from zsq.io import FOLDER_FIELDS, read_marker, read_verified, sha256_file
+from zsq.io import read_marker, read_verified, sha256_file
 from zsq.layout import RunLayout
 from zsq.methods.base import MethodConfig, get_method
 from zsq.models import ModelMeta
@@ -101,27 +101,23 @@ def sessions_before(out: Path, work: Path, options: dict[str, Any]) -> list[floa
     """The seconds of the earlier sessions of the run in ``work`` (``OUT.partial``), after
     checking it can continue exactly: the same run-defining options and an intact checkpoint."""
     record = read_marker(work) or {}
-    restart = f"start it again with work_dir={out} overwrite=True"
+    restart = f"start it again with «work_dir=»{out} «overwrite=True»"
     if "options" not in record:
-        raise ConfigError(
-            f"{work} does not record the options it started with; {restart}", fields=FOLDER_FIELDS
-        )
+        raise ConfigError(f"{work} does not record the options it started with; {restart}")
     saved = read_options(record)
     _check_same_world(saved, options, out)
-    changed = differences(saved, options)
+    changed = differences(saved, options, marked=True)
     if changed:
-        names = [part.split(" ", 1)[0] for part in changed]
         raise ConfigError(
             f"cannot resume {out}: options differ from those the run started with "
             f"({', '.join(changed)}); resume with the same options, or start a new run",
-            fields=names,
         )
     try:
         read_verified(RunLayout(work).checkpoint, fix=restart)
     except ConfigError:
         raise
     except ZsqError as err:  # a damaged checkpoint: the advice names the run's options
-        raise ConfigError(str(err), fields=FOLDER_FIELDS) from None
+        raise ConfigError(str(err)) from None
     return [float(s) for s in record.get("sessions", [])]
 
 
@@ -132,16 +128,19 @@ def _check_same_world(saved: dict[str, Any], current: dict[str, Any], out: Path)
     if before != now:
         raise ConfigError(
             f"cannot resume {out}: it ran as {before} process(es), this is {now}; resume with "
-            f"torchrun and {before} processes in all (--nproc-per-node x nodes)"
+            f"torchrun and {before} processes in all (torchrun's --nproc-per-node x nodes)"
             if before > 1
             else f"cannot resume {out}: it ran as one process, this is {now}; resume it without "
             "torchrun"
         )
 
 
-def differences(saved: dict[str, Any], current: dict[str, Any], shown: int = 6) -> list[str]:
+def differences(
+    saved: dict[str, Any], current: dict[str, Any], shown: int = 6, marked: bool = False
+) -> list[str]:
     """``["quant.wbits 4 -> 3", "seed 0 -> 7"]`` for the options whose values differ; an option
-    newer than the record counts as unchanged while it is unset."""
+    newer than the record counts as unchanged while it is unset. ``marked``: the keys marked as
+    option names for a :class:`ConfigError`."""
     names = [
         key
         for key in {**saved, **current}
@@ -149,7 +148,8 @@ def differences(saved: dict[str, Any], current: dict[str, Any], shown: int = 6) 
         and not (key not in saved and current[key] is None)
     ]
     parts = [
-        f"{key} {_short(saved.get(key, UNSET))} -> {_short(current.get(key, UNSET))}"
+        f"{f'«{key}»' if marked else key} {_short(saved.get(key, UNSET))} -> "
+        f"{_short(current.get(key, UNSET))}"
         for key in names[:shown]
     ]
     if len(names) > shown:

@@ -25,6 +25,7 @@ from zsq.synth.gdfq import (
     GdfqSource,
     build_gdfq_generator,
 )
+from zsq.synth.genie import GenieGenerator, GenieSource, distill_genie
 from zsq.synth.mimiq import MimiqSource
 from zsq.synth.noise import GaussianSource
 from zsq.synth.psaq import AttentionPoolSource, PsaqSource
@@ -129,6 +130,7 @@ register_source("arc", ArcSource)
 register_source("zeroq", ZeroQSource)
 register_source("psaq", PsaqSource)
 register_source("mimiq", MimiqSource)
+register_source("genie", GenieSource)
 
 __all__ = [
     "ArcGenerator",
@@ -141,6 +143,8 @@ __all__ = [
     "GaussianSource",
     "GdfqGenerator",
     "GdfqSource",
+    "GenieGenerator",
+    "GenieSource",
     "MimiqSource",
     "PsaqSource",
     "QimeraSource",
@@ -153,6 +157,7 @@ __all__ = [
     "build_gdfq_generator",
     "build_source",
     "check_source_options",
+    "distill_genie",
     "distill_images",
     "freeze_teacher",
     "head_alignment_loss",

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
 from zsq.options import Rule
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class SampleSource(nn.Module, ABC):
     """
 
     trainable: ClassVar[bool] = False
+    pooled: ClassVar[bool] = False  # a fixed pool of num_images images, made once
     # what the source needs of the teacher: 'batchnorm', 'attention' (zsq.models.introspect)
     needs: ClassVar[str | None] = None
     # each constructor option's rule, so its value is checked before any work (build_source)
@@ -158,7 +159,7 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
 
 def check_num_classes(num_classes: int) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ZsqError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise ConfigError(f"«num_classes» must be a positive integer, got {num_classes!r}")
     return num_classes
 
 
@@ -166,7 +167,8 @@ def check_image_shape(image_shape: Sequence[int]) -> ImageShape:
     shape = tuple(image_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ZsqError(
-            f"image_shape must be (channels, height, width) of positive ints, got {image_shape!r}"
+            f"«image_shape» must be (channels, height, width) of positive ints, got "
+            f"{image_shape!r:.60}"
         )
     return shape  # type: ignore[return-value]
 

@@ -71,6 +71,7 @@ class AttentionPoolSource(SampleSource):
     teacher's distribution; and after a short synthesis an image need not carry its label yet.
     """
 
+    pooled = True
     needs: ClassVar[str | None] = "attention"
 
     trainable = False

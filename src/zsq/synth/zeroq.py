@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from zsq.errors import ZsqError
 from zsq.models.introspect import batchnorm_layers, require
 from zsq.quant import inspect_forward
-from zsq.synth.base import SampleSource, SynthBatch, check_batch_size
+from zsq.synth.base import check_batch_size
+from zsq.synth.pool import PooledSource
 
 log = logging.getLogger(__name__)
 
@@ -306,16 +307,10 @@ def _memory_format(images: Tensor) -> torch.memory_format:
     return torch.channels_last if images.dim() == 4 else torch.contiguous_format
 
 
-class ZeroQSource(SampleSource):
-    """A fixed pool of ZeroQ-distilled images, labelled by the teacher (softmax targets).
+class ZeroQSource(PooledSource):
+    """A fixed pool of ZeroQ-distilled images (``num_images``, default 512), labelled by the
+    teacher; see :class:`~zsq.synth.pool.PooledSource` for the cache and sampling."""
 
-    The pool (``num_images``, default 512) is distilled on first use; ``cache`` names a
-    safetensors file that keeps it: when the file exists and was made with the same options,
-    shape and teacher, it is loaded instead of distilling again. ``sample`` draws images from the
-    pool uniformly with replacement (the global RNG, so a resume is exact).
-    """
-
-    trainable = False
     needs: ClassVar[str | None] = "batchnorm"
 
     def __init__(
@@ -335,55 +330,26 @@ class ZeroQSource(SampleSource):
         cache: str | Path | None = None,
         progress: bool = True,
     ) -> None:
-        super().__init__(teacher, num_classes=num_classes, image_shape=image_shape)
         require(teacher, "batchnorm", "zeroq")
-        check_batch_size(num_images)
+        super().__init__(
+            teacher,
+            num_classes=num_classes,
+            image_shape=image_shape,
+            num_images=num_images,
+            cache=cache,
+            progress=progress,
+        )
         self.options = ZeroQOptions(steps, lr, patience, min_lr, init, batch_size, precision)
-        self.num_images = num_images
-        self.cache = Path(cache) if cache is not None else None
-        self.progress = progress
-        self.report: dict[str, Any] = {}
-        self._pool: Tensor | None = None
 
-    def images(self) -> Tensor:
-        """The distilled pool (distilled, or loaded from ``cache``, on first call)."""
-        if self._pool is None:
-            self._pool = self._load_or_distill()
-        return self._pool
-
-    def _load_or_distill(self) -> Tensor:
-        from zsq.synth.cache import load_images, save_images
-
-        key = self._cache_key()
-        if self.cache is not None:
-            cached = load_images(self.cache, key, self.teacher)
-            if cached is not None:
-                images, self.report = cached
-                log.info("zeroq: %d distilled images loaded from %s", len(images), self.cache)
-                return images.to(self.device)
-        images, self.report = distill_images(
+    def make(self) -> tuple[Tensor, dict[str, Any]]:
+        return distill_images(
             self.teacher, self.num_images, self.image_shape, self.options, progress=self.progress
         )
-        if self.cache is not None:
-            save_images(self.cache, images, key, self.teacher, self.report)
-        return images
 
-    def _cache_key(self) -> dict[str, Any]:
+    def key(self) -> dict[str, Any]:
         return {
             "source": "zeroq",
             "num_images": self.num_images,
             "image_shape": list(self.image_shape),
             **asdict(self.options),
         }
-
-    @torch.no_grad()
-    def sample(self, batch_size: int) -> SynthBatch:
-        check_batch_size(batch_size)
-        self._ensure_teacher_eval()
-        pool = self.images()
-        index = torch.randint(0, len(pool), (batch_size,), device=pool.device)
-        images = pool[index]
-        logits = self.teacher(images)
-        self._check_logits(logits)
-        targets = torch.softmax(logits.float(), dim=1)
-        return SynthBatch(images, targets, targets.argmax(dim=1))

@@ -1,0 +1,297 @@
+"""Genie's distilled data (Genie-D, Jeon et al., CVPR 2023): images from a small generator and a
+latent code learned together, batch by batch, until the teacher's BatchNorm layers see their
+training statistics.
+
+As the official code (SamsungLabs/Genie, ``distill.py``) does it, read as facts:
+
+- per batch a fresh latent code z (``latent_dim`` 256, N(0, 1)) and a fresh generator: Linear
+  to 128 channels at a quarter of the image size, BatchNorm, upsample x2, 3x3 conv to 64,
+  BatchNorm, LeakyReLU(0.2), upsample x2, 3x3 conv to the image channels, tanh, and a BatchNorm
+  without affine parameters; the generator stays in train mode;
+- the loss: for every BN layer, the batch's per-channel mean and (unbiased) std of the layer's
+  input against ``running_mean`` and ``sqrt(running_var + 1e-6)``, squared L2 over channels
+  divided by the channel count; plus the images' per-image, per-channel mean and std against 0
+  and 1, squared L2 divided by the batch size; no label loss;
+- every strided convolution of the teacher sees its input "swung" during distillation only:
+  reflect-padded by one pixel and cropped back at a random offset in {0, 1, 2} per axis;
+- Adam on z at lr 0.1 with ``ReduceLROnPlateau`` (patience 100, min lr 1e-4) stepped on the loss
+  every iteration, Adam on the generator at lr 0.01 with its lr times 0.95 every 100 iterations
+  (the reference's variable names for these two rates are swapped; this is what its code does);
+  4,000 iterations per batch of 128; the images kept are the last iteration's generator output.
+
+Ours: the swing offsets come from torch's generator (the reference's numpy one), so a seeded run
+is reproducible with zsq's seeding; images of any size (the second upsampling goes to the exact
+size) and channel count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from zsq.models.introspect import batchnorm_layers, require
+from zsq.options import Rule, flag, number, read_options, whole_number
+from zsq.synth.pool import PooledSource
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-6
+SCHEDULE_EVERY = 100  # iterations between the generator's lr decays (and the log lines)
+
+
+@dataclass(frozen=True)
+class GenieOptions:
+    """How images are distilled (the reference's defaults)."""
+
+    iters: int = 4000
+    batch_size: int = 128
+    lr_latent: float = 0.1
+    lr_generator: float = 0.01
+    latent_dim: int = 256
+    swing: bool = True
+
+
+GENIE_OPTIONS: dict[str, Rule] = {
+    "num_images": whole_number(1, 1024),
+    "iters": whole_number(0, 4000),
+    "batch_size": whole_number(1, 128),
+    "lr_latent": number("> 0", lambda v: v > 0, 0.1),
+    "lr_generator": number("> 0", lambda v: v > 0, 0.01),
+    "latent_dim": whole_number(1, 256),
+    "swing": flag(True),
+}
+
+
+class GenieGenerator(nn.Module):
+    """The reference's per-batch generator, for ``channels`` x ``height`` x ``width`` images."""
+
+    def __init__(
+        self, image_shape: Sequence[int], latent_dim: int = 256, c1: int = 128, c2: int = 64
+    ):
+        super().__init__()
+        channels, height, width = image_shape
+        self.start = (math.ceil(height / 4), math.ceil(width / 4))
+        self.linear = nn.Linear(latent_dim, c1 * self.start[0] * self.start[1])
+        self.layers = nn.Sequential(
+            nn.BatchNorm2d(c1),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(c1, c2, 3, stride=1, padding=1),
+            nn.BatchNorm2d(c2),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(size=(height, width)),
+            nn.Conv2d(c2, channels, 3, stride=1, padding=1),
+            nn.Tanh(),
+            nn.BatchNorm2d(channels, affine=False),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.linear(z).view(z.shape[0], -1, *self.start)
+        return self.layers(out)
+
+
+def _l2(target: Tensor, value: Tensor) -> Tensor:
+    """The reference's ``||target - value||^2 / len(value)``."""
+    return (target - value).norm() ** 2 / value.size(0)
+
+
+class _Swing:
+    """Forward pre-hooks on the teacher's strided convolutions: reflect-pad the input by one pixel
+    and crop it back at a random offset (distillation only; removed afterwards)."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        convs = [m for m in teacher.modules() if isinstance(m, nn.Conv2d) and m.stride != (1, 1)]
+        self.handles = [conv.register_forward_pre_hook(self._swing) for conv in convs]
+
+    @staticmethod
+    def _swing(module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        x = inputs[0]
+        dx, dy = (int(v) for v in torch.randint(0, 3, (2,)))
+        padded = F.pad(x, [1, 1, 1, 1], mode="reflect")
+        return (padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]], *inputs[1:])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _BnInputs:
+    """The input of each BN layer in the last forward."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.inputs: dict[int, Tensor] = {}
+        self.handles = [
+            layer.register_forward_hook(self._hook(index)) for index, layer in enumerate(layers)
+        ]
+
+    def _hook(self, index: int):
+        def keep(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            self.inputs[index] = inputs[0]
+
+        return keep
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.enable_grad()  # callers may sample under no_grad; distilling needs the gradients
+def distill_genie(
+    teacher: nn.Module,
+    num_images: int,
+    image_shape: Sequence[int],
+    options: GenieOptions | None = None,
+    *,
+    progress: bool = True,
+) -> tuple[Tensor, dict[str, Any]]:
+    """``num_images`` Genie-D images (detached, on the teacher's device) and a report: the loss
+    of every batch at its first and last iteration, and the seconds taken."""
+    options = options or GenieOptions()
+    require(teacher, "batchnorm", "genie")
+    layers = batchnorm_layers(teacher)
+    device = next(teacher.parameters()).device
+    targets = [
+        (layer.running_mean.detach().float(), torch.sqrt(layer.running_var.float() + _EPS))
+        for layer in layers
+    ]
+    teacher.eval()
+    frozen = [p for p in teacher.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    recorder, swing = _BnInputs(layers), _Swing(teacher) if options.swing else None
+    chunks, first, last = [], [], []
+    started = time.perf_counter()
+    sizes = [
+        min(options.batch_size, num_images - s) for s in range(0, num_images, options.batch_size)
+    ]
+    bar = tqdm(total=len(sizes) * options.iters, desc="genie images", disable=not progress)
+    try:
+        for size in sizes:
+            images, losses = _distill_batch(
+                teacher, recorder, targets, size, image_shape, options, device, bar
+            )
+            chunks.append(images)
+            first.append(losses[0] if losses else float("nan"))
+            last.append(losses[-1] if losses else float("nan"))
+    finally:
+        bar.close()
+        recorder.remove()
+        if swing is not None:
+            swing.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    report = {
+        "images": num_images,
+        "iters": options.iters,
+        "loss_first": [round(v, 6) for v in first],
+        "loss_last": [round(v, 6) for v in last],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return torch.cat(chunks).detach(), report
+
+
+def _distill_batch(
+    teacher: nn.Module,
+    recorder: _BnInputs,
+    targets: list[tuple[Tensor, Tensor]],
+    size: int,
+    image_shape: Sequence[int],
+    options: GenieOptions,
+    device: torch.device,
+    bar: Any,
+) -> tuple[Tensor, list[float]]:
+    """One batch: a fresh latent code and generator, optimised together."""
+    z = torch.randn(size, options.latent_dim, device=device).requires_grad_()
+    generator = GenieGenerator(image_shape, options.latent_dim).to(device).train()
+    opt_z = torch.optim.Adam([z], lr=options.lr_latent)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, min_lr=1e-4, patience=100)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=options.lr_generator)
+    decay = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=0.95)
+    channels = image_shape[0]
+    prior_mean = torch.zeros(1, channels, device=device)
+    prior_std = torch.ones(1, channels, device=device)
+    images = generator(z).detach() if options.iters == 0 else None
+    losses: list[float] = []
+    for it in range(options.iters):
+        opt_z.zero_grad()
+        opt_g.zero_grad()
+        images = generator(z)
+        teacher(images)
+        std, mean = torch.std_mean(images, dim=[2, 3])
+        mean_loss, std_loss = _l2(prior_mean, mean), _l2(prior_std, std)
+        for index, (running_mean, running_std) in enumerate(targets):
+            x = recorder.inputs[index].float()
+            std, mean = torch.std_mean(x, dim=[0, 2, 3] if x.dim() == 4 else [0])
+            mean_loss = mean_loss + _l2(running_mean, mean)
+            std_loss = std_loss + _l2(running_std, std)
+        loss = mean_loss + std_loss
+        loss.backward()
+        opt_z.step()
+        opt_g.step()
+        value = float(loss.detach())
+        plateau.step(value)
+        if (it + 1) % SCHEDULE_EVERY == 0:
+            decay.step()
+            log.debug("genie batch: %d/%d, loss %.4f", it + 1, options.iters, value)
+        losses.append(value)
+        bar.update(1)
+    return images.detach(), losses
+
+
+class GenieSource(PooledSource):
+    """A fixed pool of Genie-D images (``num_images``, default 1,024), labelled by the teacher;
+    see :class:`~zsq.synth.pool.PooledSource` for the cache and sampling."""
+
+    needs: ClassVar[str | None] = "batchnorm"
+    OPTIONS: ClassVar[dict[str, Rule]] = GENIE_OPTIONS
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        num_classes: int,
+        image_shape: Sequence[int],
+        num_images: int = 1024,
+        iters: int = 4000,
+        batch_size: int = 128,
+        lr_latent: float = 0.1,
+        lr_generator: float = 0.01,
+        latent_dim: int = 256,
+        swing: bool = True,
+        cache: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        require(teacher, "batchnorm", "genie")
+        checked = read_options("genie source", GENIE_OPTIONS, locals())
+        super().__init__(
+            teacher,
+            num_classes=num_classes,
+            image_shape=image_shape,
+            num_images=checked["num_images"],
+            cache=cache,
+            progress=progress,
+        )
+        fields = ("iters", "batch_size", "lr_latent", "lr_generator", "latent_dim", "swing")
+        self.options = GenieOptions(**{name: checked[name] for name in fields})
+
+    def make(self) -> tuple[Tensor, dict[str, Any]]:
+        return distill_genie(
+            self.teacher, self.num_images, self.image_shape, self.options, progress=self.progress
+        )
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "source": "genie",
+            "num_images": self.num_images,
+            "image_shape": list(self.image_shape),
+            **asdict(self.options),
+        }
