@@ -23,9 +23,9 @@ import torch
 from zsq.data import load_dataset_for
 from zsq.evaluate import evaluate
 from zsq.export import export_int, export_onnx, load_int, size_report, size_table
-from zsq.run.finished import student_from_run
 from zsq.export.onnx import OnnxRuntimeModel
 from zsq.io import read_marker
+from zsq.run.finished import student_from_run
 
 
 def latency_ms(model, image_shape, batch: int, repeats: int = 20) -> float:

@@ -12,7 +12,6 @@ import time
 
 import torch
 
-from zsq.numerics.hessian import hutchinson_trace, top_eigenpairs
 from zsq.analysis.measure import (
     _student,
     _teacher,
@@ -22,6 +21,7 @@ from zsq.analysis.measure import (
     synthetic_batch,
 )
 from zsq.analysis.runs import finished_run
+from zsq.numerics.hessian import hutchinson_trace, top_eigenpairs
 
 
 def main() -> None:

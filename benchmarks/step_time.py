@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from zsq.methods import GDFQ
 from zsq.distill import Distiller
 from zsq.execution import COMPILE_FLAGS, PRECISIONS, Execution, tune_cpu_allocator
+from zsq.methods import GDFQ
 from zsq.models import load_teacher
 from zsq.paths import shared_data_dir
 from zsq.quant import QuantSpec, quantize_model

@@ -41,7 +41,17 @@ def test_cli_and_api_share_one_list_of_methods():
     quantize_parser = build_parser()._subparsers._group_actions[0].choices["quantize"]
     method = next(a for a in quantize_parser._actions if a.dest == "method")
     assert tuple(method.choices) == method_names()
-    assert method_names() == ("minmax", "zeroq", "lapq", "gdfq", "qimera", "arc", "psaq", "mimiq")
+    assert method_names() == (
+        "minmax",
+        "zeroq",
+        "lapq",
+        "genie",
+        "gdfq",
+        "qimera",
+        "arc",
+        "psaq",
+        "mimiq",
+    )
 
 
 def test_minmax_through_the_api_is_the_gaussian_baseline(teacher):

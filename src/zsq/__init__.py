@@ -5,8 +5,9 @@
                           image_shape=(3, 32, 32), num_classes=10, work_dir="runs/ait")
 
 One function runs every method; a method is chosen by its config (``zsq.MinMax()``,
-``zsq.ZeroQ()``, ``zsq.LAPQ()``, ``zsq.GDFQ()``, ``zsq.Qimera()``, ``zsq.ARC()``, ``zsq.PSAQ()``,
-``zsq.MimiQ()``). The names below are imported on first use, so ``import zsq`` stays cheap.
+``zsq.ZeroQ()``, ``zsq.LAPQ()``, ``zsq.Genie()``, ``zsq.GDFQ()``, ``zsq.Qimera()``,
+``zsq.ARC()``, ``zsq.PSAQ()``, ``zsq.MimiQ()``). The names below are imported on first use,
+so ``import zsq`` stays cheap.
 """
 
 from zsq._version import __version__
@@ -22,6 +23,7 @@ _LAZY = {
     "MinMax": "zsq.methods",
     "ZeroQ": "zsq.methods",
     "LAPQ": "zsq.methods",
+    "Genie": "zsq.methods",
     "GDFQ": "zsq.methods",
     "Qimera": "zsq.methods",
     "ARC": "zsq.methods",

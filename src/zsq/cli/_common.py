@@ -153,6 +153,8 @@ FLAGS = {
     "execution": "--precision/--compile",
     "init": "--init",
     "layers": "--lapq-layers",
+    "convention": "--convention",
+    "blocks": "--block",
     "work_dir": "--out",
     "work_dir=": "--out ",
     "overwrite=True": "--overwrite",
@@ -212,6 +214,8 @@ _PREFIXES = {  # record keys by prefix: the flag that sets the rest of the key
     "method.source_options.": "--source-opt ",
     "method.calib_options.": "--calib-opt ",
     "method.init.calib_options.": "--calib-opt ",
+    "method.reconstruction.": "--set ",
+    "method.init.reconstruction.": "--init-opt overrides:",
     "quant.": "quant ",
 }
 
@@ -226,11 +230,19 @@ def flag_for(field: str, typed: Mapping[str, str] | None = None) -> str | None:
     for prefix, flag in sorted(_PREFIXES.items(), key=lambda kv: -len(kv[0])):
         if field.startswith(prefix):
             return flag + field.removeprefix(prefix)
-    for prefix in ("method.init.", "method."):  # a method's own fields
-        if field.startswith(prefix):
-            rest = field.removeprefix(prefix)
-            return FLAGS.get(rest) or option_flag(rest)
+    if field.startswith("method.init."):  # the init's fields: calibration flags, else --init-opt
+        rest = field.removeprefix("method.init.")
+        if rest in _CALIBRATION_FIELDS:
+            return FLAGS[rest]
+        flag = option_flag(rest)
+        return flag if flag.startswith("--lapq-opt") else f"--init-opt {rest}"
+    if field.startswith("method."):  # a method's own fields
+        rest = field.removeprefix("method.")
+        return FLAGS.get(rest) or option_flag(rest)
     return None
+
+
+_CALIBRATION_FIELDS = ("calib", "calib_size", "calib_options", "layers", "convention", "blocks")
 
 
 def option_flag(field: str) -> str:

@@ -30,7 +30,10 @@ RECIPE_HELP = (
     "distillation schedule: paper-cifar (default: the papers' 400 epochs x 200 iterations "
     "at batch 200, 80,000 iterations, about 100 hours on a 2-core CPU for ResNet-20), "
     "paper-imagenet, short (22 x 25 at batch 32, 5-6 minutes on 2 idle CPU cores), demo; a run "
-    "logs its size first and a time estimate after its first iterations"
+    "logs its size first and a time estimate after its first iterations. For genie: paper "
+    "(default: the reference's 4,000 distillation iterations per batch of 128 and 20,000 "
+    "reconstruction iterations per block, days on a 2-core CPU) or short (about 15 minutes "
+    "for ResNet-20 on 1,024 images on 2 idle CPU cores)"
 )
 
 
@@ -63,7 +66,8 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override any recipe field, e.g. --set epochs=10 --set rho=1e-3",
+        help="override any recipe field, e.g. --set epochs=10 --set rho=1e-3 (genie: a "
+        "reconstruction field, e.g. --set iters=500 --set drop_prob=0)",
     )
     g.add_argument(
         "--source-opt",
@@ -79,7 +83,15 @@ def add_parser(sub: Any) -> None:
         "--init",
         choices=starts,
         help="start the student from a post-training result (LAPQ's quantized, bias-corrected "
-        "weights and its activation ranges) instead of the float copy; it calibrates on --calib",
+        "weights and its activation ranges, or genie's reconstructed student) instead of the "
+        "float copy; it calibrates on --calib",
+    )
+    g.add_argument(
+        "--init-opt",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a field of the --init method's config, e.g. recipe=short for --init genie",
     )
     g.add_argument(
         "--precision",
@@ -133,6 +145,21 @@ def add_parser(sub: Any) -> None:
         default=[],
         metavar="FIELD=VALUE",
         help="any field of the method's config by name (zsq.methods; e.g. a plugin method's)",
+    )
+    g = p.add_argument_group("reconstruction (genie; and --init genie)")
+    g.add_argument(
+        "--convention",
+        choices=("paper", "all"),
+        help="paper (default): first and last layers' weights at 8 bits, the image unquantized, "
+        "as the reconstruction papers; all: every layer at --wbits/--abits, as the AIT line",
+    )
+    g.add_argument(
+        "--block",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="class name of a model's own block to reconstruct as one unit (repeatable; "
+        "ResNet units, inverted residuals and timm transformer blocks are found by themselves)",
     )
     add_mixed_args(p)
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
@@ -194,13 +221,17 @@ def method_config(args: argparse.Namespace, typed: dict[str, str]):
 
     config_type = get_method(args.method).config
     own = Fields()
-    _distillation_fields(args, own)
+    _schedule_fields(args, own, config_type)
     calibration = Fields()
     _calibration_fields(args, calibration)
     if args.init is not None:
         init_type = get_method(args.init).config
+        for name, value in parse_options(args.init_opt, "init option").items():
+            calibration.set(name, value, f"--init-opt {name}")
         typed.update(calibration.flags)
         own.set("init", init_type.from_fields(calibration.values), "--init")
+    elif args.init_opt:
+        raise ZsqError("--init-opt sets a field of the --init method; give --init too")
     else:
         for name, value in calibration.values.items():
             own.set(name, value, calibration.flags[name])
@@ -211,8 +242,11 @@ def method_config(args: argparse.Namespace, typed: dict[str, str]):
     return config_type.from_fields(own.values)
 
 
-def _distillation_fields(args: argparse.Namespace, fields: Fields) -> None:
+def _schedule_fields(args: argparse.Namespace, fields: Fields, config_type: type) -> None:
+    """The recipe and its overrides (a distillation's recipe fields, or for another method its
+    own ``overrides``, e.g. genie's reconstruction fields), precision and compilation."""
     from zsq.execution import Execution
+    from zsq.methods.distillation import Distillation
     from zsq.recipes import parse_overrides
 
     if args.recipe is not None:
@@ -223,7 +257,10 @@ def _distillation_fields(args: argparse.Namespace, fields: Fields) -> None:
     shortcuts["lr_mult"] = "--lr-mult"
     overrides = {k: getattr(args, k) for k in shortcuts if getattr(args, k) is not None}
     given = [shortcuts[k] for k in overrides] + (["--set"] if args.set else [])
-    overrides.update(parse_overrides(args.set))
+    if issubclass(config_type, Distillation):
+        overrides.update(parse_overrides(args.set))
+    else:
+        overrides.update(parse_options(args.set, "override"))
     if overrides:
         fields.set("overrides", overrides, "/".join(given))
     execution = Execution.from_flags(args.precision, args.compile)
@@ -242,6 +279,10 @@ def _calibration_fields(args: argparse.Namespace, fields: Fields) -> None:
         )
     if args.lapq_layers is not None:
         fields.set("layers", args.lapq_layers, "--lapq-layers")
+    if args.convention is not None:
+        fields.set("convention", args.convention, "--convention")
+    if args.block:
+        fields.set("blocks", tuple(args.block), "--block")
     for name, value in parse_options(args.lapq_opt, "LAPQ option").items():
         fields.set(name, value, f"--lapq-opt {name}")
 

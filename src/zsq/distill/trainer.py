@@ -34,7 +34,7 @@ from zsq.io import read_verified, write_text, write_verified
 from zsq.layout import RunLayout
 from zsq.numerics import GradientMeter, cosine_similarity, grads_or_zeros
 from zsq.numerics.losses import kl_to_teacher, soft_cross_entropy
-from zsq.quant import quant_layers, quantizer_settings, set_observing
+from zsq.quant import prepare_buffers, quant_layers, quantizer_settings, set_observing
 from zsq.recipes import DistillRecipe
 from zsq.runtime import module_digest, rng_state, seed_everything, set_rng_state
 from zsq.synth import SampleSource, SynthBatch
@@ -448,6 +448,7 @@ class Distiller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
+        prepare_buffers(self.student, state["student"])  # e.g. the grids a reconstruction left
         self.student.load_state_dict(state["student"])
         self.source.load_state_dict(state["source"])
         self.optimizer.load_state_dict(state["optimizer"])

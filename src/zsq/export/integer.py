@@ -98,8 +98,7 @@ def _export_layer(name: str, layer: QuantConv2d | QuantLinear, tensors: dict) ->
     entry: dict[str, Any] = {"kind": kind, "wbits": layer.wbits, "shape": list(layer.weight.shape)}
     if layer.wbits is None:
         return entry  # its weight goes with the float tensors
-    wmin, wmax = _weight_range(layer)
-    scale, zero_point = qparams_from_range(wmin, wmax, layer.wbits, layer.w_symmetric)
+    scale, zero_point = layer.weight_qparams()
     codes = layer.quantized_weight().codes
     prefix = f"layers.{name}"
     if is_packed(layer.wbits):
@@ -108,14 +107,18 @@ def _export_layer(name: str, layer: QuantConv2d | QuantLinear, tensors: dict) ->
         tensors[f"{prefix}.codes"] = codes.to(torch.int8)
     tensors[f"{prefix}.scale"] = scale.reshape(-1).float()
     tensors[f"{prefix}.zero_point"] = zero_point.reshape(-1).to(torch.int16)
-    tensors[f"{prefix}.range_min"] = wmin.reshape(-1)
-    tensors[f"{prefix}.range_max"] = wmax.reshape(-1)
+    grid = layer.w_scale is not None  # a learned grid: no range it came from
+    if not grid:
+        wmin, wmax = _weight_range(layer)
+        tensors[f"{prefix}.range_min"] = wmin.reshape(-1)
+        tensors[f"{prefix}.range_max"] = wmax.reshape(-1)
     entry.update(
         per_channel=layer.w_channel_axis == 0,
         symmetric=layer.w_symmetric,
         packed=is_packed(layer.wbits),
         has_offset=layer.w_offset is not None,
         fixed_range=layer.w_range_min is not None,
+        grid=grid,
     )
     if layer.w_offset is not None:
         tensors[f"{prefix}.offset"] = layer.w_offset.reshape(-1)
@@ -140,6 +143,7 @@ def _export_act(aq: ActQuantizer) -> dict[str, Any]:
         scale=float(scale),
         zero_point=int(zero_point),
         observed=int(aq.num_observed),
+        grid=aq.has_grid,
     )
     return entry
 
@@ -149,9 +153,11 @@ def _handled_keys(student: nn.Module) -> set[str]:
     keys = set()
     for name, layer in quant_layers(student):
         if layer.wbits is not None:
-            keys.update(f"{name}.{k}" for k in ("weight", "w_range_min", "w_range_max", "w_offset"))
+            kept = ("weight", "w_range_min", "w_range_max", "w_offset", "w_scale", "w_zero_point")
+            keys.update(f"{name}.{k}" for k in kept)
     for name, _ in act_quantizers(student):
-        keys.update(f"{name}.{k}" for k in ("x_min", "x_max", "num_observed"))
+        kept = ("x_min", "x_max", "num_observed", "grid_scale", "grid_zero_point")
+        keys.update(f"{name}.{k}" for k in kept)
     return keys
 
 
@@ -232,12 +238,20 @@ def _load_layer(layer: QuantConv2d | QuantLinear, entry: dict, tensors: dict, pr
     numel = int(torch.tensor(shape).prod())
     codes = unpack_codes(stored, numel) if entry["packed"] else stored
     codes = codes.reshape(shape).float()
-    wmin, wmax = tensors[f"{prefix}.range_min"], tensors[f"{prefix}.range_max"]
-    view = (-1,) + (1,) * (len(shape) - 1) if wmin.numel() > 1 else ()
-    wmin, wmax = wmin.reshape(view), wmax.reshape(view)
-    scale, zero_point = qparams_from_range(wmin, wmax, layer.wbits, layer.w_symmetric)
-    layer.weight.copy_(dequantize(codes, scale, zero_point))
-    layer.set_weight_range(wmin, wmax)
+    if entry.get("grid"):  # a learned grid: its scale and zero point as they are
+        scale = tensors[f"{prefix}.scale"]
+        view = (-1,) + (1,) * (len(shape) - 1) if scale.numel() > 1 else ()
+        scale = scale.reshape(view).to(layer.weight.dtype)
+        zero_point = tensors[f"{prefix}.zero_point"].reshape(view).to(layer.weight.dtype)
+        layer.set_weight_grid(scale, zero_point)
+        layer.weight.copy_(dequantize(codes, scale, zero_point))
+    else:
+        wmin, wmax = tensors[f"{prefix}.range_min"], tensors[f"{prefix}.range_max"]
+        view = (-1,) + (1,) * (len(shape) - 1) if wmin.numel() > 1 else ()
+        wmin, wmax = wmin.reshape(view), wmax.reshape(view)
+        scale, zero_point = qparams_from_range(wmin, wmax, layer.wbits, layer.w_symmetric)
+        layer.weight.copy_(dequantize(codes, scale, zero_point))
+        layer.set_weight_range(wmin, wmax)
     if entry["has_offset"]:
         layer.set_weight_offset(tensors[f"{prefix}.offset"])
 
@@ -250,6 +264,8 @@ def _load_act(aq: ActQuantizer, entry: dict) -> None:
     aq.symmetric = entry["symmetric"]
     aq.num_observed.fill_(entry.get("observed", 1))
     aq.set_range(entry["x_min"], entry["x_max"])
+    if entry.get("grid"):
+        aq.set_grid(entry["scale"], entry["zero_point"])
 
 
 # --- what an integer engine computes ---------------------------------------------------------

@@ -20,6 +20,10 @@ from zsq.quant import quant_layers
 FLOAT, ZERO_POINT = 4, 2  # bytes of a float32 and of an int16 zero point
 
 
+# per-channel state counted with each layer (its scale and zero point), not again as floats
+PER_CHANNEL_KEYS = ("w_range_min", "w_range_max", "w_offset", "w_scale", "w_zero_point")
+
+
 def size_report(student: nn.Module) -> dict[str, Any]:
     """``{"layers": {name: {...}}, "other": {...}, "total": {...}}``, all in bytes."""
     layers: dict[str, dict[str, Any]] = {}
@@ -51,7 +55,7 @@ def size_report(student: nn.Module) -> dict[str, Any]:
     other = sum(
         t.numel() * FLOAT
         for key, t in student.state_dict().items()
-        if key not in counted and not key.endswith(("w_range_min", "w_range_max", "w_offset"))
+        if key not in counted and not key.endswith(PER_CHANNEL_KEYS)
     )
     total = {
         form: sum(v[form] for v in layers.values()) + other for form in ("fp32", "int8", "packed")

@@ -27,6 +27,7 @@ from zsq.methods.distillation import Distillation, DistillationHandler
 from zsq.methods.minmax import MinMax
 from zsq.methods.zeroq import ZeroQ
 from zsq.methods.lapq import LAPQ
+from zsq.methods.genie import Genie
 from zsq.methods.gdfq import GDFQ
 from zsq.methods.qimera import Qimera
 from zsq.methods.arc import ARC
@@ -41,6 +42,7 @@ __all__ = [
     "Distillation",
     "DistillationHandler",
     "GDFQ",
+    "Genie",
     "LAPQ",
     "Method",
     "MethodConfig",

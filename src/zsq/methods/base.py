@@ -155,11 +155,13 @@ def _no_dataset(spec: str) -> Dataset:
 
 @dataclass
 class Outcome:
-    """What a method made: the student, its part of the report, per-epoch history if it trained."""
+    """What a method made: the student, its part of the report, per-epoch history if it trained,
+    and the quantization its student was built with when it is not the run's (``quant``)."""
 
     student: nn.Module
     report: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    quant: QuantSpec | None = None
 
 
 class MethodHandler:
@@ -190,6 +192,11 @@ class MethodHandler:
     def start(self, config: Any, ctx: Context, student: nn.Module) -> dict[str, Any]:
         """Make ``student`` start from this method's result; returns what to report."""
         raise NotImplementedError
+
+    def spec(self, config: Any, spec: QuantSpec, model: nn.Module) -> QuantSpec:
+        """The quantization this method's student has, from the run's (a distillation starting
+        from this method builds its student so; default: the run's)."""
+        return spec
 
     def student_spec(self, report: dict[str, Any], spec: QuantSpec, model: nn.Module) -> QuantSpec:
         """The spec a finished run's student was built with, from its report (export rebuilds

@@ -149,8 +149,11 @@ def source_images(
 
 
 def _mark_resumable(ctx: Context) -> None:
-    """A checkpoint marks the run as resumable: its calibration images are kept if it stops."""
+    """A checkpoint marks the run as resumable: its calibration images are kept if it stops (a
+    checkpoint the method wrote already, e.g. after a reconstructed unit, stays as it is)."""
     path = ctx.layout.checkpoint
+    if path.exists():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"calibration": ctx.layout.CALIBRATION}
     write_verified(path, json.dumps(record).encode())

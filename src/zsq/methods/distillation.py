@@ -173,7 +173,10 @@ class DistillationHandler(MethodHandler):
                 run_size(recipe),
             )
         log.info("%s with recipe %s: %s", config.method, recipe.name, run_size(recipe))
-        student = quantize_model(ctx.teacher, ctx.quant).to(ctx.device)  # before the source
+        spec = ctx.quant
+        if config.init is not None:  # the student the start fits
+            spec = method_of(config.init).handler.spec(config.init, spec, ctx.teacher)
+        student = quantize_model(ctx.teacher, spec).to(ctx.device)  # before the source
         resuming = ctx.resume and ctx.layout is not None and ctx.layout.checkpoint.exists()
         init = self._start(config, ctx, student, resuming)
         options = config.source_defaults(ctx.layout, ctx.progress) | dict(config.source_options)
@@ -223,7 +226,7 @@ class DistillationHandler(MethodHandler):
         }
         if init is not None:
             report["real_data"] = init["real_data"]
-        return Outcome(student, report, history)
+        return Outcome(student, report, history, quant=spec)
 
     def _start(self, config: Distillation, ctx: Context, student, resuming: bool) -> Any:
         """The report of ``init``'s start: made now, or read back when resuming (the student's

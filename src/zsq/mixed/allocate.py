@@ -53,6 +53,7 @@ from zsq.numerics.losses import kl_to_teacher
 from zsq.options import read_options, whole_number
 from zsq.ptq.calibration import check_calibration_options
 from zsq.quant import QuantSpec, parse_bits, quant_layers, quantize_model
+from zsq.quant.spec import exact_pattern
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ class Allocation:
         """``QuantSpec.overrides`` entries naming each layer (and activation site) exactly."""
         pairs = zip(self.layers, self.wbits, strict=True)
         out: dict[str, dict[str, int | None]] = {
-            _glob_literal(name): {"wbits": bits} for name, bits in pairs
+            exact_pattern(name): {"wbits": bits} for name, bits in pairs
         }
         for site, bits in zip(self.act_sites, self.act_bits, strict=True):
-            out[_glob_literal(site)] = {**out.get(_glob_literal(site), {}), "abits": bits}
+            out[exact_pattern(site)] = {**out.get(exact_pattern(site), {}), "abits": bits}
         return out
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
@@ -108,11 +109,6 @@ class Allocation:
             lines += ["", "| activation | abits |", "|---|---|"]
             lines += [f"| {n} | {b} |" for n, b in zip(self.act_sites, self.act_bits, strict=True)]
         return "\n".join(lines)
-
-
-def _glob_literal(name: str) -> str:
-    """A module name as a glob pattern matching only itself."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def parse_choices(text: str | Sequence[int], name: str = "choices") -> tuple[int, ...]:

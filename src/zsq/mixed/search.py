@@ -261,7 +261,7 @@ def _install_mixtures(
 ) -> None:
     """Make every quant layer of ``work`` (a private copy) use the mixture of widths."""
     for index, (name, layer) in enumerate(quant_layers(work)):
-        if layer.w_range_min is not None or layer.w_offset is not None:
+        if layer.w_range_min is not None or layer.w_offset is not None or layer.w_scale is not None:
             log.warning(
                 "layer %s has a fixed weight range or offset tuned for %s bits; the search "
                 "quantizes it with its weights' own min/max at every width",

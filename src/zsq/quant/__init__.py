@@ -11,6 +11,7 @@ from zsq.quant.model import (
     act_quantizers,
     check_layer_patterns,
     inspect_forward,
+    prepare_buffers,
     quant_layers,
     quant_params,
     quantize_model,
@@ -29,7 +30,7 @@ from zsq.quant.quantizer import (
     quantize_tensor,
     tensor_minmax,
 )
-from zsq.quant.spec import LayerQuant, QuantSpec, parse_bits, parse_override
+from zsq.quant.spec import LayerQuant, QuantSpec, exact_pattern, parse_bits, parse_override
 
 __all__ = [
     "ActQuantizer",
@@ -49,6 +50,8 @@ __all__ = [
     "expose_attention",
     "fake_quantize",
     "inspect_forward",
+    "prepare_buffers",
+    "exact_pattern",
     "parse_bits",
     "parse_override",
     "qparams_from_range",

@@ -195,6 +195,21 @@ def _wrap_activations(module: nn.Module, spec: QuantSpec, prefix: str) -> int:
     return count
 
 
+def prepare_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Register the optional buffers a saved quantized model has (a post-training method's
+    fixed range and offset, a reconstruction's grids), so that ``load_state_dict`` takes them."""
+    for name, layer in quant_layers(model):
+        if f"{name}.w_range_min" in state:
+            layer.set_weight_range(state[f"{name}.w_range_min"], state[f"{name}.w_range_max"])
+        if f"{name}.w_offset" in state:
+            layer.set_weight_offset(state[f"{name}.w_offset"])
+        if f"{name}.w_scale" in state:
+            layer.set_weight_grid(state[f"{name}.w_scale"], state[f"{name}.w_zero_point"])
+    for name, quantizer in act_quantizers(model):
+        if f"{name}.grid_scale" in state:
+            quantizer.set_grid(state[f"{name}.grid_scale"], state[f"{name}.grid_zero_point"])
+
+
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
     """(name, layer) of every fake-quant Conv2d/Linear, in module order."""
     for name, module in model.named_modules():

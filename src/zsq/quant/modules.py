@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,10 @@ class ActQuantizer(nn.Module):
         self.register_buffer("x_min", torch.zeros(()))
         self.register_buffer("x_max", torch.zeros(()))
         self.register_buffer("num_observed", torch.zeros((), dtype=torch.long))
+        # a grid learned by reconstruction (scale and zero point, fixed): replaces the range
+        self.register_buffer("grid_scale", None)
+        self.register_buffer("grid_zero_point", None)
+        self.learned: Any = None  # what computes the output while a reconstruction trains it
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, observer={self.observer}, observing={self.observing}"
@@ -87,15 +91,34 @@ class ActQuantizer(nn.Module):
         self.num_observed.clamp_(min=1)
         self.observing = observing
 
+    @torch.no_grad()
+    def set_grid(self, scale: Tensor | float, zero_point: Tensor | float) -> None:
+        """Quantize on this scale and zero point from now on (a learned step, or an export's),
+        whatever the observed range; observation stops."""
+        ref = self.x_min
+        self.grid_scale = torch.as_tensor(scale, dtype=ref.dtype, device=ref.device).clone()
+        self.grid_zero_point = torch.as_tensor(zero_point, dtype=ref.dtype, device=ref.device)
+        self.grid_zero_point = self.grid_zero_point.clone()
+        self.num_observed.clamp_(min=1)  # set from outside: counts as observed
+        self.observing = False
+
+    @property
+    def has_grid(self) -> bool:
+        return self.grid_scale is not None
+
     def qparams(self) -> tuple[Tensor, Tensor]:
         if self.bits is None:
             raise ZsqError("a full-precision activation quantizer has no scale or zero point")
+        if self.grid_scale is not None:
+            return self.grid_scale, self.grid_zero_point
         return qparams_from_range(self.x_min, self.x_max, self.bits, self.symmetric)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bits is None:
             return x
-        if self.observing:
+        if self.learned is not None:
+            return self.learned(x)
+        if self.observing and self.grid_scale is None:
             self.observe(x)
         scale, zero_point = self.qparams()
         return fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), self.bits)
@@ -135,12 +158,23 @@ class _QuantWeightMixin:
         self.register_buffer("w_range_min", None)
         self.register_buffer("w_range_max", None)
         self.register_buffer("w_offset", None)
+        # a grid learned by reconstruction (per-channel scale and zero point, fixed)
+        self.register_buffer("w_scale", None)
+        self.register_buffer("w_zero_point", None)
+        self.weight_rounding: Any = None  # computes the weight while a reconstruction trains it
 
     def set_weight_range(self, wmin: Tensor | float, wmax: Tensor | float) -> None:
         """Fix the weight range (e.g. a clipping value) instead of the weights' own min/max."""
         ref = self.weight.detach()
         self.w_range_min = torch.as_tensor(wmin, dtype=ref.dtype, device=ref.device).clone()
         self.w_range_max = torch.as_tensor(wmax, dtype=ref.dtype, device=ref.device).clone()
+
+    def set_weight_grid(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Quantize the weights on this scale and zero point (a learned grid, e.g. Genie's)
+        instead of a range: the codes are ``round(S * w - z)`` on it."""
+        ref = self.weight.detach()
+        self.w_scale = torch.as_tensor(scale, dtype=ref.dtype, device=ref.device).clone()
+        self.w_zero_point = torch.as_tensor(zero_point, dtype=ref.dtype, device=ref.device).clone()
 
     def set_weight_offset(self, offset: Tensor | None) -> None:
         """A per-output-channel shift added after fake quantization (None removes it)."""
@@ -157,6 +191,8 @@ class _QuantWeightMixin:
         if self.wbits is None:
             raise ZsqError("a full-precision layer has no weight scale or zero point")
         with torch.no_grad():
+            if self.w_scale is not None:
+                return self.w_scale, self.w_zero_point
             if weight is None and self.w_range_min is not None:
                 wmin, wmax = self.w_range_min, self.w_range_max
             else:
@@ -173,6 +209,8 @@ class _QuantWeightMixin:
     def fake_quant_weight(self) -> Tensor:
         if self.wbits is None:
             return self.weight
+        if self.weight_rounding is not None:
+            return self.weight_rounding(self.weight)
         scale, zero_point = self.weight_qparams()
         weight = fake_quantize(self.weight, scale, zero_point, self.wbits)
         return weight if self.w_offset is None else weight + self.w_offset

@@ -92,6 +92,11 @@ class QuantSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def exact_pattern(name: str) -> str:
+    """A module name as an override pattern that matches only that module."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def parse_override(text: str) -> tuple[str, dict[str, int | None]]:
     """Parse a CLI override ``PATTERN=W[/A]``: ``conv1=8``, ``linear=off/off``, ``layer1.*=4/8``."""
     pattern, sep, bits = text.partition("=")

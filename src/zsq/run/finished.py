@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from zsq.errors import ZsqError
 from zsq.io import partial_dir, read_marker
 from zsq.layout import RunLayout
 from zsq.methods.base import Method, get_method
-from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model
+from zsq.quant import QuantSpec, act_quantizers, prepare_buffers, quantize_model
 from zsq.run.record import read_options
 
 
@@ -140,18 +139,9 @@ def student_from_run(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         spec = run.registered.handler.student_spec(run.report, spec, model)
     student = quantize_model(model, spec)
     state = load_file(str(run.layout.student))
-    _prepare_optional_buffers(student, state)
+    prepare_buffers(student, state)
     student.load_state_dict(state)
     for _, aq in act_quantizers(student):
         aq.observing = False
     info["act_placement"] = spec.act_placement
     return student.eval(), info
-
-
-def _prepare_optional_buffers(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Register the post-training buffers (fixed range, offset) the saved student has."""
-    for name, layer in quant_layers(student):
-        if f"{name}.w_range_min" in state:
-            layer.set_weight_range(state[f"{name}.w_range_min"], state[f"{name}.w_range_max"])
-        if f"{name}.w_offset" in state:
-            layer.set_weight_offset(state[f"{name}.w_offset"])

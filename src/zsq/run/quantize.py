@@ -409,12 +409,13 @@ def _execute(
         )
         ctx.quant = allocation.apply(ctx.quant)
     outcome = plan.registered.handler.run(plan.method, ctx)
+    quant = outcome.quant or ctx.quant
     execution = getattr(plan.method, "execution", None) or Execution()
     with execution.tensor_core_scope():  # fp32 means fp32 (no cuDNN TF32) in the report too
         scores = _scores(plan, data.eval_set, outcome.student)
     report = build_report(
         method=plan.method.method,
-        quant=ctx.quant,
+        quant=quant,
         model=plan.meta.model,
         weights=plan.meta.weights,
         eval_data=_eval_text(plan.eval_data),
