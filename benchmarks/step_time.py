@@ -56,7 +56,7 @@ def build(
     recipe = GDFQ(  # the schedule is the method's; only its source differs here
         recipe="paper-cifar", ait=ait, overrides={"batch_size": batch, "gen_warmup_epochs": 0}
     ).resolved
-    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4)).to(device)
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (3, 32, 32)).to(device)
     source = build_source(method, teacher, num_classes=10, image_shape=(3, 32, 32)).to(device)
     return Distiller(
         teacher, student, source, recipe, device=device, progress=False, execution=execution

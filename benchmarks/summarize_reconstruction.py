@@ -40,7 +40,7 @@ def load(root: Path) -> dict[str, dict[str, dict[str, dict]]]:
 def cell(report: dict | None) -> str:
     if report is None:
         return "-"
-    gap = report["teacher_top1"] - report["student_top1"]
+    gap = report["student_top1"] - report["teacher_top1"]
     return f"{report['student_top1']:.2f} ({gap:+.2f}; {report['seconds'] / 60:.1f} min)"
 
 

@@ -73,7 +73,7 @@ def train() -> dict[str, Any]:
     """A few epochs of GDFQ+AIT through the trainer: what every rank ends with."""
     seed_everything(0)
     teacher = tiny_teacher()
-    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (3, 8, 8))
     source = GdfqSource(teacher, num_classes=10, image_shape=(3, 8, 8))
     recipe = GDFQ(recipe="demo", ait=True, overrides=TINY_SCHEDULE).resolved
     data = eval_set()
@@ -105,7 +105,7 @@ def gradient_case(rank: int, world_size: int) -> dict[str, Any]:
     ranks; with ``world_size`` 1 the single-process gradients of the whole batch."""
     seed_everything(0)
     teacher = tiny_teacher()
-    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (3, 8, 8))
     source = GdfqSource(teacher, num_classes=10, image_shape=(3, 8, 8))
     distributed.use_global_batchnorm(source)
     share = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)

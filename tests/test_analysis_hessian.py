@@ -284,7 +284,7 @@ def test_bad_inputs_raise_zsq_errors(problem):
 def test_fake_quant_student_hessian_is_that_of_its_dequantized_weights():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
-    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (1, 6, 6))
     x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
     calibrate_activations(student, [x])
     # the same network with float weights set to the student's dequantized ones

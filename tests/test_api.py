@@ -56,7 +56,7 @@ def test_cli_and_api_share_one_list_of_methods():
 
 def test_minmax_through_the_api_is_the_gaussian_baseline(teacher):
     result = quantize(teacher, MinMax(), quant=QuantSpec(wbits=4, abits=4), seed=5)
-    reference = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
+    reference = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (1, 8, 8))
     calibrate_activations(reference, gaussian_batches(512, (1, 8, 8), 128, seed=5))
     assert result.report["calibration"].startswith("gaussian noise, 512")
     x = torch.randn(3, 1, 8, 8)

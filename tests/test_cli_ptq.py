@@ -99,7 +99,7 @@ def test_carry_over_copies_deployed_weights_and_activation_ranges():
     spec = QuantSpec(wbits=4, abits=4)
     data = CalibrationSet(torch.randn(16, 3, 8, 8), None, "noise", real=False)
     lapq, _ = lapq_quantize(teacher, spec, data, LapqConfig(stages="lw"), progress=False)
-    student = quantize_model(teacher, spec)
+    student = quantize_model(teacher, spec, (3, 8, 8))
     carry_over_lapq(lapq, student)
     for (name, ours), (_, theirs) in zip(quant_layers(student), quant_layers(lapq), strict=True):
         assert torch.equal(ours.weight, theirs.fake_quant_weight()), name

@@ -46,7 +46,7 @@ def _setup(tmp_path=None, rng_seed=0, **overrides):
     torch.manual_seed(0)
     teacher = digits_cnn().eval()  # the same teacher every time
     torch.manual_seed(rng_seed)
-    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (1, 8, 8))
     source = build_source("gdfq", teacher, num_classes=10, image_shape=(1, 8, 8))
     recipe = apply_overrides(get_recipe("demo"), {**TINY, **overrides})
     trainer = Distiller(

@@ -66,7 +66,7 @@ def test_sharded_evaluation_equals_one_process(trained):
 def _student_from(state):
     from zsq.quant import QuantSpec, quantize_model, set_observing
 
-    student = quantize_model(tiny_teacher(), QuantSpec(wbits=4, abits=4))
+    student = quantize_model(tiny_teacher(), QuantSpec(wbits=4, abits=4), (3, 8, 8))
     student.load_state_dict(state)
     set_observing(student, False)
     return student

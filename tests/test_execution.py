@@ -29,7 +29,7 @@ TINY = {
 def _trainer(execution: Execution, ait: bool = True) -> Distiller:
     torch.manual_seed(0)
     teacher = digits_cnn().eval()
-    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4))
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (1, 8, 8))
     source = build_source("gdfq", teacher, num_classes=10, image_shape=(1, 8, 8))
     recipe = apply_overrides(get_recipe("demo"), {**TINY, "gi": ait, "loss": "kl"})
     return Distiller(

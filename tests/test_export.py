@@ -44,7 +44,7 @@ def test_packing_refuses_codes_outside_the_range():
 def student(spec: QuantSpec, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = create_model("resnet20").eval()
-    s = quantize_model(model, spec)
+    s = quantize_model(model, spec, (3, 16, 16))
     calibrate_activations(s, [torch.randn(16, 3, 16, 16)])
     return s.eval()
 
@@ -222,7 +222,7 @@ def test_onnx_matches_a_trained_student(shared_data, tmp_path):
     from zsq.models import load_teacher
 
     teacher, _ = load_teacher("resnet20", str(shared_data / "weights/resnet20_cifar10jpeg.pt"))
-    s = quantize_model(teacher.eval(), QuantSpec(wbits=4, abits=4))
+    s = quantize_model(teacher.eval(), QuantSpec(wbits=4, abits=4), (3, 32, 32))
     calibrate_activations(
         s, [torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
     )

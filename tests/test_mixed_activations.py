@@ -54,7 +54,7 @@ def test_resnet20_sites_follow_the_blocks():
     float image and the classifier a pooled feature, so they are fed by no site."""
     model = create_model("resnet20", num_classes=10)
     sites = sites_of(model, QuantSpec(), (3, 32, 32))
-    names = [name for name, _ in quant_layers(quantize_model(model, QuantSpec()))]
+    names = [name for name, _ in quant_layers(quantize_model(model, QuantSpec(), (3, 32, 32)))]
     fed = {names[i]: site.name for site in sites for i in site.consumers}
     assert all(len(site.consumers) == 1 for site in sites) and len(sites) == 18
     assert fed["layer1.0.conv1"] == "relu" and fed["layer1.0.conv2"] == "layer1.0.relu1"
@@ -108,7 +108,7 @@ def test_site_sensitivity_is_the_kl_with_only_that_site_quantized():
         target = teacher(images)
         for bits, score in zip(CHOICES, scores["2"], strict=True):
             only = QuantSpec(wbits=None, abits=None, overrides={"2": {"abits": bits}})
-            model = quantize_model(teacher, replace_observer(only)).eval()
+            model = quantize_model(teacher, replace_observer(only), (3, 8, 8)).eval()
             model(images)
             set_observing(model, False)
             direct = float(kl_to_teacher(model(images), target, 1.0, "batchmean"))
@@ -137,7 +137,7 @@ def test_allocation_sets_each_sites_width_and_meets_the_bops_budget():
         progress=False,
     )
     assert allocation.act_sites == ["relu"] and allocation.cost <= allocation.limit == uniform
-    student = quantize_model(model, allocation.apply(QuantSpec(wbits=4, abits=4)))
+    student = quantize_model(model, allocation.apply(QuantSpec(wbits=4, abits=4)), (3, 6, 6))
     quantizers = dict(act_quantizers(student))
     assert quantizers["relu.act_quant"].bits == allocation.act_bits[0]
     layers = dict(quant_layers(student))

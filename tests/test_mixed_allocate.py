@@ -41,7 +41,7 @@ def images():
 
 def test_sensitivity_is_the_kl_with_only_that_layer_quantized(teacher, images):
     scores = sensitivity_scores(teacher, QuantSpec(), CHOICES, images, progress=False)
-    names = [n for n, _ in quant_layers(quantize_model(teacher, QuantSpec()))]
+    names = [n for n, _ in quant_layers(quantize_model(teacher, QuantSpec(), (3, 8, 8)))]
     assert len(scores) == len(names) == 3
     with torch.no_grad():
         target = teacher(images)
@@ -99,7 +99,7 @@ def test_allocation_is_the_exact_optimum_and_within_budget(teacher, images):
     )
     assert alloc.wbits == [CHOICES[k] for k in best]
     assert alloc.cost <= alloc.limit == limit
-    student = quantize_model(teacher, alloc.apply(QuantSpec(wbits=4, abits=4)))
+    student = quantize_model(teacher, alloc.apply(QuantSpec(wbits=4, abits=4)), (3, 8, 8))
     assert [layer.wbits for _, layer in quant_layers(student)] == alloc.wbits
 
 

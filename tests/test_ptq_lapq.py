@@ -140,7 +140,7 @@ def test_paper_policy_keeps_first_conv_last_conv_and_classifier_in_full_precisio
     names = paper_full_precision_layers(model)
     assert names == ["conv1", "layer3.2.conv2", "linear"]
     spec = lapq_spec(QuantSpec(wbits=4, abits=4), model, "paper")
-    student = quantize_model(model, spec)
+    student = quantize_model(model, spec, (3, 32, 32))
     bits = {name: layer.wbits for name, layer in quant_layers(student)}
     assert [n for n, b in bits.items() if b is None] == names
     assert spec.w_symmetric and not spec.per_channel

@@ -169,7 +169,7 @@ def test_module_swap_cifar_resnet20_and_overrides():
         abits=4,
         overrides={"conv1": {"wbits": 8}, "linear": {"wbits": None, "abits": None}},
     )
-    student = quantize_model(model, spec)
+    student = quantize_model(model, spec, (3, 32, 32))
     layers = dict(quant_layers(student))
     assert len(layers) == 20
     assert layers["conv1"].wbits == 8 and layers["linear"].wbits is None
@@ -207,7 +207,7 @@ def test_user_module_and_no_layers_error():
     assert _count(student) == (2, 0)
     assert student(torch.randn(2, 1, 5, 5)).shape == (2, 3)
     with pytest.raises(ZsqError, match="no nn.Conv2d or nn.Linear"):
-        quantize_model(nn.Sequential(nn.ReLU()), QuantSpec())
+        quantize_model(nn.Sequential(nn.ReLU()), QuantSpec(), (1, 5, 5))
 
 
 def test_weight_fake_quant_matches_codes_and_quant_params():

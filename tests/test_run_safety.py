@@ -356,7 +356,7 @@ def _trainer_on(folder, teacher, method, spec):
     from zsq.quant import QuantSpec, quantize_model
     from zsq.synth import build_source
 
-    student = quantize_model(teacher, QuantSpec(**spec))
+    student = quantize_model(teacher, QuantSpec(**spec), (1, 8, 8))
     source = build_source(
         method.SOURCE, teacher, num_classes=10, image_shape=(1, 8, 8), **method.source_options
     )

@@ -233,7 +233,7 @@ def test_float_maps_equal_hand_softmax():
 
 def test_quantize_vit_swaps_every_layer_and_attention():
     vit = _small_vit()
-    student = quantize_model(vit, QuantSpec(wbits=4, abits=4))
+    student = quantize_model(vit, QuantSpec(wbits=4, abits=4), (1, 16, 16))
     attentions = [m for m in student.modules() if isinstance(m, QuantAttention)]
     assert len(attentions) == SMALL_VIT["depth"]
     assert not any(isinstance(m, vt.Attention) for m in student.modules())
@@ -271,7 +271,7 @@ def test_full_precision_spec_keeps_the_vit_output_and_calibration_freezes():
     assert not list(act_quantizers(student))
     with torch.no_grad():
         torch.testing.assert_close(student(x), vit(x), atol=1e-6, rtol=0)
-    quantized = quantize_model(vit, QuantSpec(wbits=8, abits=8))
+    quantized = quantize_model(vit, QuantSpec(wbits=8, abits=8), (1, 16, 16))
     with torch.no_grad():
         quantized(x)
     set_observing(quantized, False)  # every quantizer (the fixed softmax one too) has a range

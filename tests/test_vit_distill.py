@@ -60,7 +60,7 @@ def _small_vit() -> torch.nn.Module:
 
 def test_trainer_adds_the_attention_term_and_gi_acts_on_every_linear():
     teacher = _small_vit()
-    student = quantize_model(teacher, QuantSpec(wbits=4, abits=8))
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=8), (3, 8, 8))
     source = GaussianSource(teacher, num_classes=10, image_shape=(3, 8, 8))
     schedule = {"epochs": 3, "iters_per_epoch": 2, "batch_size": 4, "gen_warmup_epochs": 1}
     schedule |= {"act_calib_epochs": 1, "probe_batch_size": 4}
@@ -78,7 +78,7 @@ def test_trainer_adds_the_attention_term_and_gi_acts_on_every_linear():
 
 def test_attention_distillation_needs_a_vit():
     teacher = tiny_teacher()
-    student = quantize_model(teacher, QuantSpec())
+    student = quantize_model(teacher, QuantSpec(), (3, 8, 8))
     source = GaussianSource(teacher, num_classes=10, image_shape=(3, 8, 8))
     recipe = GDFQ(recipe="demo", overrides={"attn_distill": 1.0}).resolved
     with pytest.raises(ZsqError, match="attn_distill needs a vision transformer"):

@@ -180,7 +180,7 @@ def test_minmax_vit_on_gaussian_calibration(vit_teacher, test_images, float_top1
     from zsq.quant import QuantAttention, QuantSpec, quantize_model
 
     teacher, meta = vit_teacher
-    student = quantize_model(teacher, QuantSpec(wbits=wbits, abits=abits))
+    student = quantize_model(teacher, QuantSpec(wbits=wbits, abits=abits), (1, 28, 28))
     assert sum(isinstance(m, QuantAttention) for m in student.modules()) == 4
     calibrate_activations(student, gaussian_batches(256, (1, meta.image_size, meta.image_size)))
     top1 = evaluate(student, test_images, device="cpu", progress=False).top1

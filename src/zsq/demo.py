@@ -71,7 +71,7 @@ class DemoRow:
 
 
 def _minmax(teacher: nn.Module, bits: int, device: torch.device, seed: int) -> nn.Module:
-    student = quantize_model(teacher, QuantSpec(wbits=bits, abits=bits)).to(device)
+    student = quantize_model(teacher, QuantSpec(wbits=bits, abits=bits), IMAGE_SHAPE).to(device)
     calibrate_activations(student, gaussian_batches(512, IMAGE_SHAPE, seed=seed), device=device)
     return student
 

@@ -85,10 +85,12 @@ def add_quant_args(p: argparse.ArgumentParser, default_bits: str | None) -> None
     g.add_argument("--symmetric", action="store_true", help="symmetric weight quantization")
     g.add_argument(
         "--act-placement",
-        choices=("input", "reference"),
-        default="reference",
-        help="reference (default): every ReLU/ReLU6 output, as the official GDFQ/AIT code; "
-        "input: every Conv2d/Linear input, the image included (harsher; functional ReLUs)",
+        choices=("auto", "reference", "input"),
+        default="auto",
+        help="auto (default): after the ReLU/ReLU6 module a layer's input comes from, as the "
+        "official GDFQ/AIT code, else at the layer's input (SiLU, GELU, hardswish, functional "
+        "ReLUs), the image kept in full precision; quant.json names each layer's; reference: "
+        "only ReLU/ReLU6 outputs; input: every Conv2d/Linear input, the image included",
     )
     g.add_argument(
         "--layer",

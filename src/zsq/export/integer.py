@@ -63,7 +63,8 @@ def export_int(
     student: nn.Module, path: str | Path, model: dict[str, Any], *, overwrite: bool = False
 ) -> dict[str, Any]:
     """Write the integer export of ``student`` and return its manifest. ``model``: what
-    rebuilds the architecture (``name``, ``num_classes``, ``in_channels``, ``act_placement``;
+    rebuilds the architecture (``name``, ``num_classes``, ``in_channels``, ``act_placement``,
+    ``quantized_inputs``;
     ``image_shape`` and normalisation are recorded for the user). An existing ``path`` or
     manifest is an error unless ``overwrite``."""
     path = Path(path)
@@ -210,8 +211,13 @@ def load_int(path: str | Path) -> nn.Module:
         model_kwargs=info.get("model_kwargs"),
     )
     has_acts = any(a["bits"] is not None for a in manifest["activations"].values())
-    spec = QuantSpec(wbits=8, abits=8 if has_acts else None, act_placement=info["act_placement"])
-    student = quantize_model(model, spec)
+    spec = QuantSpec(
+        wbits=8,
+        abits=8 if has_acts else None,
+        act_placement=info["act_placement"],
+        quantized_inputs=info.get("quantized_inputs"),
+    )
+    student = quantize_model(model, spec, image_shape=info.get("image_shape"))
     layers = dict(quant_layers(student))
     if set(layers) != set(manifest["layers"]):
         raise ZsqError(f"{path}: its layers do not match model {info['name']}; export it again")

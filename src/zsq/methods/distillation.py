@@ -176,7 +176,7 @@ class DistillationHandler(MethodHandler):
         spec = ctx.quant
         if config.init is not None:  # the student the start fits
             spec = method_of(config.init).handler.spec(config.init, spec, ctx.teacher)
-        student = quantize_model(ctx.teacher, spec).to(ctx.device)  # before the source
+        student = quantize_model(ctx.teacher, spec, ctx.image_shape).to(ctx.device)  # first
         resuming = ctx.resume and ctx.layout is not None and ctx.layout.checkpoint.exists()
         init = self._start(config, ctx, student, resuming)
         options = config.source_defaults(ctx.layout, ctx.progress) | dict(config.source_options)

@@ -27,7 +27,9 @@ class MinMaxHandler(MethodHandler):
     def run(self, config: MinMax, ctx: Context) -> Outcome:
         images = calibration_images(config, ctx)
         batches = images.batches(CALIB_BATCH, ctx.device)
-        student = minmax_quantize(ctx.teacher, ctx.quant, batches, device=ctx.device)
+        student = minmax_quantize(
+            ctx.teacher, ctx.quant, batches, device=ctx.device, image_shape=ctx.image_shape
+        )
         return Outcome(student, calibration_report(images))
 
 

@@ -5,7 +5,7 @@
 
     from zsq.mixed import allocate
     allocation = allocate(teacher, image_shape=(3, 32, 32), budget="wbits=3.5", images=synthetic)
-    student = quantize_model(teacher, allocation.apply(QuantSpec(wbits=4, abits=4)))
+    student = quantize_model(teacher, allocation.apply(QuantSpec(wbits=4, abits=4)), (3, 32, 32))
 """
 
 from zsq.mixed.allocate import (

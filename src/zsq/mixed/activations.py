@@ -198,7 +198,8 @@ def site_sensitivities(
     Ranges are the min/max over the synthetic images (observed once in full precision; a
     range does not depend on the width); weights and every other quantizer stay float.
     """
-    model = quantize_model(teacher, replace(spec, wbits=None, overrides={})).eval()
+    model = quantize_model(teacher, replace(spec, wbits=None, overrides={}), images.shape[1:])
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     set_act_observer(model, "minmax")
@@ -223,4 +224,5 @@ def site_sensitivities(
 
 def sites_of(teacher: nn.Module, spec: QuantSpec, image_shape: Sequence[int]) -> list[Site]:
     """The sites of ``teacher`` quantized as ``spec`` places activations."""
-    return activation_sites(quantize_model(teacher, replace(spec, overrides={})), image_shape)
+    student = quantize_model(teacher, replace(spec, overrides={}), image_shape)
+    return activation_sites(student, image_shape)

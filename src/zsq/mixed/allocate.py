@@ -53,6 +53,7 @@ from zsq.numerics.losses import kl_to_teacher
 from zsq.options import read_options, whole_number
 from zsq.ptq.calibration import check_calibration_options
 from zsq.quant import QuantSpec, parse_bits, quant_layers, quantize_model
+from zsq.quant.placement import resolve_placement
 from zsq.quant.spec import exact_pattern
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def allocate(
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     check_allocator(allocator)
     choices = parse_choices(list(choices))
-    spec = spec or QuantSpec()
+    spec = resolve_placement(teacher, spec or QuantSpec(), image_shape)
     if act_choices is not None:
         _check_act_mixing(budget, allocator)
         act_choices = parse_choices(list(act_choices))
@@ -613,7 +614,8 @@ def _search(
     from zsq.mixed.search import differentiable_search
     from zsq.quant import set_observing
 
-    student = quantize_model(teacher, replace(spec, wbits=max(choices), overrides={})).eval()
+    widest = replace(spec, wbits=max(choices), overrides={})
+    student = quantize_model(teacher, widest, images.shape[1:]).eval()
     with torch.no_grad():
         for x in images.split(EVAL_BATCH):
             student(x)

@@ -218,7 +218,8 @@ class Lapq:
         self.device = torch.device(device)
         self.progress = progress
         self.teacher = teacher.to(self.device).eval()
-        self.student = quantize_model(teacher, lapq_spec(spec, teacher, self.config.layers))
+        spec = lapq_spec(spec, teacher, self.config.layers)
+        self.student = quantize_model(teacher, spec, calib.images.shape[1:])
         self.student.to(self.device).eval()
         self.calib = calib
         self.batches = list(calib.batches(self.config.batch_size, self.device))

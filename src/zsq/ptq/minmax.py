@@ -6,7 +6,7 @@ by default (data-free), or real images when the caller passes them (then not zer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,11 @@ def minmax_quantize(
     *,
     observer: str = "minmax",
     device: torch.device | str = "cpu",
+    image_shape: Sequence[int] | None = None,
 ) -> nn.Module:
-    """Fake-quantized copy of ``teacher`` with min/max weight ranges and calibrated activations."""
-    student = quantize_model(teacher, spec).to(device)
+    """Fake-quantized copy of ``teacher`` with min/max weight ranges and calibrated activations
+    (``image_shape``: what ``teacher`` takes, for the ``auto`` placement of an unresolved
+    ``spec``)."""
+    student = quantize_model(teacher, spec, image_shape).to(device)
     calibrate_activations(student, calibration, observer=observer, device=device)
     return student

@@ -47,6 +47,7 @@ from zsq.ptq.blocks import find_blocks
 from zsq.ptq.rounding import (
     beta_at,
     inverse_rectified_sigmoid,
+    keep_mask,
     learned_step_quantize,
     lp_grid,
     rectified_sigmoid,
@@ -157,8 +158,8 @@ class LearnedStep:
             )
             self.step = nn.Parameter(step)
         quantized = learned_step_quantize(x, self.step, self.zero_point, self.bits)
-        if self.training and self.drop_prob > 0:
-            return torch.where(torch.rand_like(x) < 1 - self.drop_prob, quantized, x)
+        if self.training and self.drop_prob > 0:  # lerp at 0/1 is exactly x or quantized
+            return torch.lerp(x, quantized, keep_mask(x, 1 - self.drop_prob))
         return quantized
 
     @torch.no_grad()
@@ -217,14 +218,15 @@ def mixed_inputs(x: Tensor, xq: Tensor, drop_prob: float) -> Tensor:
     else the student's ``xq`` (``drop_prob=0`` is BRECQ's: always ``xq``)."""
     if drop_prob == 0:
         return xq
-    return torch.where(torch.rand_like(x) < 1 - drop_prob, xq, x)
+    return torch.lerp(x, xq, keep_mask(x, 1 - drop_prob))
 
 
 def reconstruction_error(output: Tensor, target: Tensor) -> Tensor:
     """The squared error summed over features (dim 1 of an NCHW or NC tensor, the last dim of a
     token sequence) and averaged over the rest, as the reference."""
     dim = -1 if output.dim() == 3 else 1
-    return (output - target).pow(2).sum(dim).mean()
+    difference = output - target
+    return (difference * difference).sum(dim).mean()  # pow(2)'s backward is slower on a CPU
 
 
 @torch.no_grad()

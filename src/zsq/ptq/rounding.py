@@ -56,9 +56,47 @@ def round_ste(x: Tensor) -> Tensor:
 
 def learned_step_quantize(x: Tensor, step: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """``(clamp(round(x / step - z), qmin, qmax) + z) * step``; the gradient reaches ``x`` inside
-    the range and ``step`` everywhere (LSQ)."""
+    the range and ``step`` everywhere (LSQ: ``round(u) - u`` inside, the bound's code plus ``z``
+    outside, ``u = x / step - z``)."""
     qmin, qmax = code_range(bits)
-    return (torch.clamp(round_ste(x / step - zero_point), qmin, qmax) + zero_point) * step
+    return _LearnedStep.apply(x, step, zero_point, qmin, qmax)
+
+
+class _LearnedStep(torch.autograd.Function):
+    """LSQ's quantizer with its gradient written out: one pass forward, one back (autograd
+    through round/clamp takes several ``where`` passes, the slowest op on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, step, zero_point, qmin, qmax):  # noqa: ANN001, ANN205
+        scaled = x / step - zero_point
+        codes = scaled.round()
+        inside = ((codes >= qmin) & (codes <= qmax)).to(x.dtype)
+        codes = codes.clamp_(qmin, qmax)
+        ctx.save_for_backward(scaled, codes, inside, step, zero_point)
+        return (codes + zero_point) * step
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        scaled, codes, inside, step, zero_point = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            # inside: round(u) - u; outside: the clamped code + z
+            slope = codes + zero_point - inside * (scaled + zero_point)
+            grad_step = (grad * slope).sum_to_size(step.shape)
+        return grad_x, grad_step, None, None, None
+
+
+def keep_mask(like: Tensor, keep_prob: float) -> Tensor:
+    """A float mask shaped as ``like``: 1 with probability ``keep_prob``, else 0. At 1/2 (QDrop's
+    default) it unpacks random bytes bit by bit, 5x faster on a CPU than comparing uniforms."""
+    if keep_prob != 0.5:
+        return (torch.rand_like(like) < keep_prob).to(like.dtype)
+    count = like.numel()
+    random = torch.randint(0, 256, ((count + 7) // 8,), dtype=torch.uint8, device=like.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=like.device)
+    bits = (random.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:count].reshape(like.shape).to(like.dtype)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from zsq.quant.attention import (
 from zsq.quant.model import (
     act_quantizers,
     check_layer_patterns,
-    inspect_forward,
     prepare_buffers,
     quant_layers,
     quant_params,
@@ -20,6 +19,7 @@ from zsq.quant.model import (
     set_observing,
 )
 from zsq.quant.modules import ActQuantizer, QuantAfter, QuantConv2d, QuantLinear
+from zsq.quant.probe import inspect_forward
 from zsq.quant.quantizer import (
     QuantizedTensor,
     code_range,

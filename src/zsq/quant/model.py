@@ -12,6 +12,7 @@ import fnmatch
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from zsq.errors import ConfigError, ZsqError
 from zsq.quant.attention import QuantAttention, UnitRangeQuantizer, timm_attention_class
 from zsq.quant.modules import ActQuantizer, QuantAfter, QuantConv2d, QuantLayer, QuantLinear
+from zsq.quant.placement import resolve_placement
 from zsq.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,15 @@ log = logging.getLogger(__name__)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, spec: QuantSpec | None = None, image_shape: Sequence[int] | None = None
+) -> nn.Module:
     """Return a deep copy of ``model`` with fake quantization as ``spec`` says.
+
+    ``image_shape`` (channels, height, width): what the model takes, for the ``auto``
+    activation placement to find which layer inputs no ReLU quantizer covers (one forward
+    pass); not needed with a spec already resolved (``resolve_placement``), another placement,
+    or no activation bits.
 
     BatchNorm is kept unfolded and in full precision. Activation ranges start unobserved and
     observing: run calibration batches (or the first training epochs), then
@@ -46,7 +55,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     leave most activations float; every Linear input is where a transformer's integer kernels
     take 8/4-bit operands. ``input`` placement quantizes the image too.
     """
-    spec = spec or QuantSpec()
+    spec = _resolved(model, spec or QuantSpec(), image_shape)
     student = copy.deepcopy(model)
     n_attention = _swap_attention(student, spec, prefix="")
     linear_inputs = n_attention > 0 and spec.act_placement == "reference"
@@ -59,9 +68,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     if n_attention:
         log.info("quantized %d attention modules (both matmuls)", n_attention)
     _warn_unswapped_attention(student)
-    if spec.act_placement == "reference":
+    if spec.act_placement in ("reference", "auto"):
         n_acts = _wrap_activations(student, spec, prefix="")
-        if n_acts == 0 and spec.abits is not None and not linear_inputs:
+        if (
+            n_acts == 0
+            and spec.abits is not None
+            and spec.act_placement == "reference"
+            and not linear_inputs
+        ):
             raise ConfigError(
                 f"{type(model).__name__} has no nn.ReLU/nn.ReLU6 modules (functional relu?), so "
                 "the reference activation placement would quantize no activation; use "
@@ -73,13 +87,32 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     return student
 
 
+def _resolved(model: nn.Module, spec: QuantSpec, image_shape: Sequence[int] | None) -> QuantSpec:
+    if spec.act_placement != "auto" or spec.quantized_inputs is not None:
+        return spec
+    if not _has_act_bits(spec):
+        return replace(spec, quantized_inputs=())
+    if image_shape is None:
+        raise ConfigError(
+            "the auto activation placement needs the model's input shape: pass image_shape "
+            "(channels, height, width), or «act_placement» reference or input"
+        )
+    return resolve_placement(model, spec, image_shape)
+
+
+def _has_act_bits(spec: QuantSpec) -> bool:
+    return spec.abits is not None or any(
+        values.get("abits") is not None for values in spec.overrides.values()
+    )
+
+
 def check_layer_patterns(model: nn.Module, spec: QuantSpec) -> None:
     """Every per-layer override pattern must match a layer it can change (else it does nothing).
 
     Weight bits apply to Conv2d/Linear layers; with the reference placement activation bits
     apply to ReLU/ReLU6 modules too.
     """
-    types = (nn.Conv2d, nn.Linear) + (_ACTIVATIONS if spec.act_placement == "reference" else ())
+    types = (nn.Conv2d, nn.Linear) + (_ACTIVATIONS if spec.act_placement != "input" else ())
     names = [name for name, module in model.named_modules() if isinstance(module, types)]
     for pattern in spec.overrides:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
@@ -169,7 +202,11 @@ def _quant_layer(
     """The Quant* wrapper; its input is quantized with ``input`` placement, or when
     ``linear_inputs`` (a transformer under ``reference`` placement) and it is a Linear."""
     bits = spec.for_layer(name)
-    quant_input = spec.act_placement == "input" or (linear_inputs and isinstance(layer, nn.Linear))
+    quant_input = (
+        spec.act_placement == "input"
+        or (linear_inputs and isinstance(layer, nn.Linear))
+        or (spec.act_placement == "auto" and name in (spec.quantized_inputs or ()))
+    )
     act_quant = _make_act_quant(spec, bits.abits) if quant_input else None
     wrapper = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
     return wrapper.from_float(
@@ -273,35 +310,3 @@ def quant_params(model: nn.Module) -> dict[str, Any]:
             entry.update(scale=float(scale), zero_point=float(zero_point))
         acts[name] = entry
     return {"layers": layers, "activations": acts}
-
-
-def inspect_forward(model: nn.Module, image_shape: Sequence[int]) -> Any:
-    """One forward on zeros at batch 1 for hooks to watch, leaving the model as it was: eval
-    mode, activation observers paused, no gradients and the RNG forked, modes restored after.
-    Returns the output; a failing forward is an error naming the shape."""
-    param = next(model.parameters())
-    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    x = torch.zeros((1, *image_shape), dtype=dtype, device=param.device)
-    training = {m: m.training for m in model.modules()}
-    observing = {aq: aq.observing for _, aq in act_quantizers(model)}
-    devices = []
-    if param.device.type == "cuda":
-        index = param.device.index
-        devices = [torch.cuda.current_device() if index is None else index]
-    try:
-        model.eval()
-        for aq in observing:
-            aq.observing = False
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            return model(x)
-    except (RuntimeError, ValueError, AssertionError) as exc:  # timm asserts on input sizes
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ZsqError(
-            f"the model's forward failed on a 1x{'x'.join(map(str, image_shape))} input "
-            f"({first_line}); pass the model's input shape (channels, height, width)"
-        ) from exc
-    finally:
-        for module, mode in training.items():
-            module.training = mode
-        for aq, mode in observing.items():
-            aq.observing = mode

@@ -10,8 +10,8 @@ from zsq.errors import ZsqError
 from zsq.quant.modules import OBSERVERS
 from zsq.quant.quantizer import check_bits
 
-Placement = Literal["input", "reference"]
-PLACEMENTS = ("input", "reference")
+Placement = Literal["auto", "input", "reference"]
+PLACEMENTS = ("auto", "reference", "input")
 OFF_WORDS = ("off", "fp", "fp32", "none", "32")
 
 
@@ -40,13 +40,15 @@ class QuantSpec:
     """How ``quantize_model`` quantizes a network.
 
     ``wbits``/``abits``: 2..8 or None (full precision). ``per_channel``: one weight range per output
-    channel (the paper's choice) or one per tensor. ``act_placement``: ``reference`` (default)
-    quantizes the output of every ReLU/ReLU6 module, as the official GDFQ/AIT code does (a ReLU
-    module called at several places, like torchvision's per-block ``relu``, then shares one
-    range; the input image and residual sums stay in full precision); ``input`` quantizes the
-    input of every quantized layer, image and classifier input included (harsher, and works on
-    models whose ReLUs are functional). ``overrides`` maps glob patterns over module names to
-    ``{"wbits": ..., "abits": ...}``; later patterns win, e.g.
+    channel (the paper's choice) or one per tensor. ``act_placement``: ``auto`` (default) is the
+    reference placement wherever it covers a layer and the layer's input elsewhere (see
+    :mod:`zsq.quant.placement`; ``quantized_inputs``, found by ``resolve_placement`` from one
+    forward pass, names the layers quantized at their input); ``reference`` quantizes only the
+    output of every ReLU/ReLU6 module, as the official GDFQ/AIT code does (a ReLU module called
+    at several places, like torchvision's per-block ``relu``, then shares one range; the input
+    image and residual sums stay in full precision); ``input`` quantizes the input of every
+    quantized layer, image and classifier input included (harsher). ``overrides`` maps glob
+    patterns over module names to ``{"wbits": ..., "abits": ...}``; later patterns win, e.g.
     ``{"conv1": {"wbits": 8}, "linear": {"wbits": None, "abits": None}}``.
     """
 
@@ -55,12 +57,15 @@ class QuantSpec:
     per_channel: bool = True
     w_symmetric: bool = False
     a_symmetric: bool = False
-    act_placement: Placement = "reference"
+    act_placement: Placement = "auto"
     act_observer: str = "ema"
     act_momentum: float = 0.9
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quantized_inputs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.quantized_inputs is not None:  # a list when read back from a report
+            object.__setattr__(self, "quantized_inputs", tuple(self.quantized_inputs))
         check_bits(self.wbits)
         check_bits(self.abits)
         if self.act_placement not in PLACEMENTS:

@@ -98,7 +98,8 @@ def _refuse_missing(folder: Path) -> None:
 
 def model_info(run: FinishedRun) -> dict[str, Any]:
     """What describes the run's model (``name``, ``num_classes``, ``in_channels``,
-    ``image_shape``, normalisation, ``act_placement``, ``method``), as exports record it."""
+    ``image_shape``, normalisation, ``act_placement`` and ``quantized_inputs``, ``method``), as
+    exports record it."""
     options = run.options
     return {
         "name": options.get("teacher.model"),
@@ -109,6 +110,7 @@ def model_info(run: FinishedRun) -> dict[str, Any]:
         "normalize_mean": options.get("teacher.normalize_mean"),
         "normalize_std": options.get("teacher.normalize_std"),
         "act_placement": run.report.get("quant_spec", {}).get("act_placement"),
+        "quantized_inputs": run.report.get("quant_spec", {}).get("quantized_inputs"),
         "method": run.report.get("method"),
     }
 
@@ -144,4 +146,5 @@ def student_from_run(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     for _, aq in act_quantizers(student):
         aq.observing = False
     info["act_placement"] = spec.act_placement
+    info["quantized_inputs"] = spec.quantized_inputs
     return student.eval(), info

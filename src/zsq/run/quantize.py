@@ -48,6 +48,7 @@ from zsq.mixed.allocate import MixedConfig
 from zsq.models import ModelMeta, input_channels
 from zsq.models.checkpoint import check_image_size
 from zsq.quant import QuantSpec, check_layer_patterns, inspect_forward, quant_params
+from zsq.quant.placement import input_placements, resolve_placement
 from zsq.run import record
 from zsq.run.allocation import check_budget, run_allocation
 from zsq.run.report import build_report, report_markdown
@@ -141,6 +142,8 @@ def quantize(
         # the folder first (checked under its lock), then what needs the teacher and the data
         work, previous = distributed.on_main(open_folder) if plan.work_dir else (None, [])
         _check_teacher(plan)
+        if plan.ctx.resume and work is not None:
+            record.check_resumed_placement(work, plan.work_dir, plan.ctx.quant)
         data = _load_datasets(plan)
         layout = RunLayout(work) if work is not None else None
         if layout is None or not distributed.world().is_main:  # rank 0 alone writes
@@ -311,6 +314,7 @@ def _check_teacher(plan: _Plan) -> None:
     check_layer_patterns(teacher, plan.ctx.quant)
     logits = inspect_forward(teacher, plan.ctx.image_shape)  # a refused shape: one line, no work
     _check_class_count(logits, plan.ctx.num_classes)
+    plan.ctx.quant = resolve_placement(teacher, plan.ctx.quant, plan.ctx.image_shape)
     configs = [plan.method, getattr(plan.method, "init", None)]
     for source, where in plan.method.sample_sources():
         require_fit(source, teacher, where)
@@ -430,6 +434,9 @@ def _execute(
         allocation=allocation,
         sessions=[*previous, _seconds_since(started)],
     )
+    report["input_placement"] = input_placements(
+        plan.ctx.teacher, outcome.student, quant, plan.ctx.image_shape
+    )
     return QuantizeResult(outcome.student, report, outcome.history)
 
 
@@ -478,7 +485,8 @@ def _write_outputs(layout: RunLayout, result: QuantizeResult) -> None:
     from zsq._version import __version__
 
     save_safetensors(result.student.state_dict(), layout.student, {"zsq": __version__})
-    write_json(layout.quant, quant_params(result.student))
+    placements = {"input_placement": result.report.get("input_placement", {})}
+    write_json(layout.quant, {**quant_params(result.student), **placements})
     write_json(layout.report, result.report)
     write_text(layout.report_md, report_markdown(result.report))
 

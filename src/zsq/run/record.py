@@ -43,6 +43,7 @@ def run_options(
     identified by the sha256 of its weights file, not by its path.
     """
     spec = quant.to_dict()
+    spec.pop("quantized_inputs")  # found from the teacher under auto placement: not an option
     options: dict[str, Any] = {
         "method": method.method,
         **flatten("method", method.record()),
@@ -135,6 +136,29 @@ def _check_same_world(saved: dict[str, Any], current: dict[str, Any], out: Path)
         )
 
 
+PLACEMENT = "quant.act_placement"
+
+
+def _reference_then_auto(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """A run that started under ``reference`` (the default before ``auto``) continues under
+    ``auto`` when the two build the same student: checked once the teacher is loaded
+    (:func:`check_resumed_placement`)."""
+    return saved.get(PLACEMENT) == "reference" and current.get(PLACEMENT) == "auto"
+
+
+def check_resumed_placement(work: Path, out: Path, quant: QuantSpec) -> None:
+    """Refuse to continue a ``reference``-placement run under an ``auto`` placement that
+    quantizes some layer's input: a different student."""
+    saved = read_options(read_marker(work) or {})
+    if saved.get(PLACEMENT) == "reference" and quant.act_placement == "auto":
+        if quant.quantized_inputs:
+            raise ConfigError(
+                f"cannot resume {out}: it started with the reference activation placement, "
+                f"which on this model is not auto's ({len(quant.quantized_inputs)} layer inputs "
+                "differ); resume with «act_placement» reference"
+            )
+
+
 def differences(
     saved: dict[str, Any], current: dict[str, Any], shown: int = 6, marked: bool = False
 ) -> list[str]:
@@ -146,6 +170,7 @@ def differences(
         for key in {**saved, **current}
         if saved.get(key, UNSET) != current.get(key, UNSET)
         and not (key not in saved and current[key] is None)
+        and not (key == PLACEMENT and _reference_then_auto(saved, current))
     ]
     parts = [
         f"{f'«{key}»' if marked else key} {_short(saved.get(key, UNSET))} -> "

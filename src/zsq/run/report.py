@@ -14,6 +14,7 @@ from zsq.export.sizes import size_report
 from zsq.layout import RunLayout
 from zsq.mixed.allocate import Allocation
 from zsq.quant import QuantSpec
+from zsq.quant.placement import placement_summary
 
 MIXED = "mixed"  # the report's wbits/abits where an allocation chose the widths per layer
 
@@ -118,6 +119,12 @@ def _bits_text(report: dict[str, Any]) -> str:
     )
 
 
+def _placement_text(report: dict[str, Any]) -> str:
+    placement = report.get("quant_spec", {}).get("act_placement", "reference")
+    places = report.get("input_placement")
+    return f"{placement}: {placement_summary(places)}" if places else placement
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     rows = [
         ("method", report["method"]),
@@ -134,6 +141,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             "student top-1 / top-5",
             f"{_fmt(report['student_top1'])} / {_fmt(report['student_top5'])}",
         ),
+        ("activation placement", _placement_text(report)),
         ("calibration", report["calibration"]),
         ("real data used", "YES (not zero-shot)" if report.get("real_data") else "no"),
         ("seed", report["seed"]),
