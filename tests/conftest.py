@@ -6,6 +6,14 @@ import torch
 from zsq.paths import shared_data_dir
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """zsq's user cache (the teacher scores) in a folder of the test session's, not the home."""
+    import os
+
+    os.environ["ZSQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("zsq-cache"))
+
+
 @pytest.fixture
 def shared_data():
     """The shared data folder; the test is skipped where it is absent (set ZSQ_SHARED_DATA)."""

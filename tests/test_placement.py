@@ -138,3 +138,19 @@ def test_a_timm_vit_quantizes_every_linear_input_with_the_defaults(tmp_path):
     places = _every_input_quantized(vit, (3, 8, 8), 10, tmp_path)
     assert places["patch_embed.proj"] == "image"
     assert all(places[n] == "input" for n in places if n != "patch_embed.proj")
+
+
+def test_a_reference_run_resumes_under_auto_only_where_the_students_agree(tmp_path):
+    from zsq.io import write_marker
+    from zsq.run.record import (
+        RECORD_VERSION,
+        check_resumed_placement,
+        differences,
+    )
+
+    saved = {"quant.act_placement": "reference"}
+    write_marker(tmp_path, {"record_version": RECORD_VERSION, "options": saved, "sessions": []})
+    assert differences(saved, {"quant.act_placement": "auto"}) == []  # the teacher decides
+    check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=()))  # ResNet-like
+    with pytest.raises(ConfigError, match="resume with act_placement reference"):
+        check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=("head",)))

@@ -24,7 +24,10 @@ def test_w8a8_within_half_a_point_of_fp32(digits):
     fp32 = evaluate(teacher, test, progress=False).top1
     assert fp32 > 95  # the teacher really learned
     student = minmax_quantize(
-        teacher, QuantSpec(wbits=8, abits=8), gaussian_batches(512, IMAGE_SHAPE)
+        teacher,
+        QuantSpec(wbits=8, abits=8),
+        gaussian_batches(512, IMAGE_SHAPE),
+        image_shape=IMAGE_SHAPE,
     )
     w8a8 = evaluate(student, test, progress=False).top1
     assert abs(fp32 - w8a8) <= 0.5, (fp32, w8a8)
@@ -34,7 +37,10 @@ def test_calibration_freezes_ranges_and_leaves_teacher_alone(digits):
     teacher, _ = digits
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = minmax_quantize(
-        teacher, QuantSpec(wbits=2, abits=2), gaussian_batches(64, IMAGE_SHAPE, batch_size=16)
+        teacher,
+        QuantSpec(wbits=2, abits=2),
+        gaussian_batches(64, IMAGE_SHAPE, batch_size=16),
+        image_shape=IMAGE_SHAPE,
     )
     for _, aq in act_quantizers(student):
         assert not aq.observing and int(aq.num_observed) == 4

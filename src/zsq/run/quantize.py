@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from zsq import distributed
 from zsq.data import eval_transform, head, load_dataset_for
 from zsq.errors import ConfigError
-from zsq.evaluate import evaluate
+from zsq.evaluate import EvalResult, evaluate
 from zsq.execution import Execution
 from zsq.io import (
     run_folder,
@@ -52,6 +52,7 @@ from zsq.quant.placement import input_placements, resolve_placement
 from zsq.run import record
 from zsq.run.allocation import check_budget, run_allocation
 from zsq.run.report import build_report, report_markdown
+from zsq.run.scores import teacher_scores
 from zsq.runtime import device_description, resolve_device, seed_everything
 from zsq.synth import require_fit
 from zsq.synth.base import check_image_shape, check_num_classes
@@ -462,13 +463,22 @@ def _scores(plan: _Plan, eval_set: Dataset | None, student: nn.Module) -> dict[s
             "n_eval": 0,
         }
     options = {"device": plan.ctx.device, "progress": plan.ctx.progress, "distributed": True}
-    teacher, ours = (
-        evaluate(plan.ctx.teacher, eval_set, **options),
-        evaluate(student, eval_set, **options),
-    )
+
+    def measure() -> EvalResult:
+        return evaluate(plan.ctx.teacher, eval_set, **options)
+
+    cached = False
+    if isinstance(plan.eval_data, str) and not distributed.world().active:
+        spec, transform = plan.eval_data, eval_transform(eval_set)
+        key = (plan.ctx.teacher, spec, len(eval_set), transform, plan.ctx.device)
+        teacher, cached = teacher_scores(*key, measure)
+    else:
+        teacher = measure()
+    ours = evaluate(student, eval_set, **options)
     return {
         "teacher_top1": teacher.top1,
         "teacher_top5": teacher.top5,
+        "teacher_score": "measured before, same teacher and data (cache)" if cached else "measured",
         "student_top1": ours.top1,
         "student_top5": ours.top5,
         "n_eval": ours.n,

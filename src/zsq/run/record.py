@@ -154,7 +154,7 @@ def check_resumed_placement(work: Path, out: Path, quant: QuantSpec) -> None:
         if quant.quantized_inputs:
             raise ConfigError(
                 f"cannot resume {out}: it started with the reference activation placement, "
-                f"which on this model is not auto's ({len(quant.quantized_inputs)} layer inputs "
+                f"which on this model is not auto's ({len(quant.quantized_inputs)} layer input(s) "
                 "differ); resume with «act_placement» reference"
             )
 

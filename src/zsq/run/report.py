@@ -135,7 +135,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         ("images evaluated", report["n_eval"]),
         (
             "teacher top-1 / top-5",
-            f"{_fmt(report['teacher_top1'])} / {_fmt(report['teacher_top5'])}",
+            f"{_fmt(report['teacher_top1'])} / {_fmt(report['teacher_top5'])}"
+            + (" (cached)" if str(report.get("teacher_score", "")).endswith("(cache)") else ""),
         ),
         (
             "student top-1 / top-5",

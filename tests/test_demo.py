@@ -1,0 +1,50 @@
+"""The demo's table, closing line and plot (on a shortened configuration)."""
+
+import re
+
+import pytest
+
+from zsq.demo import run_demo, save_plot
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_demo(seed=0, device="cpu", progress=False, scale=0.15)
+
+
+def test_the_closing_line_ranks_the_methods_as_the_table_does(result):
+    table, label = result.table(), f"W{result.bits[0]}A{result.bits[1]}"
+    scores = {}
+    for line in table.splitlines():
+        match = re.match(rf"(.+? {label})\s+([\d.]+)\s+([-+][\d.]+)\s+([\d.]+)\s+none$", line)
+        if match:
+            scores[match.group(1).rsplit(" ", 1)[0]] = float(match.group(2))
+    assert set(scores) == {"min/max", "GDFQ", "GDFQ+AIT", "Genie"}
+    ranked = re.search(r"ranked: (.+?)\. ", result.closing_line()).group(1)
+    steps = re.split(r" ([>=]) ", ranked)  # name score, sign, name score, ...
+    entries = [(e.rsplit(" ", 1)[0], float(e.rsplit(" ", 1)[1])) for e in steps[::2]]
+    assert sorted(n for n, _ in entries) == sorted(scores)
+    for (name, shown), sign, (after, _) in zip(entries[:-1], steps[1::2], entries[1:], strict=True):
+        assert shown == pytest.approx(scores[name], abs=0.051)
+        assert (scores[name] == scores[after]) if sign == "=" else scores[name] > scores[after]
+    teacher = result.rows[0].top1
+    lost = float(re.search(r"loses ([\d.]+) points", result.closing_line()).group(1))
+    assert lost == pytest.approx(teacher - scores["min/max"], abs=0.051)
+
+
+def test_every_row_says_whether_real_data_was_used(result):
+    lines = result.table().splitlines()
+    assert lines[4].endswith("trained on the digits train split")  # the teacher
+    assert all(line.endswith("  none") for line in lines[5:])
+
+
+def test_the_plot_is_a_png(result, tmp_path):
+    path = save_plot(result, tmp_path / "demo.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_demo_refuses_a_plot_folder_that_is_not_there(tmp_path, capsys):
+    from zsq.cli import main
+
+    assert main(["demo", "--plot", str(tmp_path / "no" / "demo.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
