@@ -319,7 +319,11 @@ def test_cli_exports_both_formats_and_evaluates_them(run_dir, tmp_path, capsys):
             ]
         )
         assert code == 0
-        tops.append(json.loads(capsys.readouterr().out)["top1"])
+        out = json.loads(capsys.readouterr().out)
+        tops.append(out["top1"])
+        assert out["bytes"] == (tmp_path / name).stat().st_size  # size and speed beside top-1
+        assert [s["batch"] for s in out["latency"]] == [1, 64]
+        assert all(s["ms_per_image"] > 0 and s["repeats"] >= 5 for s in out["latency"])
     assert tops[0] == tops[1]
 
 

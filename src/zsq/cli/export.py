@@ -95,6 +95,7 @@ def run_eval_export(args: argparse.Namespace) -> int:
         raise ZsqError(f"--limit must be >= 1, got {args.limit}; leave it out to evaluate all")
     dataset = load_dataset_for(args.data, info, limit=args.limit)
     result = evaluate(model, dataset, device="cpu", progress=not args.quiet)
+    speeds = _latencies(model, info["image_shape"])
     out = {
         "file": str(path),
         "runtime": runtime,
@@ -102,8 +103,34 @@ def run_eval_export(args: argparse.Namespace) -> int:
         "top1": round(result.top1, 2),
         "top5": round(result.top5, 2),
         "n": result.n,
+        "bytes": path.stat().st_size,
+        "latency": speeds,
         "seconds": round(time.perf_counter() - started, 2),
     }
     text = f"top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  ({result.n} images)"
-    print(json.dumps(out) if args.json else f"{path.name} in {runtime}: {text}")
+    speed = "; ".join(
+        f"batch {s['batch']}: {s['ms_per_image']:.3f} ms/image, {s['images_per_second']:,.0f}/s"
+        for s in speeds
+    )
+    size = f"{out['bytes'] / 1e3:,.1f} kB"
+    print(json.dumps(out) if args.json else f"{path.name} in {runtime}: {text}; {size}; {speed}")
     return 0
+
+
+def _latencies(model: Any, image_shape: list[int]) -> list[dict[str, float]]:
+    """Latency at batch 1 and 64 on this machine (random images; the threads torch or
+    onnxruntime use by default)."""
+    import torch
+
+    from zsq.export.speed import latency, session_runner
+
+    session = getattr(model, "session", None)
+    if session is not None:
+        run = session_runner(session)
+    else:
+
+        def run(x: Any) -> Any:
+            with torch.no_grad():
+                return model(torch.from_numpy(x))
+
+    return [latency(run, image_shape, batch, seconds=0.5) for batch in (1, 64)]
