@@ -462,3 +462,39 @@ def test_an_option_newer_than_the_run_does_not_block_its_resume_while_unset():
     saved = {"method": "gdfq", "seed": 0}
     assert differences(saved, {**saved, "method.init": None}) == []
     assert differences(saved, {**saved, "method.init": "lapq"}) == ["method.init (unset) -> lapq"]
+
+
+def test_the_lock_is_on_the_real_folder_whatever_its_spelling(stopped_run, tmp_path, capsys):
+    """A symlinked parent and another temp folder meet the same lock; it leaves no file."""
+    import tempfile
+
+    weights, out = stopped_run
+    link = tmp_path / "link"
+    link.symlink_to(out.parent, target_is_directory=True)
+    with run_lock(out):
+        old = tempfile.tempdir
+        tempfile.tempdir = str(tmp_path)  # another TMPDIR: the lock does not live there
+        try:
+            code = main([*qimera_args(weights), "--out", str(link / out.name), "--overwrite"])
+        finally:
+            tempfile.tempdir = old
+        assert code == 2
+        assert "is in use by another zsq run (process" in error_line(capsys)
+        assert (out.parent / f".{out.name}.zsq-lock").exists()
+    assert not (out.parent / f".{out.name}.zsq-lock").exists()  # removed when the run ends
+    assert (out.parent / f"{out.name}.partial" / "checkpoint").is_dir()  # the run's work kept
+
+
+def test_partial_names_are_reserved_and_a_finished_run_is_never_called_unfinished(
+    tmp_path, weights, capsys
+):
+    assert main([*minmax_args(weights), "--out", str(tmp_path / "mm.partial")]) == 2
+    assert "are zsq's unfinished runs" in error_line(capsys)
+    assert not (tmp_path / "mm.partial").exists()
+    assert main([*minmax_args(weights), "--out", str(tmp_path / "done")]) == 0
+    (tmp_path / "done").rename(tmp_path / "mm.partial")  # as an older zsq let a user name it
+    before = tree(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert main([*minmax_args(weights), "--out", str(tmp_path / "mm"), *extra]) == 2
+        assert "holds a finished run named like an unfinished one" in error_line(capsys)
+    assert tree(tmp_path) == before

@@ -103,6 +103,11 @@ def check_output_dir(
     checks this under the run's lock; on its own it says what a run would be told.
     """
     path, work = output_path(out), partial_dir(out)
+    if path.name.endswith(PARTIAL_SUFFIX) and not resume:
+        _refuse(
+            f"{out}: folder names ending in {PARTIAL_SUFFIX} are zsq's unfinished runs; name "
+            "the «work_dir» otherwise"
+        )
     kind, work_kind = _kind(path, entries), _kind(work, entries)
     if kind == "file":
         _refuse(f"{out} is a file, not a folder; choose another «work_dir»")
@@ -132,6 +137,12 @@ def _check_new(out: Path | str, kind: str, work: Path, work_kind: str, overwrite
         _refuse(
             f"output folder {out} already exists and is not a zsq run; «overwrite=True» replaces "
             "only an empty folder or a zsq run: choose another «work_dir»"
+        )
+    if work_kind != "missing" and RunLayout(work).report.exists():  # never replace a result
+        _refuse(
+            f"{work} holds a finished run named like an unfinished one; rename it (for example "
+            f"to {work.with_name(work.name.removesuffix(PARTIAL_SUFFIX) + '-finished')}), then "
+            "start again"
         )
     if work_kind != "missing" and not overwrite:
         if RunLayout(work).checkpoint.exists():
@@ -205,61 +216,92 @@ def run_folder(
     and yield its working folder ``OUT.partial``, which becomes ``out`` only if the block
     succeeds. On failure the working folder, and any parent folder this call created, is
     removed unless it holds a checkpoint a run can resume."""
-    with run_lock(out):
-        check_output_dir(out, overwrite=overwrite, resume=resume, entries=entries)
-        path, work = output_path(out), partial_dir(out)
-        if work.exists() and not resume:
-            shutil.rmtree(work)
-        created = _make_dirs(work)
-        try:
-            yield work
-        except BaseException:
-            if not RunLayout(work).checkpoint.exists():
-                shutil.rmtree(work, ignore_errors=True)
-                _remove_empty(created[1:])
-            raise
-        if _kind(path, entries) in ("foreign", "mixed"):  # someone put files there meanwhile
-            raise ZsqError(
-                f"{out} changed during the run and is not a zsq run; the result is in {work}"
-            )
-        if path.exists():
-            shutil.rmtree(path)
-        shutil.rmtree(RunLayout(work).checkpoint_dir, ignore_errors=True)
-        work.rename(path)
+    path, work = output_path(out), partial_dir(out)
+    created = _make_parents(path)
+    try:
+        with run_lock(out):
+            check_output_dir(out, overwrite=overwrite, resume=resume, entries=entries)
+            if work.exists() and not resume:
+                shutil.rmtree(work)
+            work.mkdir(exist_ok=True)
+            try:
+                yield work
+            except BaseException:
+                if not RunLayout(work).checkpoint.exists():
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
+            if _kind(path, entries) in ("foreign", "mixed"):  # someone put files there meanwhile
+                raise ZsqError(
+                    f"{out} changed during the run and is not a zsq run; the result is in {work}"
+                )
+            if path.exists():
+                shutil.rmtree(path)
+            shutil.rmtree(RunLayout(work).checkpoint_dir, ignore_errors=True)
+            work.rename(path)
+    except BaseException:
+        _remove_empty(created)  # after the lock's file is gone
+        raise
+
+
+def _make_parents(path: Path) -> list[Path]:
+    try:
+        return _make_dirs(path.parent)
+    except OSError as err:
+        raise ZsqError(
+            f"cannot create the folder of {path}: {err.strerror or err}; choose another place"
+        ) from None
 
 
 @contextmanager
 def run_lock(out: Path | str) -> Iterator[None]:
-    """Held while a run writes to ``out``, so a second zsq process on this machine is refused
-    instead of resuming, overwriting or finishing into a live run folder. An advisory ``flock``
-    on a file in the temp folder, keyed by the folder's path (nothing is added to the user's
-    tree; the kernel releases it when the process dies)."""
+    """Held while a run writes to ``out``, so a second zsq process is refused instead of
+    resuming, overwriting or finishing into a live run folder. An advisory ``flock`` on
+    ``.NAME.zsq-lock`` beside the folder, on its real path: every spelling of the folder (a
+    symlinked parent, another working directory) and every process environment meets the same
+    lock. The file is removed when the run ends; the kernel releases the lock if the process
+    dies, and a later run takes it over."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         yield
         return
-    key = hashlib.sha256(str(output_path(out)).encode()).hexdigest()[:32]
-    folder = Path(tempfile.gettempdir()) / f"zsq-locks-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
-    with open(folder / f"{key}.lock", "a+") as lock:
+    real = Path(os.path.realpath(output_path(out)))
+    lock_path = real.with_name(f".{real.name}.zsq-lock")
+    while True:
+        try:
+            lock = open(lock_path, "a+")  # noqa: SIM115 (held across the yield)
+        except OSError:
+            _refuse(f"cannot write to {real.parent}; choose a «work_dir» you can write to")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "?"
+            lock.close()
             raise ConfigError(
                 f"{out} is in use by another zsq run (process {holder}); wait for it to end or "
                 "choose another «work_dir»",
             ) from None
+        if _same_file(lock, lock_path):
+            break
+        lock.close()  # the file was removed by the run that held it: take the new one
+    try:
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # before the unlock: no one locks a removed file
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _make_dirs(path: Path) -> list[Path]:
