@@ -27,11 +27,18 @@ def quantize(*extra):
     return ["quantize", *SMALL, *OUT, *RUN, *extra]
 
 
+def sized(size):
+    """``quantize()`` with another --image-size than SMALL's (a flag given twice is refused)."""
+    return ["quantize", *SMALL[:-2], "--image-size", size, *OUT, *RUN]
+
+
 def evaluate(*extra, data="npz:{tmp}/digits.npz"):
     return ["eval", *SMALL, "--data", data, *RUN, *extra]
 
 
 CASES = {
+    "a flag and its opposite": (quantize(*GDFQ, "--gi", "--no-gi"), "--gi and --no-gi contradict"),
+    "one flag, two values": (quantize("--wbits", "4", "--wbits=3"), "--wbits 4 and --wbits 3"),
     # --- teacher and output (the cases tests/test_cli.py checked one by one) -------------------
     "missing weights": (
         ["quantize", "--model", "resnet20", "--weights", "{tmp}/no.pt", *OUT, *RUN],
@@ -70,7 +77,7 @@ CASES = {
     "bad source option syntax": (quantize(*GDFQ, "--source-opt", "mix_prob"), "KEY=VALUE"),
     "unknown method": (quantize("--method", "bogus"), "invalid choice"),
     "unknown recipe": (quantize("--method", "gdfq", "--recipe", "fast"), "unknown recipe"),
-    "size not a number": (quantize("--image-size", "big"), "invalid int"),
+    "size not a number": (sized("big"), "invalid int"),
     "missing --out and --resume": (["quantize", *SMALL, *RUN], "--out"),
     # --- data that does not fit the model (issue 9 item 4) ------------------------------------
     "eval: RGB data, gray model": (evaluate(data="npz:{tmp}/rgb.npz"), "channel"),
@@ -97,9 +104,12 @@ CASES = {
         quantize("--eval-data", "digits", "--eval-limit", "0"),
         "--eval-limit",
     ),
-    "quantize: --image-size 0": (quantize("--image-size", "0"), "--image-size"),
-    "eval: --image-size -1": (evaluate("--image-size", "-1"), "--image-size"),
-    "quantize: --image-size 100000": (quantize("--image-size", "100000"), "outside 1..4096"),
+    "quantize: --image-size 0": (sized("0"), "image size 0 is outside"),
+    "eval: --image-size -1": (
+        ["eval", *SMALL[:-2], "--image-size", "-1", "--data", "npz:{tmp}/digits.npz", *RUN],
+        "image size -1 is outside",
+    ),
+    "quantize: --image-size 100000": (sized("100000"), "outside 1..4096"),
     "sidecar image_size 0": (
         [
             "eval",

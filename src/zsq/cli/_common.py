@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,31 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"zsq: error: {message}; see '{self.prog} --help'\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201
+        self._refuse_contradictions(sys.argv[1:] if args is None else list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_contradictions(self, args: list[str]) -> None:
+        """A flag given twice with different values, or with its opposite (``--gi --no-gi``),
+        is an error, not "the last one wins". Repeatable flags (``--set``) are exempt."""
+        given: dict[str, str] = {}
+        for i, token in enumerate(args):
+            if token == "--":
+                return
+            option, eq, inline = token.partition("=")
+            action = self._option_string_actions.get(option) if token.startswith("-") else None
+            if action is None or isinstance(action, REPEATABLE):
+                continue
+            takes_value = action.nargs != 0
+            value = inline if eq else args[i + 1] if takes_value and i + 1 < len(args) else ""
+            spelt = f"{option} {value}".strip()
+            if action.dest in given and given[action.dest] != spelt:
+                self.error(f"{given[action.dest]} and {spelt} contradict each other; give one")
+            given[action.dest] = spelt
+
+
+REPEATABLE = (argparse._AppendAction, argparse._CountAction, argparse._HelpAction)
 
 
 def floats(text: str) -> tuple[float, ...]:
