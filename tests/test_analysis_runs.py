@@ -227,3 +227,24 @@ def test_plots_without_matplotlib_name_the_extra(runs, monkeypatch, capsys):
     err = one_line_error(capsys, "analyze", "run", str(runs["gdfq"]))
     assert "pip install 'zsq[plots]'" in err
     assert not (runs["gdfq"] / "analysis").exists()
+
+
+def test_an_analysis_writes_only_into_its_own_folder(runs, tmp_path, capsys):
+    """A user's files are never replaced; an analysis again needs --overwrite."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "run.json").write_text("my own notes")
+    (mine / "todo.txt").write_text("keep")
+    err = one_line_error(capsys, "analyze", "run", str(runs["ait"]), "--out", str(mine))
+    assert "holds files zsq did not write (todo.txt)" in err
+    assert (mine / "run.json").read_text() == "my own notes"
+    out = tmp_path / "analysis"
+    assert main(["analyze", "run", str(runs["ait"]), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, "analyze", "run", str(runs["ait"]), "--out", str(out))
+    assert "already holds this analysis" in err and "--overwrite" in err
+    assert main(["analyze", "run", str(runs["ait"]), "--out", str(out), "--overwrite"]) == 0
+    err = one_line_error(
+        capsys, "analyze", "compare", str(runs["ait"]), str(runs["ait"]) + "/", "--out", str(out)
+    )
+    assert "is given twice" in err

@@ -35,6 +35,14 @@ class RunLayout:
     GENERATOR = "generator.safetensors"  # a trained sample source's state, kept for analysis
     POOL = "synthetic.safetensors"  # a pool source's images (ViT methods), kept for a resume
     ANALYSIS_DIR = "analysis"  # where `zsq analyze` writes by default
+    ANALYSIS_FILES = {  # what each `zsq analyze` mode writes into its folder
+        "run": ("crossings.png", "layers_no_change.png", "probe_kl.png", "grad_cosines.png",
+                "run.json"),
+        "hessian": ("hessian_density.png", "hessian_surface.png", "hessian_trace.png",
+                    "hessian.json"),
+        "compare": ("compare_probe_kl.png", "compare_layers_no_change.png",
+                    "compare_mean_crossing.png", "compare_grad_cosines.png", "compare.json"),
+    }  # fmt: skip
     # What zsq writes into a run folder, as glob patterns: the run itself, and the exports and
     # analyses whose default place it is. Anything else there is the user's.
     COMMON_ENTRIES = (

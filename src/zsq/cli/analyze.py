@@ -24,6 +24,7 @@ def add_parser(sub: Any) -> None:
     )
     a.add_argument("dir", help="the output folder of a finished generator-method quantize run")
     a.add_argument("--out", help="folder for run.json and the plots (default DIR/analysis)")
+    _add_overwrite(a)
     a.add_argument("--quiet", action="store_true", help="no info logs")
     a.set_defaults(func=run_analysis)
 
@@ -65,6 +66,7 @@ def add_parser(sub: Any) -> None:
         "--weights", help="the teacher's weights, where the path in the run's report is not found"
     )
     a.add_argument("--out", help="folder for hessian.json and the plots (default DIR/analysis)")
+    _add_overwrite(a)
     add_common(a)
     a.set_defaults(func=run_hessian)
 
@@ -73,17 +75,41 @@ def add_parser(sub: Any) -> None:
     )
     a.add_argument("dirs", nargs="+", metavar="DIR", help="two or more finished run folders")
     a.add_argument("--out", required=True, help="folder for compare.json and the plots")
+    _add_overwrite(a)
     a.add_argument("--quiet", action="store_true", help="no info logs")
     a.set_defaults(func=run_compare)
 
 
-def _analysis_dir(out: str | None, default: Path) -> Path:
-    """Where analysis files go: ``--out``, else ``default``; created when the files are written."""
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace this analysis's files where they exist"
+    )
+
+
+def _analysis_dir(out: str | None, default: Path, mode: str, overwrite: bool) -> Path:
+    """Where analysis files go: ``--out``, else ``default``; created when the files are written.
+    A folder is written into only if it holds nothing but zsq's analysis files, and this
+    mode's own files only with ``--overwrite``."""
     folder = Path(out) if out else default
     if folder.resolve() == Path(folder.resolve().anchor):
         raise ZsqError(f"--out {out} is the filesystem root; name a folder for the analysis")
     if folder.exists() and not folder.is_dir():
         raise ZsqError(f"--out {folder} is a file; give a folder for the analysis files")
+    if not folder.is_dir():
+        return folder
+    ours = {name for names in RunLayout.ANALYSIS_FILES.values() for name in names}
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+    if foreign:
+        raise ZsqError(
+            f"{folder} holds files zsq did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); give an empty or new folder with --out"
+        )
+    again = [n for n in RunLayout.ANALYSIS_FILES[mode] if (folder / n).exists()]
+    if again and not overwrite:
+        raise ZsqError(
+            f"{folder} already holds this analysis ({again[0]}, ...); pass --overwrite to "
+            "replace it or give another --out"
+        )
     return folder
 
 
@@ -99,7 +125,7 @@ def run_analysis(args: argparse.Namespace) -> int:
 
     plots.require_matplotlib()
     metrics = read_run_metrics(args.dir)
-    out = _analysis_dir(args.out, RunLayout(Path(args.dir)).analysis_dir)
+    out = _analysis_dir(args.out, RunLayout(Path(args.dir)).analysis_dir, "run", args.overwrite)
     runs, labels = [metrics], [metrics.method]
     files = [
         plots.plot_crossings(metrics, out / "crossings.png"),
@@ -130,7 +156,8 @@ def run_hessian(args: argparse.Namespace) -> int:
     from zsq.io import write_json
 
     plots.require_matplotlib()
-    out = _analysis_dir(args.out, RunLayout(Path(args.dir)).analysis_dir)
+    layout = RunLayout(Path(args.dir))
+    out = _analysis_dir(args.out, layout.analysis_dir, "hessian", args.overwrite)
     result = measure_hessian(
         args.dir,
         batch_size=args.batch_size,
@@ -174,10 +201,14 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if len(args.dirs) < 2:
         raise ZsqError("give at least two run folders to compare")
+    real = [Path(d).resolve() for d in args.dirs]
+    twice = next((d for i, d in enumerate(args.dirs) if real[i] in real[:i]), None)
+    if twice is not None:
+        raise ZsqError(f"{twice} is given twice; compare different runs")
     plots.require_matplotlib()
     runs = [read_run_metrics(folder) for folder in args.dirs]
     labels = run_labels(runs)
-    out = _analysis_dir(args.out, Path())  # --out is required here
+    out = _analysis_dir(args.out, Path(), "compare", args.overwrite)  # --out is required here
     files = [
         plots.plot_probe_kl(runs, labels, out / "compare_probe_kl.png"),
         plots.plot_no_change(runs, labels, out / "compare_layers_no_change.png"),
