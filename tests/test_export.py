@@ -536,3 +536,18 @@ def test_export_of_a_run_that_is_not_finished_says_so(case, run_dir, tmp_path, c
     }[case]
     assert expected in line
     assert not (tmp_path / "ck/orig").exists()
+
+
+def test_a_damaged_run_is_refused_not_exported(run_dir, tmp_path, capsys):
+    """The run records the sha256 of each file it writes; 64 flipped bytes of the student are
+    an error, not an export that reports itself bit-identical."""
+    student = run_dir / "student.safetensors"
+    data = bytearray(student.read_bytes())
+    for i in range(len(data) - 64, len(data)):
+        data[i] ^= 0xFF
+    student.write_bytes(bytes(data))
+    out = tmp_path / "s.safetensors"
+    assert main(["export", str(run_dir), "--format", "int", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "student.safetensors is not the file the run wrote" in err and err.count("\n") == 1
+    assert not out.exists()

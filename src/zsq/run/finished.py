@@ -19,7 +19,7 @@ from zsq.io import partial_dir, read_marker
 from zsq.layout import RunLayout
 from zsq.methods.base import Method, get_method
 from zsq.quant import QuantSpec, act_quantizers, prepare_buffers, quantize_model
-from zsq.run.record import read_options
+from zsq.run.record import check_file_digests, read_options
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def open_run(folder: str | Path, *, marker: bool = True) -> FinishedRun:
             f"{folder} is not a zsq run folder (a finished `zsq quantize` run holds "
             f"{', '.join(needed)}); give such a folder"
         )
+    check_file_digests(folder, record or {})
     try:
         report = json.loads(layout.report.read_text())
     except (OSError, ValueError) as err:

@@ -158,7 +158,8 @@ def quantize(
                 write_marker(work, record.marker_record(options, sessions))
             raise
         _write_outputs(layout, result)
-        write_marker(work, record.marker_record(options, result.report["sessions"]))
+        digests = record.file_digests(work)
+        write_marker(work, record.marker_record(options, result.report["sessions"], digests))
     log.info("wrote %s", plan.work_dir)
     return result
 

@@ -82,13 +82,40 @@ def _file_digest(path: str | None) -> str | None:
     return sha256_file(Path(path)) if path and Path(path).is_file() else None
 
 
-def marker_record(options: dict[str, Any], sessions: list[float]) -> dict[str, Any]:
-    return {
+def marker_record(
+    options: dict[str, Any], sessions: list[float], files: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """What ``.zsq-run`` holds; ``files``: the sha256 of every file a finished run wrote."""
+    record = {
         "record_version": RECORD_VERSION,
         "zsq_version": __version__,
         "options": options,
         "sessions": sessions,
     }
+    if files is not None:
+        record["files"] = files
+    return record
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """The sha256 of each file of a finished run (not the marker, not hidden files)."""
+    return {
+        path.name: sha256_file(path)
+        for path in sorted(folder.iterdir())
+        if path.is_file() and not path.name.startswith(".")
+    }
+
+
+def check_file_digests(folder: Path, record: Mapping[str, Any]) -> None:
+    """Refuse a run whose files differ from what it wrote (damaged, truncated or edited).
+    Runs written before zsq recorded digests pass unchecked."""
+    for name, digest in (record.get("files") or {}).items():
+        path = folder / name
+        if path.is_file() and sha256_file(path) != digest:
+            raise ZsqError(
+                f"{path} is not the file the run wrote (its sha256 differs from the one in "
+                f"{RunLayout.MARKER}: damaged or edited); run the quantize again"
+            )
 
 
 def read_options(record: Mapping[str, Any]) -> dict[str, Any]:
