@@ -17,6 +17,7 @@ from zsq.models import (
     ModelMeta,
     available_models,
     create_model,
+    load_state_dict,
     load_teacher,
     load_weights,
     read_sidecar,
@@ -343,3 +344,42 @@ def test_shared_checkpoints_load_with_their_sidecars(model_name, file, in_channe
     assert meta.num_classes == 10 and meta.in_channels == in_channels
     assert len(meta.normalize_mean) == len(meta.normalize_std) == in_channels
     assert model(torch.zeros(1, in_channels, 32, 32)).shape == (1, 10)
+
+
+# --- weights that are not what they claim (issue 23) -----------------------------------------
+def _saved(tmp_path, state, sidecar=None, name="w.pt"):
+    path = tmp_path / name
+    torch.save(state, path)
+    if sidecar is not None:
+        path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path
+
+
+def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path):
+    state = resnet20().state_dict()
+    state["layer2.1.conv1.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ZsqError, match="'layer2.1.conv1.weight' holds 1 NaN or infinite"):
+        load_state_dict(_saved(tmp_path, state))
+
+
+def test_a_sidecar_digest_that_no_longer_matches_is_refused(tmp_path):
+    path = _saved(tmp_path, resnet20().state_dict())
+    from zsq.io import sha256_file
+
+    path.with_suffix(".json").write_text(json.dumps({"sha256": sha256_file(path)}))
+    load_state_dict(path)  # matches
+    torch.save(resnet20().state_dict(), path)  # other weights, same name
+    with pytest.raises(ZsqError, match="does not match the sha256 its sidecar"):
+        load_state_dict(path)
+
+
+def test_model_and_ema_weights_say_which_is_used_and_the_sidecar_chooses(tmp_path, caplog):
+    torch.manual_seed(0)
+    model, ema = resnet20().state_dict(), resnet20().state_dict()
+    path = _saved(tmp_path, {"model": model, "ema": ema})
+    with caplog.at_level(logging.WARNING):
+        got = load_state_dict(path)
+    assert torch.equal(got["conv1.weight"], model["conv1.weight"])
+    assert "holds both 'model' and 'ema' weights; using 'model'" in caplog.text
+    path.with_suffix(".json").write_text(json.dumps({"state_dict_key": "ema"}))
+    assert torch.equal(load_state_dict(path)["conv1.weight"], ema["conv1.weight"])

@@ -80,13 +80,81 @@ def _existing_file(path: str | Path) -> Path:
 
 
 def load_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``name -> tensor`` dict (``module.`` prefix removed)."""
+    """Read a checkpoint file into a flat ``name -> tensor`` dict (``module.`` prefix removed).
+
+    Checked on the way: the file's sha256 against the one its ``.json`` sidecar records (when
+    it records one), and every floating-point tensor finite. A checkpoint holding several state
+    dicts (``model`` and ``ema``) gives the one its sidecar's ``state_dict_key`` names, else the
+    first of ``state_dict``, ``model_state_dict``, ``model``, and says which."""
     path = _existing_file(path)
+    _check_sidecar_digest(path)
     if path.suffix == ".safetensors":
         obj: Any = _read_safetensors(path)
     else:
         obj = _read_torch_file(path, trust_checkpoint)
-    return _strip_prefixes(_extract_state_dict(obj, path))
+    if isinstance(obj, Mapping):
+        obj = _chosen_state_dict(obj, path)
+    state = _strip_prefixes(_extract_state_dict(obj, path))
+    _check_finite(state, path)
+    return state
+
+
+EMA_KEYS = ("ema", "model_ema", "state_dict_ema", "ema_state_dict")
+
+
+def _chosen_state_dict(obj: Mapping[str, Any], path: Path) -> Any:
+    """The state dict the sidecar's ``state_dict_key`` names; else ``obj`` as it is, with a
+    warning when it also holds EMA weights that would be ignored."""
+    key = _sidecar_field(path, "state_dict_key")
+    nested = [k for k in (*STATE_DICT_KEYS, *EMA_KEYS) if isinstance(obj.get(k), Mapping)]
+    if key is not None:
+        if key not in nested:
+            raise ZsqError(
+                f"{sidecar_path(path)} asks for state_dict_key {key!r}, but {path} holds "
+                f"{', '.join(nested) or 'no nested state dict'}; fix the sidecar"
+            )
+        return obj[key]
+    ema = [k for k in nested if k in EMA_KEYS]
+    used = next((k for k in STATE_DICT_KEYS if k in nested), None)
+    if ema and used is not None:
+        logger.warning(
+            "%s holds both %r and %r weights; using %r (set \"state_dict_key\": %r in %s to "
+            "use the other)", path, used, ema[0], used, ema[0], sidecar_path(path).name,
+        )  # fmt: skip
+    return obj
+
+
+def _sidecar_field(path: Path, key: str) -> Any:
+    sidecar = sidecar_path(path)
+    try:
+        raw = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # read_sidecar reports an unreadable sidecar
+    return raw.get(key) if isinstance(raw, dict) else None
+
+
+def _check_sidecar_digest(path: Path) -> None:
+    expected = _sidecar_field(path, "sha256")
+    if not isinstance(expected, str):
+        return
+    from zsq.io import sha256_file
+
+    if sha256_file(path) != expected.lower():
+        raise ZsqError(
+            f"weights file {path} does not match the sha256 its sidecar {sidecar_path(path).name} "
+            "records (damaged, truncated or replaced); restore the file, or remove 'sha256' "
+            "from the sidecar if the new weights are meant"
+        )
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ZsqError(
+                f"weights file {path}: tensor {name!r} holds {bad} NaN or infinite value(s); "
+                "a teacher must be finite: check the training run that saved it"
+            )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
