@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import re
 import struct
 from pathlib import Path
 
@@ -416,3 +417,37 @@ def test_head():
     first = head(ds, 3)
     assert len(first) == 3 and torch.equal(first[2][0], ds[2][0])
     assert head(ds, 10_000) is ds
+
+
+def _bad_npz_files(folder):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (10, 8, 8, 3), np.uint8)
+    np.savez(folder / "labels2.npz", x=x, y=np.zeros((10, 2), np.int64))
+    np.save(folder / "one.npy", x)
+    (folder / "one.npy").rename(folder / "one.npz")
+    np.savez(folder / "obj.npz", x=np.array([x, 1], dtype=object), y=np.arange(10))
+    np.savez(folder / "full.npz", x=x, y=np.arange(10))
+    whole = (folder / "full.npz").read_bytes()
+    (folder / "trunc.npz").write_bytes(whole[: len(whole) // 2])
+    return {
+        "labels2.npz": "y must be one class label per image, got shape (10, 2)",
+        "one.npz": "holds one array, not an .npz",
+        "obj.npz": "Object arrays cannot be loaded",
+        "trunc.npz": "cannot read",
+    }
+
+
+def test_broken_npz_files_are_one_line_errors(tmp_path):
+    for name, message in _bad_npz_files(tmp_path).items():
+        with pytest.raises(ZsqError, match=re.escape(message)):
+            load_dataset(f"npz:{tmp_path / name}", split="test")
+
+
+def test_a_decompression_bomb_in_an_image_folder_is_a_one_line_error(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.new("L", (15000, 15000)).save(tmp_path / "a" / "big.png")
+    dataset = load_dataset(f"imagefolder:{tmp_path}", split="test", image_size=8)
+    with pytest.raises(ZsqError, match="too large to read safely"):
+        dataset[0]

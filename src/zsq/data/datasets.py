@@ -15,6 +15,7 @@ import io
 import logging
 import shutil
 import struct
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,13 +403,19 @@ def _load_npz(request: _Request) -> Dataset:
     path = request.path
     if not path.is_file():
         raise ZsqError(f"dataset file {path} not found; give an .npz with arrays x and y")
+    fix = "save it with numpy.savez(path, x=images, y=labels)"
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ZsqError(f"cannot read {path} as .npz ({exc}); save it with numpy.savez") from exc
-    with arrays:
-        _require_keys(arrays, ("x", "y"), path)
-        images, labels = arrays["x"], arrays["y"]
+        if not isinstance(arrays, np.lib.npyio.NpzFile):  # a .npy (one array) named .npz
+            raise ZsqError(f"{path} holds one array, not an .npz of arrays x and y; {fix}")
+        with arrays:
+            _require_keys(arrays, ("x", "y"), path)
+            images, labels = arrays["x"], arrays["y"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated, pickled
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ZsqError(f"cannot read {path} as .npz ({reason}); {fix}") from None
+    if labels.ndim != 1:
+        raise ZsqError(f"{path}: y must be one class label per image, got shape {labels.shape}")
     if images.dtype != np.uint8:
         raise ZsqError(
             f"{path}: x must hold uint8 pixels (0-255), got {images.dtype}; convert with "
@@ -593,6 +600,11 @@ def _read_image(path: str) -> Any:
     try:
         with open(path, "rb") as file, Image.open(file) as img:
             return img.convert("RGB")
+    except Image.DecompressionBombError as err:  # PIL's guard against huge images
+        raise ZsqError(
+            f"image {path} is too large to read safely ({str(err).split('.')[0]}); shrink or "
+            "remove it"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise ZsqError(f"cannot read image {path} ({err}); fix or remove the file") from None
 
