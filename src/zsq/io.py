@@ -270,8 +270,9 @@ def run_lock(out: Path | str) -> Iterator[None]:
     while True:
         try:
             lock = open(lock_path, "a+")  # noqa: SIM115 (held across the yield)
-        except OSError:
-            _refuse(f"cannot write to {real.parent}; choose a «work_dir» you can write to")
+        except OSError as err:
+            why = f" ({err.strerror})" if err.strerror else ""
+            _refuse(f"cannot write to {real.parent}{why}; choose a «work_dir» you can write to")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -246,8 +246,9 @@ def read_bits(path: str | Path) -> Allocation:
     try:
         raw = json.loads(path.read_text())
         allocation = Allocation(**raw)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ConfigError(f"«bits_from» {path} is not a zsq bits.json ({err})") from None
+    except (ValueError, TypeError, OSError) as err:  # not JSON, not UTF-8, not an allocation
+        reason = str(err).splitlines()[0][:120]
+        raise ConfigError(f"«bits_from» {path} is not a zsq bits.json ({reason})") from None
     for bits in allocation.wbits:
         parse_bits(bits)
     return allocation
