@@ -230,7 +230,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _top1(model: nn.Module, dataset: Dataset, device: torch.device) -> float:
-    return evaluate(model, dataset, device=device, progress=False).top1
+    with _quiet():
+        return evaluate(model, dataset, device=device, progress=False).top1
 
 
 def format_table(rows: list[DemoRow], n_test: int, device: torch.device) -> str:
