@@ -498,3 +498,11 @@ def test_partial_names_are_reserved_and_a_finished_run_is_never_called_unfinishe
         assert main([*minmax_args(weights), "--out", str(tmp_path / "mm"), *extra]) == 2
         assert "holds a finished run named like an unfinished one" in error_line(capsys)
     assert tree(tmp_path) == before
+
+
+def test_overwrite_with_a_resume_that_replaces_nothing_is_refused(stopped_run, capsys):
+    weights, out = stopped_run
+    before = tree(out.parent)
+    assert main([*qimera_args(weights), "--resume", str(out), "--overwrite"]) == 2
+    assert "--overwrite has no effect when resuming" in error_line(capsys)
+    assert tree(out.parent) == before

@@ -192,6 +192,11 @@ def _check_resumable(
             f"output folder {out} already exists; pass «overwrite=True» to replace it with the "
             "resumed run"
         )
+    if kind == "missing" and overwrite:
+        _refuse(
+            f"«overwrite=True» has no effect when resuming {out}: there is no finished folder "
+            "to replace; drop it"
+        )
 
 
 def _check_writable(path: Path) -> None:
