@@ -506,3 +506,31 @@ def test_overwrite_with_a_resume_that_replaces_nothing_is_refused(stopped_run, c
     assert main([*qimera_args(weights), "--resume", str(out), "--overwrite"]) == 2
     assert "--overwrite has no effect when resuming" in error_line(capsys)
     assert tree(out.parent) == before
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 32 kB tmpfs (needs root and mount; skipped elsewhere)."""
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(full_disk, weights, tmp_path, capsys):
+    assert main([*minmax_args(weights), "--out", str(full_disk / "run")]) == 2
+    assert "No space left on device" in error_line(capsys)
+    assert list(full_disk.iterdir()) == []
+    assert main([*minmax_args(weights), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    onnx = ["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(full_disk / "x.onnx")]
+    assert main(onnx) == 2
+    assert "No space left on device" in error_line(capsys)
+    assert list(full_disk.iterdir()) == []

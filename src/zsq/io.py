@@ -375,10 +375,14 @@ def torch_save(obj: Any, path: Path) -> None:
 def save_safetensors(
     state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
 ) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    _atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    try:
+        _atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except SafetensorError as err:  # its own type for an OS error (a full disk)
+        raise ZsqError(f"cannot write {path} ({err}); free space or choose another place") from None
 
 
 # --- verified files (checkpoints) ---------------------------------------------------------------

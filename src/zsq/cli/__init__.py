@@ -5,6 +5,7 @@ calls the library and prints the result; the library's messages name its fields,
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -23,6 +24,9 @@ from zsq.cli._signals import (
 from zsq.errors import ConfigError, ZsqError
 
 log = logging.getLogger("zsq")
+
+# the machine's storage refused a write: a one-line error, not a traceback
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except ZsqError as err:
         print(f"zsq: error: {error_text(err, args)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        resume = (
+            " (a run keeps its last checkpoint: continue it with --resume)"
+            if args.command == "quantize"
+            else ""
+        )
+        print(
+            f"zsq: error: {err.strerror}{where}; free space or choose another place{resume}",
+            file=sys.stderr,
+        )
         return 2
     except Exception as err:
         if not is_process_group_failure(err):
