@@ -534,3 +534,9 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(full_disk, weights, 
     assert main(onnx) == 2
     assert "No space left on device" in error_line(capsys)
     assert list(full_disk.iterdir()) == []
+
+
+def test_a_mount_point_to_overwrite_is_refused_before_the_work(full_disk, weights, capsys):
+    assert main([*minmax_args(weights), "--out", str(full_disk), "--overwrite"]) == 2
+    assert "is a mount point" in error_line(capsys)
+    assert not full_disk.with_name("full.partial").exists()

@@ -126,6 +126,22 @@ def check_output_dir(
     else:
         _check_new(out, kind, work, work_kind, overwrite)
     _check_writable(path)
+    if kind != "missing":  # it will be replaced at the end: make sure it can be, before the work
+        _check_replaceable(out, path)
+
+
+def _check_replaceable(out: Path | str, path: Path) -> None:
+    if os.path.ismount(path):
+        _refuse(
+            f"{out} is a mount point, which a finished run cannot replace; give a folder inside "
+            "it as «work_dir»"
+        )
+    probe = path.with_name(f".{path.name}.zsq-probe")
+    try:
+        os.rename(path, probe)
+    except OSError as err:
+        _refuse(f"{out} cannot be replaced ({err.strerror}); choose another «work_dir»")
+    os.rename(probe, path)
 
 
 def _refuse(message: str) -> None:
