@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             return args.func(args)
     except ZsqError as err:
-        print(f"zsq: error: {error_text(err, args)}", file=sys.stderr)
+        if rank == 0:  # under torchrun every rank refuses alike: one line, not one per process
+            print(f"zsq: error: {error_text(err, args)}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
