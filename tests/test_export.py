@@ -551,3 +551,16 @@ def test_a_damaged_run_is_refused_not_exported(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "student.safetensors is not the file the run wrote" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_truncated_student_of_a_run_without_digests_is_a_one_line_error(run_dir, capsys):
+    from zsq.io import read_marker, write_marker
+
+    record = read_marker(run_dir)
+    record.pop("files")  # as a run written before zsq recorded digests
+    record.pop("zsq_run", None)
+    write_marker(run_dir, record)
+    student = run_dir / "student.safetensors"
+    student.write_bytes(student.read_bytes()[:100])
+    assert main(["export", str(run_dir), "--format", "int", "--quiet"]) == 2
+    assert "student.safetensors is unreadable" in capsys.readouterr().err

@@ -141,7 +141,13 @@ def student_from_run(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if run.registered is not None:
         spec = run.registered.handler.student_spec(run.report, spec, model)
     student = quantize_model(model, spec)
-    state = load_file(str(run.layout.student))
+    try:
+        state = load_file(str(run.layout.student))
+    except Exception as err:  # safetensors' own error type: truncated or not safetensors
+        raise ZsqError(
+            f"{run.layout.student} is unreadable ({str(err).splitlines()[0][:100]}); run the "
+            "quantize again"
+        ) from None
     prepare_buffers(student, state)
     student.load_state_dict(state)
     for _, aq in act_quantizers(student):
