@@ -248,3 +248,19 @@ def test_an_analysis_writes_only_into_its_own_folder(runs, tmp_path, capsys):
         capsys, "analyze", "compare", str(runs["ait"]), str(runs["ait"]) + "/", "--out", str(out)
     )
     assert "is given twice" in err
+
+
+def test_compare_refuses_runs_of_different_teachers(runs, tmp_path, capsys):
+    from zsq.io import read_marker, write_marker
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(runs["gdfq"], other)
+    record = read_marker(other)
+    record.pop("zsq_run", None)
+    record["options"]["teacher.weights_sha256"] = "0" * 64  # as a run of other weights records
+    write_marker(other, record)
+    out = tmp_path / "cmp"
+    err = one_line_error(
+        capsys, "analyze", "compare", str(runs["ait"]), str(other), "--out", str(out)
+    )
+    assert "quantize different teachers" in err and not out.exists()

@@ -193,6 +193,25 @@ def run_hessian(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_teacher(dirs: list[str]) -> None:
+    """Runs of different teachers (weights or model) compare nothing: refused."""
+    from zsq.analysis.runs import finished_run
+
+    def teacher(folder: str) -> tuple:
+        options = finished_run(folder).options
+        return (options.get("teacher.model"), options.get("teacher.weights_sha256"))
+
+    first = teacher(dirs[0])
+    for folder in dirs[1:]:
+        other = teacher(folder)
+        if None not in first + other and other != first:
+            raise ZsqError(
+                f"{dirs[0]} and {folder} quantize different teachers ({first[0]} with weights "
+                f"{str(first[1])[:12]}..., {other[0]} with {str(other[1])[:12]}...); compare "
+                "runs of one teacher"
+            )
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """Several runs overlaid: probe KL, layers with no change, mean crossing share."""
     from zsq.analysis import plots
@@ -205,6 +224,7 @@ def run_compare(args: argparse.Namespace) -> int:
     twice = next((d for i, d in enumerate(args.dirs) if real[i] in real[:i]), None)
     if twice is not None:
         raise ZsqError(f"{twice} is given twice; compare different runs")
+    _same_teacher(args.dirs)
     plots.require_matplotlib()
     runs = [read_run_metrics(folder) for folder in args.dirs]
     labels = run_labels(runs)
