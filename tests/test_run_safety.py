@@ -540,3 +540,16 @@ def test_a_mount_point_to_overwrite_is_refused_before_the_work(full_disk, weight
     assert main([*minmax_args(weights), "--out", str(full_disk), "--overwrite"]) == 2
     assert "is a mount point" in error_line(capsys)
     assert not full_disk.with_name("full.partial").exists()
+
+
+def test_weights_under_a_folder_name_that_is_not_utf8(tmp_path, weights, capsys):
+    import shutil
+
+    folder = tmp_path / os.fsdecode(b"w\xff")
+    folder.mkdir()
+    for file in weights.parent.iterdir():
+        if file.name.startswith(weights.stem):
+            shutil.copy(file, folder / file.name)
+    args = [a if a != str(weights) else str(folder / weights.name) for a in minmax_args(weights)]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.md").is_file()

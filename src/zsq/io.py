@@ -376,7 +376,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic_replace(path, lambda tmp: Path(tmp).write_text(text))
+    """UTF-8; a path of non-UTF-8 bytes quoted in ``text`` is written back as those bytes."""
+    _atomic_replace(
+        path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape")
+    )
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -5,6 +5,7 @@ calls the library and prints the result; the library's messages name its fields,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -53,6 +54,9 @@ def error_text(err: ZsqError, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    for stream in (sys.stdout, sys.stderr):  # a path of non-UTF-8 bytes prints as escapes
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the other ranks only warn
