@@ -476,10 +476,13 @@ def test_a_failed_check_is_an_error_and_writes_nothing(
 
 
 def student_with_non_finite(run_dir, tmp_path, bad):
-    """A copy of the run whose saved student holds NaN/inf in the tensors ``bad`` names."""
+    """A copy of the run whose saved student holds NaN/inf in the tensors ``bad`` names, as a
+    run whose training diverged writes it (its digest recorded with it)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from zsq.io import read_marker, sha256_file, write_marker
 
     copy = tmp_path / "diverged"
     shutil.copytree(run_dir, copy)
@@ -487,6 +490,10 @@ def student_with_non_finite(run_dir, tmp_path, bad):
     for key, value in bad.items():
         state[key] = torch.full_like(state[key], value)
     save_file(state, copy / "student.safetensors")
+    record = read_marker(copy)
+    record.pop("zsq_run", None)
+    record["files"]["student.safetensors"] = sha256_file(copy / "student.safetensors")
+    write_marker(copy, record)
     return copy
 
 
