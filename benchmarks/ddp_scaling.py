@@ -40,7 +40,8 @@ def sizes() -> list[dict]:
     for name, classes, size in MODELS:
         teacher = create_model(name, num_classes=classes, in_channels=3)
         generator = build_gdfq_generator(classes, (3, size, size))
-        student = sum(p.numel() for p in quantize_model(teacher).parameters())
+        student = quantize_model(teacher, image_shape=(3, size, size))
+        student = sum(p.numel() for p in student.parameters())
         gen = sum(p.numel() for p in generator.parameters())
         bn = len(batchnorm_layers(teacher)) + len(batchnorm_layers(generator))
         rows.append(

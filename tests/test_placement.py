@@ -154,3 +154,29 @@ def test_a_reference_run_resumes_under_auto_only_where_the_students_agree(tmp_pa
     check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=()))  # ResNet-like
     with pytest.raises(ConfigError, match="resume with act_placement reference"):
         check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=("head",)))
+
+
+class Aliases(nn.Module):
+    """An op that returns its input unchanged, and an assignment into a ReLU output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.same = nn.Conv2d(4, 4, 1)
+        self.cast = nn.Conv2d(4, 4, 1)
+        self.mixed = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv(x))
+        a = self.same(y)
+        b = self.cast(y.to(self.cast.weight))  # the same tensor back: y keeps its tag
+        z = self.relu(self.conv(x))
+        z[:, :2] = self.conv(x)[:, :2]  # now partly a conv output: not covered
+        return a + b + self.mixed(z)
+
+
+def test_ops_returning_their_input_and_assignments_keep_the_lineage_right():
+    places = layer_inputs(Aliases(), QuantSpec(), (3, 8, 8))
+    assert places["same"] == places["cast"] == "after relu"
+    assert places["mixed"] == "input"

@@ -246,14 +246,12 @@ def format_table(rows: list[DemoRow], n_test: int, device: torch.device) -> str:
 
 
 def save_plot(result: DemoResult, path: str | Path) -> Path:
-    """Accuracy against seconds, one point per method, the teacher as a line."""
-    import matplotlib
+    """Accuracy against seconds, one point per method, the teacher as a line (needs
+    matplotlib: ``pip install 'zsq[plots]'``)."""
+    from zsq.analysis.plots import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = new_figure(6.4, 4.2)
+    ax = fig.add_subplot()
     teacher = result.rows[0]
     ax.axhline(teacher.top1, color="grey", linestyle="--", label=f"FP32 teacher {teacher.top1:.1f}")
     for row in result.rows[1:]:
@@ -263,7 +261,4 @@ def save_plot(result: DemoResult, path: str | Path) -> Path:
     ax.set_ylabel("held-out top-1 (%)")
     ax.set_title("zsq demo: data-free quantization of a digits CNN")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

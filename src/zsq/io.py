@@ -10,6 +10,7 @@ Checkpoints carry a sha256 digest file so a damaged one is refused instead of re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -255,13 +256,24 @@ def run_folder(
                 raise ZsqError(
                     f"{out} changed during the run and is not a zsq run; the result is in {work}"
                 )
-            if path.exists():
-                shutil.rmtree(path)
             shutil.rmtree(RunLayout(work).checkpoint_dir, ignore_errors=True)
-            work.rename(path)
+            _replace_folder(work, path)
     except BaseException:
         _remove_empty(created)  # after the lock's file is gone
         raise
+
+
+def _replace_folder(work: Path, path: Path) -> None:
+    """``work`` becomes ``path``; an old ``path`` is moved aside first and deleted last, so a
+    file that cannot be deleted never leaves half of the old run where the new one goes."""
+    if not path.exists():
+        work.rename(path)
+        return
+    old = path.with_name(f".{path.name}.zsq-old")
+    shutil.rmtree(old, ignore_errors=True)
+    path.rename(old)
+    work.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_parents(path: Path) -> list[Path]:
@@ -388,7 +400,12 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file then rename: a crash never leaves a torn checkpoint."""
-    _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
+    try:
+        _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as err:  # torch's writer reports a full disk without an errno
+        if shutil.disk_usage(path.parent).free > 64 << 20:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
 
 
 def save_safetensors(

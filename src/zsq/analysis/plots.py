@@ -38,14 +38,14 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def _figure(width: float = 7.0, height: float = 4.5) -> Any:
+def new_figure(width: float = 7.0, height: float = 4.5) -> Any:
     require_matplotlib()
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_png(fig: Any, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -76,7 +76,7 @@ def plot_crossings(metrics: RunMetrics, path: str | Path, label: str | None = No
     """Per-layer crossing shares over epochs, log y (paper Figs. 3c, 4); rho dotted in red."""
     from matplotlib import colormaps
 
-    fig = _figure(9.0, 5.0)
+    fig = new_figure(9.0, 5.0)
     ax = fig.add_subplot()
     colours = colormaps["viridis"]
     count = max(len(metrics.layers), 1)
@@ -93,7 +93,7 @@ def plot_crossings(metrics: RunMetrics, path: str | Path, label: str | None = No
     ax.set_title(f"Quantized-weight updates per layer: {label or metrics.method} (zero: not drawn)")
     if metrics.layers or metrics.rho.values:
         ax.legend(fontsize=6, ncol=1 + count // 16, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --- several runs -------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _overlay(
 ) -> Path:
     if len(runs) != len(labels):
         raise ZsqError(f"{len(runs)} runs but {len(labels)} labels; give one label per run")
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     drawn: list[float] = []
     for run, label in zip(runs, labels, strict=True):
@@ -128,7 +128,7 @@ def _overlay(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_no_change(runs: Sequence[RunMetrics], labels: Sequence[str], path: str | Path) -> Path:
@@ -176,7 +176,7 @@ def plot_mean_crossing(runs: Sequence[RunMetrics], labels: Sequence[str], path: 
 def plot_grad_cosines(runs: Sequence[RunMetrics], labels: Sequence[str], path: str | Path) -> Path:
     """CE/KL gradient cosine per epoch (solid; Figs. 1, 5b) and the inter-epoch cosine of the
     mean gradient (dashed; Fig. 3a), as logged with ``analyze_every``."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for index, (run, label) in enumerate(zip(runs, labels, strict=True)):
         colour = f"C{index % 10}"
@@ -191,7 +191,7 @@ def plot_grad_cosines(runs: Sequence[RunMetrics], labels: Sequence[str], path: s
     ax.set_ylabel("cosine similarity of gradients (−1 to 1)")
     ax.set_title("Gradient directions at the quantized weights")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --- Hessian ------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def plot_density(result: dict[str, Any], path: str | Path) -> Path:
         w = 4 * widths[name]
         parts.append(torch.linspace(low - w, high + w, GRID_POINTS, dtype=torch.float64))
     grid = torch.unique(torch.cat([p.double() for p in parts]))
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     peak = 0.0
     for name, density in densities:
@@ -250,14 +250,14 @@ def plot_density(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("eigenvalue density (per unit λ, log)")
     ax.set_title(f"Hessian eigenvalue density (SLQ)\n{_subtitle(result)}", fontsize=10)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_surface(result: dict[str, Any], path: str | Path) -> Path:
     """Loss change along each term's own top eigenvector (paper Fig. 2c)."""
     surface = result["surface"]
     ks = surface["k"]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for name, term in _terms(result):
         label, colour = TERM_STYLE.get(name, (name, None))
@@ -270,7 +270,7 @@ def plot_surface(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("loss change L(θ + k·e) − L(θ) (loss units)")
     ax.set_title(f"Loss along the top Hessian eigenvector\n{_subtitle(result)}", fontsize=10)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_traces(result: dict[str, Any], path: str | Path) -> Path:
@@ -280,7 +280,7 @@ def plot_traces(result: dict[str, Any], path: str | Path) -> Path:
     means = [term["trace"]["mean"] for _, term in terms]
     errors = [term["trace"]["std_error"] or 0.0 for _, term in terms]
     colours = [TERM_STYLE.get(name, (name, "grey"))[1] for name, _ in terms]
-    fig = _figure(5.0, 4.5)
+    fig = new_figure(5.0, 4.5)
     ax = fig.add_subplot()
     bars = ax.bar(names, means, yerr=errors, color=colours, capsize=6)
     texts = [f"{m:.4g}" + (f" ± {e:.2g}" if e else "") for m, e in zip(means, errors, strict=True)]
@@ -289,4 +289,4 @@ def plot_traces(result: dict[str, Any], path: str | Path) -> Path:
     probes = ", ".join(f"{name}: {term['trace']['probes']}" for name, term in terms)
     ax.set_ylabel("Hessian trace tr(H) (loss / weight²)")
     ax.set_title(f"Hessian trace (Hutchinson; probes {probes})\n{_subtitle(result)}", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)

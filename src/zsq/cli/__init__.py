@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             return args.func(args)
     except ZsqError as err:
-        if rank == 0:  # under torchrun every rank refuses alike: one line, not one per process
-            print(f"zsq: error: {error_text(err, args)}", file=sys.stderr)
+        # under torchrun every rank refuses a bad option alike: rank 0 says it once; an error
+        # of one rank's own (its share of the data) is said by that rank
+        if rank == 0 or not isinstance(err, ConfigError):
+            prefix = f"[rank {rank}] " if rank else ""
+            print(f"{prefix}zsq: error: {error_text(err, args)}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:

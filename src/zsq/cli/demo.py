@@ -35,5 +35,10 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     print()
     print(result.closing_line())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plot: skipped (matplotlib is not installed: pip install 'zsq[plots]')")
+        return 0
     print(f"plot: {save_plot(result, args.plot)}")
     return 0

@@ -70,6 +70,9 @@ def export_int(
     path = Path(path)
     check_targets(export_files(path), overwrite=overwrite)
     check_finite(student)
+    if model.get("act_placement") == "auto":  # what the student has, not what a trace may find
+        inputs = [n for n, layer in quant_layers(student) if layer.act_quant is not None]
+        model = {**model, "quantized_inputs": inputs}
     tensors: dict[str, Tensor] = {}
     layers = {name: _export_layer(name, layer, tensors) for name, layer in quant_layers(student)}
     acts = {name: _export_act(aq) for name, aq in act_quantizers(student)}

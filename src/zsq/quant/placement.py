@@ -54,9 +54,17 @@ class _Lineage(TorchFunctionMode):
             if isinstance(t, torch.Tensor) and t.is_floating_point()
         ]  # fmt: skip
         tag = _shared_tag([self.tag_of(t) for t in inputs]) if inputs else None
+        name = getattr(func, "__name__", "")
+        if name == "__setitem__" and inputs:  # x[i] = v: x now holds v's kind too
+            self.tag(args[0], tag)
+            return out
+        in_place = name.endswith("_") or "out" in kwargs
         for result in tree_flatten(out)[0]:
-            if isinstance(result, torch.Tensor) and result.is_floating_point():
-                self.tag(result, tag)
+            if not isinstance(result, torch.Tensor) or not result.is_floating_point():
+                continue
+            if any(result is t for t in inputs) and not in_place:
+                continue  # returned unchanged (x.to(x.dtype), x.contiguous()): keeps its tag
+            self.tag(result, tag)
         return out
 
 

@@ -471,8 +471,13 @@ def _scores(plan: _Plan, eval_set: Dataset | None, student: nn.Module) -> dict[s
     cached = False
     if isinstance(plan.eval_data, str) and not distributed.world().active:
         spec, transform = plan.eval_data, eval_transform(eval_set)
+        meta = plan.meta
+        model = {
+            "name": meta.model, "kwargs": meta.model_kwargs,
+            "mean": meta.normalize_mean, "std": meta.normalize_std,
+        }  # fmt: skip
         key = (plan.ctx.teacher, spec, len(eval_set), transform, plan.ctx.device)
-        teacher, cached = teacher_scores(*key, measure)
+        teacher, cached = teacher_scores(*key, measure, model)
     else:
         teacher = measure()
     ours = evaluate(student, eval_set, **options)

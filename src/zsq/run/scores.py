@@ -30,6 +30,7 @@ from zsq.io import write_json
 log = logging.getLogger(__name__)
 
 FILE = "teacher-scores.json"
+UNCACHED_KINDS = ("imagefolder",)
 MAX_ENTRIES = 500
 
 
@@ -65,10 +66,16 @@ def _data_identity(spec: str) -> dict[str, Any]:
 
 
 def score_key(
-    teacher: nn.Module, spec: str, n: int, transform: str | None, device: torch.device
+    teacher: nn.Module,
+    spec: str,
+    n: int,
+    transform: str | None,
+    device: torch.device,
+    model: dict[str, Any] | None = None,
 ) -> str:
     parts = {
         "teacher": tensors_digest(teacher),
+        "model": model,  # name, constructor arguments and the input normalisation
         **_data_identity(spec),
         "n": n,
         "transform": transform,
@@ -86,11 +93,18 @@ def teacher_scores(
     transform: str | None,
     device: torch.device,
     measure: Callable[[], EvalResult],
+    model: dict[str, Any] | None = None,
 ) -> tuple[EvalResult, bool]:
     """The teacher's scores and whether they came from the cache (else ``measure()`` ran and
-    its result was kept). A cache that cannot be read or written is skipped with a warning."""
-    key = score_key(teacher, spec, n, transform, device)
-    path = cache_dir() / FILE
+    its result was kept). A cache that cannot be read or written is skipped with a warning;
+    image folders are always measured (their files can change without the folder's date)."""
+    if spec.partition(":")[0] in UNCACHED_KINDS:
+        return measure(), False
+    key = score_key(teacher, spec, n, transform, device, model)
+    try:
+        path = cache_dir() / FILE
+    except RuntimeError:  # no home folder
+        return measure(), False
     entries = _read(path)
     entry = entries.get(key)
     if isinstance(entry, list) and len(entry) == 3:
