@@ -10,9 +10,10 @@ after, and where the time went.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from summarize_ptq import load  # the same runs/<teacher>/w<W>a<A>/<row> layout
 
 # row -> (label, convention)
 ROWS = {
@@ -27,14 +28,6 @@ ROWS = {
     "genie-ait": ("Genie `short`, then GDFQ+AIT `short`", "all"),
     "genie-paper": ("Genie, `paper`", "all"),
 }
-
-
-def load(root: Path) -> dict[str, dict[str, dict[str, dict]]]:
-    runs: dict[str, dict[str, dict[str, dict]]] = {}
-    for report in sorted(root.glob("*/w*a*/*/report.json")):
-        row, bits, teacher = report.parent.name, report.parent.parent.name, report.parents[2].name
-        runs.setdefault(teacher, {}).setdefault(row, {})[bits] = json.loads(report.read_text())
-    return runs
 
 
 def cell(report: dict | None) -> str:
