@@ -39,6 +39,14 @@ def evaluate(*extra, data="npz:{tmp}/digits.npz"):
 CASES = {
     "a flag and its opposite": (quantize(*GDFQ, "--gi", "--no-gi"), "--gi and --no-gi contradict"),
     "one flag, two values": (quantize("--wbits", "4", "--wbits=3"), "--wbits 4 and --wbits 3"),
+    "an abbreviated flag and its opposite": (
+        quantize(*GDFQ, "--gi", "--no-g"),
+        "--gi and --no-gi contradict",
+    ),
+    "an abbreviated flag, two values": (
+        quantize("--wbits", "4", "--wb=3"),
+        "--wbits 4 and --wbits 3",
+    ),
     # --- teacher and output (the cases tests/test_cli.py checked one by one) -------------------
     "missing weights": (
         ["quantize", "--model", "resnet20", "--weights", "{tmp}/no.pt", *OUT, *RUN],

@@ -327,6 +327,39 @@ def test_cli_exports_both_formats_and_evaluates_them(run_dir, tmp_path, capsys):
     assert tops[0] == tops[1]
 
 
+def _flip_middle(path, block: bytes) -> None:
+    """Invert 8 bytes in the middle of ``block``, where it lies in the file ``path``."""
+    data = bytearray(path.read_bytes())
+    at = data.index(block) + len(block) // 2
+    data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["int", "onnx"])
+def test_an_export_whose_weights_were_damaged_is_refused(fmt, run_dir, tmp_path, capsys):
+    """Each export records the sha256 of its tensors (the manifest of an integer export, the
+    metadata of an ONNX file); flipped bytes inside a weight leave a file that still parses."""
+    path = tmp_path / ("s.safetensors" if fmt == "int" else "s.onnx")
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    evaluate = ["eval-export", str(path), "--data", "digits", "--limit", "8", "--quiet", "--json"]
+    assert main([*evaluate, "--no-latency"]) == 0
+    assert json.loads(capsys.readouterr().out)["latency"] == []  # the opt-out measures nothing
+    if fmt == "int":
+        from safetensors.torch import load_file
+
+        codes = next(v for k, v in load_file(path).items() if v.numel() >= 64)
+        _flip_middle(path, codes.contiguous().view(torch.uint8).numpy().tobytes())
+    else:
+        import onnx
+
+        weights = max(onnx.load(str(path)).graph.initializer, key=lambda t: len(t.raw_data))
+        _flip_middle(path, weights.raw_data)
+    assert main(evaluate) == 2
+    line = one_error_line(capsys)
+    assert "do not match the sha256" in line and "export the run again" in line
+
+
 @pytest.mark.parametrize(
     "case",
     ["not a quantize folder", "missing --out folder", "edited manifest", "truncated manifest"],

@@ -362,6 +362,19 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path):
         load_state_dict(_saved(tmp_path, state))
 
 
+def test_an_infinite_mask_buffer_is_a_teachers_own_but_nan_in_it_is_not(tmp_path):
+    state = resnet20().state_dict()
+    state["attn_mask"] = torch.tensor([0.0, float("-inf")])
+    assert torch.equal(load_state_dict(_saved(tmp_path, state))["attn_mask"], state["attn_mask"])
+    state["attn_mask"][0] = float("nan")
+    with pytest.raises(ZsqError, match="'attn_mask' holds 1 NaN value"):
+        load_state_dict(_saved(tmp_path, state, name="nan.pt"))
+    state = resnet20().state_dict()
+    state["bn1.running_var"][3] = float("inf")
+    with pytest.raises(ZsqError, match="'bn1.running_var' holds 1 NaN or infinite"):
+        load_state_dict(_saved(tmp_path, state, name="inf.pt"))
+
+
 def test_a_sidecar_digest_that_no_longer_matches_is_refused(tmp_path):
     path = _saved(tmp_path, resnet20().state_dict())
     from zsq.io import sha256_file

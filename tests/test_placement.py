@@ -151,9 +151,13 @@ def test_a_reference_run_resumes_under_auto_only_where_the_students_agree(tmp_pa
     saved = {"quant.act_placement": "reference"}
     write_marker(tmp_path, {"record_version": RECORD_VERSION, "options": saved, "sessions": []})
     assert differences(saved, {"quant.act_placement": "auto"}) == []  # the teacher decides
-    check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=()))  # ResNet-like
+    current = {"quant.act_placement": "auto", "seed": 0}
+    recorded = check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=()), current)
+    # recorded as it started, so that a later resume may name either placement
+    assert recorded == {"quant.act_placement": "reference", "seed": 0}
+    assert differences(recorded, {"quant.act_placement": "reference", "seed": 0}) == []
     with pytest.raises(ConfigError, match="resume with act_placement reference"):
-        check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=("head",)))
+        check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=("head",)), current)
 
 
 class Aliases(nn.Module):

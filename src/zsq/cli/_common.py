@@ -30,6 +30,7 @@ class Parser(argparse.ArgumentParser):
             if token == "--":
                 return
             option, eq, inline = token.partition("=")
+            option = self._full_option(option) if token.startswith("--") else option
             action = self._option_string_actions.get(option) if token.startswith("-") else None
             if action is None or isinstance(action, REPEATABLE):
                 continue
@@ -39,6 +40,14 @@ class Parser(argparse.ArgumentParser):
             if action.dest in given and given[action.dest] != spelt:
                 self.error(f"{given[action.dest]} and {spelt} contradict each other; give one")
             given[action.dest] = spelt
+
+    def _full_option(self, option: str) -> str:
+        """The flag an abbreviation stands for, as argparse reads it (``--no-g`` is ``--no-gi``
+        when no other flag starts so); the spelling itself when it is whole or ambiguous."""
+        if option in self._option_string_actions or not self.allow_abbrev:
+            return option
+        matches = [name for name in self._option_string_actions if name.startswith(option)]
+        return matches[0] if len(matches) == 1 else option
 
 
 REPEATABLE = (argparse._AppendAction, argparse._CountAction, argparse._HelpAction)

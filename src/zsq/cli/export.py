@@ -50,6 +50,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--data", required=True, help="dataset spec (see zsq eval)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--latency",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure latency at batch 1 and 64 on this machine (about a second each; "
+        "--no-latency: top-1 and size only)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=run_eval_export)
 
@@ -95,7 +102,7 @@ def run_eval_export(args: argparse.Namespace) -> int:
         raise ZsqError(f"--limit must be >= 1, got {args.limit}; leave it out to evaluate all")
     dataset = load_dataset_for(args.data, info, limit=args.limit)
     result = evaluate(model, dataset, device="cpu", progress=not args.quiet)
-    speeds = _latencies(model, info["image_shape"])
+    speeds = _latencies(model, info["image_shape"]) if args.latency else []
     out = {
         "file": str(path),
         "runtime": runtime,
@@ -113,7 +120,8 @@ def run_eval_export(args: argparse.Namespace) -> int:
         for s in speeds
     )
     size = f"{out['bytes'] / 1e3:,.1f} kB"
-    print(json.dumps(out) if args.json else f"{path.name} in {runtime}: {text}; {size}; {speed}")
+    line = f"{path.name} in {runtime}: {text}; {size}" + (f"; {speed}" if speeds else "")
+    print(json.dumps(out) if args.json else line)
     return 0
 
 

@@ -8,8 +8,8 @@ Eq. 2-4 (the weight is ``(q + z) / S``), the range they were made from (so a reb
 reproduces ``S`` and ``z`` bit for bit) and, after LAPQ's bias correction, the per-channel offset
 added to the dequantized weight. For every activation quantizer: bits, range, scale, zero point.
 Everything else (BatchNorm, biases, layers left in full precision) is stored as float. The
-manifest records the model to rebuild, and its sha256 is kept in the tensor file so an edited
-manifest is refused.
+manifest records the model to rebuild and the sha256 of the tensors, and its own sha256 is kept
+in the tensor file, so an edited manifest and a damaged tensor file are both refused.
 
 ``load_int(path)`` rebuilds the fake-quant student from those two files alone (and zsq's model
 zoo): its outputs equal the exported student's bit for bit. ``integer_linear``/``integer_conv2d``
@@ -33,7 +33,7 @@ from zsq.errors import ZsqError
 from zsq.export._files import check_targets, staged
 from zsq.export.finite import check_finite
 from zsq.export.packing import is_packed, pack_codes, unpack_codes
-from zsq.io import save_safetensors, write_text
+from zsq.io import save_safetensors, sha256_tensors, write_text
 from zsq.layout import manifest_file
 from zsq.quant import (
     ActQuantizer,
@@ -88,6 +88,7 @@ def export_int(
         "layers": layers,
         "activations": acts,
         "float_tensors": sorted(floats),
+        "tensors_sha256": sha256_tensors(tensors),
     }
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     digest = hashlib.sha256(text.encode()).hexdigest()
@@ -195,6 +196,12 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise ZsqError(
             f"{mpath} has format version {manifest.get('format_version')}; this zsq reads "
             f"{FORMAT_VERSION}"
+        )
+    expected = manifest.get("tensors_sha256")  # older exports record none
+    if expected is not None and sha256_tensors(tensors) != expected:
+        raise ZsqError(
+            f"{path}: its tensors do not match the sha256 its manifest records (damaged or "
+            "edited); export the run again"
         )
     return manifest, tensors
 

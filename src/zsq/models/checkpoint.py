@@ -147,12 +147,21 @@ def _check_sidecar_digest(path: Path) -> None:
         )
 
 
+# Tensors that must be finite besides holding no NaN: what a layer multiplies or normalises with.
+# Other buffers may hold +-inf on purpose (an attention mask's -inf).
+_MUST_BE_FINITE = ("weight", "bias", "running_mean", "running_var")
+
+
 def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not tensor.is_floating_point():
+            continue
+        must_be_finite = name.rsplit(".", 1)[-1] in _MUST_BE_FINITE
+        bad = ~torch.isfinite(tensor) if must_be_finite else torch.isnan(tensor)
+        if bool(bad.any()):
+            what = "NaN or infinite value(s)" if must_be_finite else "NaN value(s)"
             raise ZsqError(
-                f"weights file {path}: tensor {name!r} holds {bad} NaN or infinite value(s); "
+                f"weights file {path}: tensor {name!r} holds {int(bad.sum())} {what}; "
                 "a teacher must be finite: check the training run that saved it"
             )
 

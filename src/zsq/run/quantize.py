@@ -144,7 +144,7 @@ def quantize(
         work, previous = distributed.on_main(open_folder) if plan.work_dir else (None, [])
         _check_teacher(plan)
         if plan.ctx.resume and work is not None:
-            record.check_resumed_placement(work, plan.work_dir, plan.ctx.quant)
+            options = record.check_resumed_placement(work, plan.work_dir, plan.ctx.quant, options)
         data = _load_datasets(plan)
         layout = RunLayout(work) if work is not None else None
         if layout is None or not distributed.world().is_main:  # rank 0 alone writes

@@ -173,9 +173,12 @@ def _reference_then_auto(saved: dict[str, Any], current: dict[str, Any]) -> bool
     return saved.get(PLACEMENT) == "reference" and current.get(PLACEMENT) == "auto"
 
 
-def check_resumed_placement(work: Path, out: Path, quant: QuantSpec) -> None:
+def check_resumed_placement(
+    work: Path, out: Path, quant: QuantSpec, options: dict[str, Any]
+) -> dict[str, Any]:
     """Refuse to continue a ``reference``-placement run under an ``auto`` placement that
-    quantizes some layer's input: a different student."""
+    quantizes some layer's input: a different student. The options to record: a run that
+    started under ``reference`` stays recorded so, whichever of the two its resumes name."""
     saved = read_options(read_marker(work) or {})
     if saved.get(PLACEMENT) == "reference" and quant.act_placement == "auto":
         if quant.quantized_inputs:
@@ -184,6 +187,8 @@ def check_resumed_placement(work: Path, out: Path, quant: QuantSpec) -> None:
                 f"which on this model is not auto's ({len(quant.quantized_inputs)} layer input(s) "
                 "differ); resume with «act_placement» reference"
             )
+        return {**options, PLACEMENT: "reference"}
+    return options
 
 
 def differences(

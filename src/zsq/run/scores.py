@@ -25,7 +25,7 @@ from torch import nn
 
 from zsq._version import __version__
 from zsq.evaluate import EvalResult
-from zsq.io import write_json
+from zsq.io import sha256_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,7 @@ def cache_dir() -> Path:
 
 def tensors_digest(model: nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and bytes of every tensor in the state dict."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return sha256_tensors(model.state_dict())
 
 
 def _data_identity(spec: str) -> dict[str, Any]:
