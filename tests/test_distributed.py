@@ -216,3 +216,38 @@ def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, small_teache
     resumed_state = load_file(out / "student.safetensors")
     whole_state = load_file(tmp_path / "whole" / "student.safetensors")
     assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
+
+
+# --- zsq launch: torchrun's launcher, failing as zsq fails ------------------------------------
+def _launch(args, nproc=2):
+    command = [sys.executable, "-m", "zsq", "launch", "--standalone", f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZSQ_DIST_TIMEOUT": "30"}
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "batch_size=eight"], "recipe field 'batch_size' takes a whole number"),
+        (["--wbits", "4", "--wbits", "3"], "--wbits 4 and --wbits 3 contradict"),
+        (["--eval-data", "npz:/nonexistent.npz"], "not found"),
+    ],
+)
+def test_a_refusal_under_launch_is_one_line_and_no_launcher_traceback(
+    tmp_path, small_teacher, extra, message
+):
+    args = [*_run_args(small_teacher, epochs=2), "--device", "cpu", "--quiet"]
+    done = _launch([*args, *extra, "--out", tmp_path / "run"])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("zsq: error: ") and message in lines[0], lines
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("run", ".run"))]
+
+
+def test_launch_runs_a_distillation_over_two_processes(tmp_path, small_teacher):
+    args = [*_run_args(small_teacher, epochs=2), "--device", "cpu", "--quiet", "--json"]
+    done = _launch([*args, "--out", tmp_path / "run"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["world_size"] == 2 and report["epochs_run"] == 2
+    assert _launch(["--bogus-option", "quantize"]).stderr.startswith("zsq: error: torchrun option")

@@ -141,6 +141,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_WORK_STARTED = False
+
+
+def begin_work() -> None:
+    """Mark the end of the checks: until then every process checks the same options, teacher
+    and files alike, so an error then is every rank's (rank 0 says it); after it, an error may
+    be one rank's own (its share of the data)."""
+    global _WORK_STARTED
+    _WORK_STARTED = True
+
+
+def work_started() -> bool:
+    return _WORK_STARTED
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """A seed for ``rank``'s own RNG stream, derived from the run's ``--seed``."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])

@@ -12,7 +12,8 @@ import os
 import signal
 import sys
 
-from zsq.cli import analyze, budget, demo, export, quantize
+from zsq import distributed
+from zsq.cli import analyze, budget, demo, export, launch, quantize
 from zsq.cli import eval as evaluate
 from zsq.cli._common import Parser, flag_for
 from zsq.cli._signals import (
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parsers(sub)
     demo.add_parser(sub)
     analyze.add_parser(sub)
+    launch.add_parser(sub)
     return parser
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = launch.namespace(argv) or parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the other ranks only warn
     logging.basicConfig(
         level=logging.WARNING if args.quiet or rank else logging.INFO,
@@ -71,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             return args.func(args)
     except ZsqError as err:
-        # under torchrun every rank refuses a bad option alike: rank 0 says it once; an error
-        # of one rank's own (its share of the data) is said by that rank
-        if rank == 0 or not isinstance(err, ConfigError):
+        # under torchrun every rank refuses a bad option or input alike: rank 0 says it once;
+        # an error of one rank's own once the work started (its share of the data) is said by
+        # that rank
+        if rank == 0 or (distributed.work_started() and not isinstance(err, ConfigError)):
             prefix = f"[rank {rank}] " if rank else ""
             print(f"{prefix}zsq: error: {error_text(err, args)}", file=sys.stderr)
         return 2

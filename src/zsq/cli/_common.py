@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,8 @@ class Parser(argparse.ArgumentParser):
     """Usage errors in one line on stderr, like every other zsq error (exit status 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank sees it: rank 0 says it
+            self.exit(2)
         self.exit(2, f"zsq: error: {message}; see '{self.prog} --help'\n")
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201

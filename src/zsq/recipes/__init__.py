@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 GI_COUNTS = ("codes", "levels")  # what "an integer weight changed" compares (see inundation.py)
@@ -133,11 +133,11 @@ class DistillRecipe:
     def __post_init__(self) -> None:
         for name, choices in FIELD_CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ZsqError(f"unknown {name} {getattr(self, name)!r}; use one of {choices}")
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; use one of {choices}")
         for name, bounds in FIELD_BOUNDS.items():
             _check_bounds(name, getattr(self, name), bounds)
         if self.gen_warmup_epochs >= self.epochs:
-            raise ZsqError(
+            raise ConfigError(
                 f"gen_warmup_epochs={self.gen_warmup_epochs} leaves no student epochs out of "
                 f"epochs={self.epochs}; lower it or raise epochs"
             )
@@ -163,7 +163,7 @@ def _check_bounds(name: str, value: Any, bounds: Bounds) -> None:
     range_text = f"{bounds}, or off" if default is None else str(bounds)
     why = f" ({bounds.why})" if bounds.why else ""
     example = "" if default is None else f"; e.g. {name}={_as_text(default)}"
-    raise ZsqError(
+    raise ConfigError(
         f"recipe field {name}={_as_text(value)}{subject} must be {range_text}{why}{example}"
     )
 
@@ -211,7 +211,7 @@ AIT_CHANGES: dict[str, Any] = {"loss": "kl", "gi": True, "weight_decay": 0.0, "s
 
 def get_recipe(name: str) -> DistillRecipe:
     if name not in RECIPES:
-        raise ZsqError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     return RECIPES[name]
 
 
@@ -272,7 +272,7 @@ def _from_value(kind: str, value: Any) -> Any:
 
 
 def _convert(field_type: Any, value: Any, name: str) -> Any:
-    """``value`` (CLI text or an API value) as recipe field ``name`` holds it, or a ZsqError
+    """``value`` (CLI text or an API value) as recipe field ``name`` holds it, or a ConfigError
     that says what the field takes; the same message for ``--set`` and ``overrides=``."""
     kind = _field_kind(field_type)
     try:
@@ -283,7 +283,7 @@ def _convert(field_type: Any, value: Any, name: str) -> Any:
     except (TypeError, ValueError):
         example = getattr(RECIPES["paper-cifar"], name)
         shown = ",".join(map(str, example)) if kind == "tuple" else str(example).lower()
-        raise ZsqError(
+        raise ConfigError(
             f"recipe field {name!r} takes {_KIND_WORDS[kind]}, got {value!r}; e.g. {name}={shown}"
         ) from None
 
@@ -294,7 +294,7 @@ def _known_fields() -> dict[str, Any]:
 
 def _check_field(name: str, known: dict[str, Any]) -> None:
     if name not in known:
-        raise ZsqError(f"unknown recipe field {name!r}; fields: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown recipe field {name!r}; fields: {', '.join(sorted(known))}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -304,7 +304,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ZsqError(f"bad recipe override {item!r}; write FIELD=VALUE, e.g. epochs=10")
+            raise ConfigError(f"bad recipe override {item!r}; write FIELD=VALUE, e.g. epochs=10")
         _check_field(key, known)
         values[key] = _convert(known[key], text, key)
     return values

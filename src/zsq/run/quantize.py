@@ -405,6 +405,7 @@ def _execute(
     started: float,
 ) -> QuantizeResult:
     """Seed, allocate the bits (if asked), run the method, evaluate and report."""
+    distributed.begin_work()
     seed_everything(plan.ctx.seed)
     ctx = replace(plan.ctx, layout=layout, dataset=data.datasets.__getitem__)
     ctx.evaluate = _evaluator(data.eval_set, plan.ctx.device)
