@@ -604,3 +604,16 @@ def test_a_truncated_student_of_a_run_without_digests_is_a_one_line_error(run_di
     student.write_bytes(student.read_bytes()[:100])
     assert main(["export", str(run_dir), "--format", "int", "--quiet"]) == 2
     assert "student.safetensors is unreadable" in capsys.readouterr().err
+
+
+def test_a_run_in_a_folder_named_with_non_utf8_bytes_exports_and_evaluates(
+    run_dir, tmp_path, capsys
+):
+    """safetensors and onnxruntime open only UTF-8 paths; zsq reads such files' bytes itself."""
+    import os
+
+    folder = run_dir.rename(tmp_path / os.fsdecode(b"run\xff"))
+    for fmt, name in (("int", "student.int.safetensors"), ("onnx", "student.onnx")):
+        assert main(["export", str(folder), "--format", fmt, "--quiet"]) == 0, capsys.readouterr()
+        argv = ["eval-export", str(folder / name), "--data", "digits", "--limit", "8"]
+        assert main([*argv, "--no-latency", "--json", "--quiet"]) == 0, capsys.readouterr()

@@ -422,6 +422,31 @@ def save_safetensors(
 
 
 # --- verified files (checkpoints) ---------------------------------------------------------------
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file at any path: safetensors opens only
+    UTF-8 paths, so another path's bytes are read here. A damaged file raises safetensors'
+    own error (or OSError/ValueError); each caller words it for what the file is."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    path = Path(path)
+    if is_utf8(str(path)):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return load(data), header.get("__metadata__") or {}
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` (a path with undecodable bytes as surrogates) encodes as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def sha256_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of the tensors, in name order (so the
     order a file or a state dict lists them in does not matter)."""

@@ -351,10 +351,10 @@ def synthetic_batch(
 
 
 def _load_generator(source: nn.Module, run: FinishedRun) -> None:
-    from safetensors.torch import load_file
+    from zsq.io import read_safetensors
 
     try:
-        source.load_state_dict(load_file(str(run.layout.generator)))
+        source.load_state_dict(read_safetensors(run.layout.generator)[0])
     except RuntimeError as err:
         raise ZsqError(
             f"{run.layout.generator} does not fit the run's {run.base_method} source "

@@ -33,7 +33,7 @@ from zsq.errors import ZsqError
 from zsq.export._files import check_targets, staged
 from zsq.export.finite import check_finite
 from zsq.export.packing import is_packed, pack_codes, unpack_codes
-from zsq.io import save_safetensors, sha256_tensors, write_text
+from zsq.io import read_safetensors, save_safetensors, sha256_tensors, write_text
 from zsq.layout import manifest_file
 from zsq.quant import (
     ActQuantizer,
@@ -169,8 +169,6 @@ def _handled_keys(student: nn.Module) -> set[str]:
 # --- load ------------------------------------------------------------------------------------
 def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The manifest and tensors of an integer export, checked against each other."""
-    from safetensors import safe_open
-
     path = Path(path)
     mpath = manifest_file(path)
     for p in (path, mpath):
@@ -180,9 +178,7 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             )
     text = mpath.read_text()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, metadata = read_safetensors(path)
     except Exception as err:  # safetensors raises its own types for a damaged file
         raise ZsqError(f"cannot read {path}: {err}; export it again") from None
     if metadata.get("format") != FORMAT:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from zsq.errors import ZsqError
 from zsq.export._files import check_targets, staged
 from zsq.export.finite import check_finite
+from zsq.io import is_utf8
 from zsq.quant import ActQuantizer, code_range
 from zsq.quant.modules import QuantConv2d, QuantLinear
 
@@ -325,7 +326,7 @@ def export_onnx(
         for key, value in info.items():
             model.metadata_props.add(key=f"zsq.{key}", value=json.dumps(value))
         onnx.save(model, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
+        onnx.checker.check_model(model, full_check=True)  # the proto: any path's bytes
     return path
 
 
@@ -394,7 +395,8 @@ def onnxruntime_session(path: str | Path, threads: int | None = None) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = str(path) if is_utf8(str(path)) else Path(path).read_bytes()  # ORT: UTF-8 paths
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxRuntimeModel(nn.Module):

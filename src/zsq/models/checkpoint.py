@@ -168,25 +168,16 @@ def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load, load_file
+
+    from zsq.io import read_safetensors
 
     try:
-        if not _utf8(str(path)):  # safetensors takes only UTF-8 paths: read the bytes here
-            return load(path.read_bytes())
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)[0]
     except (SafetensorError, OSError, ValueError) as exc:
         raise ZsqError(
             f"cannot read weights file {path}: not a valid safetensors file ({exc}); re-export it "
             "or check the download is complete"
         ) from exc
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _read_torch_file(path: Path, trust_checkpoint: bool) -> Any:

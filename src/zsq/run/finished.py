@@ -119,8 +119,7 @@ def model_info(run: FinishedRun) -> dict[str, Any]:
 def student_from_run(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The fake-quant student of a finished quantize run and what describes its model
     (:func:`model_info`)."""
-    from safetensors.torch import load_file
-
+    from zsq.io import read_safetensors
     from zsq.models import create_model
 
     run = open_run(folder)
@@ -142,7 +141,7 @@ def student_from_run(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         spec = run.registered.handler.student_spec(run.report, spec, model)
     student = quantize_model(model, spec)
     try:
-        state = load_file(str(run.layout.student))
+        state, _ = read_safetensors(run.layout.student)
     except Exception as err:  # safetensors' own error type: truncated or not safetensors
         raise ZsqError(
             f"{run.layout.student} is unreadable ({str(err).splitlines()[0][:100]}); run the "

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
-from zsq.io import save_safetensors
+from zsq.io import read_safetensors, save_safetensors
 from zsq.runtime import module_digest
 
 
@@ -34,14 +34,11 @@ def load_images(
     path: Path, key: dict[str, Any], teacher: nn.Module
 ) -> tuple[Tensor, dict[str, Any]] | None:
     """The images saved at ``path`` and their report, None when there is no file there."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            images = f.get_tensor("images")
+        tensors, metadata = read_safetensors(path)
+        images = tensors["images"]
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise ZsqError(
             f"cannot read synthetic images {path}: {err}; delete it to make new ones"
