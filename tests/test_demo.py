@@ -39,8 +39,25 @@ def test_every_row_says_whether_real_data_was_used(result):
 
 
 def test_the_plot_is_a_png(result, tmp_path):
+    from zsq.analysis.plots import written_by_zsq
+
     path = save_plot(result, tmp_path / "demo.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written_by_zsq(path)  # so a later demo may replace it
+
+
+def test_the_demo_replaces_only_its_own_plot(tmp_path, capsys):
+    from PIL import Image
+
+    from zsq.cli import main
+
+    Image.new("L", (4, 4)).save(tmp_path / "mine.png")  # a PNG of the user's own
+    (tmp_path / "notes.png").write_text("not even a PNG")
+    for name in ("mine.png", "notes.png"):
+        before = (tmp_path / name).read_bytes()
+        assert main(["demo", "--plot", str(tmp_path / name)]) == 2
+        assert "is not a PNG zsq wrote" in capsys.readouterr().err
+        assert (tmp_path / name).read_bytes() == before
 
 
 def test_the_demo_refuses_a_plot_folder_that_is_not_there(tmp_path, capsys):

@@ -171,6 +171,13 @@ def test_cli_budget_run_and_reuse(tmp_path, small_teacher):
     again = _quantize(small_teacher, tmp_path / "b", "--bits-from", tmp_path / "a")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["allocation"]["wbits"] == report["wbits"]
+    # a bits.json edited after the run wrote it is refused, from the folder or the file
+    path = tmp_path / "a" / "bits.json"
+    path.write_text(path.read_text().replace("[", "[ ", 1))
+    for source in (tmp_path / "a", path):
+        edited = _quantize(small_teacher, tmp_path / "c", "--bits-from", source)
+        assert edited.returncode == 2 and "is not the file the run wrote" in edited.stderr
+        assert not (tmp_path / "c").exists()
 
 
 def test_cli_bops_budget_mixes_activations(tmp_path, small_teacher):

@@ -45,15 +45,29 @@ def new_figure(width: float = 7.0, height: float = 4.5) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+SOFTWARE = "zsq"  # the PNG's Software text: how zsq knows a PNG it may replace is its own
+
+
 def save_png(fig: Any, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": SOFTWARE})
     path = Path(path)
     write_bytes(path, buffer.getvalue())
     return path
+
+
+def written_by_zsq(path: Path) -> bool:
+    """Whether ``path`` is a PNG zsq wrote (its Software text says so)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == SOFTWARE
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def _positive(values: Sequence[float]) -> list[float]:

@@ -25,12 +25,19 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from zsq.analysis.plots import written_by_zsq
     from zsq.demo import run_demo, save_plot
     from zsq.errors import ZsqError
 
-    folder = Path(args.plot).expanduser().resolve().parent
+    plot = Path(args.plot).expanduser()
+    folder = plot.resolve().parent
     if not folder.is_dir():  # before the minutes of work
         raise ZsqError(f"--plot {args.plot}: folder {folder} does not exist; create it first")
+    if plot.is_symlink() or (plot.exists() and not written_by_zsq(plot)):
+        raise ZsqError(
+            f"--plot {args.plot} exists and is not a PNG zsq wrote; the demo replaces only its "
+            "own plot: give another --plot"
+        )
     result = run_demo(seed=args.seed, device=args.device, progress=not args.quiet)
     print(result.table())
     print()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zsq.errors import ConfigError, ZsqError
+from zsq.layout import RunLayout
 from zsq.mixed.activations import (
     build_groups,
     group_costs,
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 
 ALLOCATORS = ("sensitivity", "hessian", "constrained", "penalty")
 DEFAULT_CHOICES = (2, 3, 4, 5, 6, 8)
-BITS_FILE = "bits.json"
 
 
 @dataclass
@@ -240,7 +240,7 @@ def read_bits(path: str | Path) -> Allocation:
     """An allocation written by an earlier run (``DIR/bits.json``)."""
     path = Path(path)
     if path.is_dir():
-        path = path / BITS_FILE
+        path = path / RunLayout.BITS
     if not path.is_file():
         raise ConfigError(f"«bits_from» {path}: no such file; give a run's bits.json")
     try:

@@ -118,6 +118,15 @@ def check_file_digests(folder: Path, record: Mapping[str, Any]) -> None:
             )
 
 
+def check_bits_source(path: Path) -> None:
+    """A ``bits.json`` reused from a finished run is the one it wrote."""
+    folder = path if path.is_dir() else path.parent
+    name = RunLayout.BITS if path.is_dir() else path.name
+    digest = ((read_marker(folder) or {}).get("files") or {}).get(name)
+    if digest is not None:
+        check_file_digests(folder, {"files": {name: digest}})
+
+
 def read_options(record: Mapping[str, Any]) -> dict[str, Any]:
     """The options of a marker record, upgraded to field paths when an older zsq wrote it."""
     options = dict(record.get("options") or {})
