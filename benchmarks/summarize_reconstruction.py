@@ -34,7 +34,10 @@ def cell(report: dict | None) -> str:
     if report is None:
         return "-"
     gap = report["student_top1"] - report["teacher_top1"]
-    return f"{report['student_top1']:.2f} ({gap:+.2f}; {report['seconds'] / 60:.1f} min)"
+    minutes = f"{report['seconds'] / 60:.1f} min"
+    if "1 threads" in report.get("device", ""):  # run on one thread, beside another job
+        minutes += ", 1 thread"
+    return f"{report['student_top1']:.2f} ({gap:+.2f}; {minutes})"
 
 
 def genie_of(report: dict) -> dict | None:

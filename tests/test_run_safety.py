@@ -553,3 +553,29 @@ def test_weights_under_a_folder_name_that_is_not_utf8(tmp_path, weights, capsys)
     args = [a if a != str(weights) else str(folder / weights.name) for a in minmax_args(weights)]
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+@pytest.fixture
+def immutable_run(tmp_path, weights):
+    """A finished run whose folder is immutable (``chattr +i``; needs root and ext4-like
+    attributes, skipped elsewhere): it can be neither renamed nor written into."""
+    import subprocess
+
+    out = tmp_path / "imm"
+    assert main([*minmax_args(weights), "--out", str(out)]) == 0
+    done = subprocess.run(["chattr", "+i", str(out)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot make a folder immutable here (needs root and chattr)")
+    yield out
+    subprocess.run(["chattr", "-i", str(out)], check=False)
+
+
+def test_an_immutable_folder_to_overwrite_is_refused_before_the_work(
+    immutable_run, weights, capsys
+):
+    capsys.readouterr()
+    before = tree(immutable_run.parent)
+    argv = [*qimera_args(weights), "--out", str(immutable_run), "--overwrite"]
+    assert main(argv) == 2
+    assert "cannot be replaced (Operation not permitted)" in error_line(capsys)
+    assert tree(immutable_run.parent) == before  # no imm.partial, nothing moved aside
