@@ -60,6 +60,17 @@ def test_the_demo_replaces_only_its_own_plot(tmp_path, capsys):
         assert (tmp_path / name).read_bytes() == before
 
 
+def test_the_demo_checks_the_plot_it_writes_with_a_tilde_path(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from zsq.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.new("L", (4, 4)).save(tmp_path / "mine.png")
+    assert main(["demo", "--plot=~/mine.png"]) == 2  # no shell expanded the ~
+    assert "is not a PNG zsq wrote" in capsys.readouterr().err
+
+
 def test_the_demo_refuses_a_plot_folder_that_is_not_there(tmp_path, capsys):
     from zsq.cli import main
 

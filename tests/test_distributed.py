@@ -250,4 +250,55 @@ def test_launch_runs_a_distillation_over_two_processes(tmp_path, small_teacher):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["world_size"] == 2 and report["epochs_run"] == 2
-    assert _launch(["--bogus-option", "quantize"]).stderr.startswith("zsq: error: torchrun option")
+    for bad in (["--bogus-option"], ["--nproc-per-node", "two"]):  # argparse's; torchrun's
+        refused = _launch([*bad, "quantize"])
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith("zsq: error: torchrun"), refused.stderr
+
+
+def test_ctrl_c_of_launch_stops_the_processes_without_a_launcher_traceback(tmp_path, small_teacher):
+    args = [*_run_args(small_teacher, epochs=1000), "--device", "cpu", "--quiet"]
+    command = [sys.executable, "-m", "zsq", "launch", "--standalone", "--nproc-per-node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZSQ_DIST_TIMEOUT": "30"}
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [*command, *map(str, args), "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    checkpoint = RunLayout(partial_dir(out)).checkpoint
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-2000:]
+    assert checkpoint.exists()  # the run can be resumed
+
+
+@pytest.mark.parametrize(
+    ("rank", "local_rank", "error", "started", "says"),
+    [
+        ("0", "0", "config", False, True),
+        ("1", "1", "config", True, False),  # a bad option: rank 0 says it
+        ("1", "1", "input", False, False),  # the checks read the same files on one machine
+        ("8", "0", "input", False, True),  # another machine may lack them
+        ("1", "1", "input", True, True),  # once the work runs: its own share
+    ],
+)
+def test_which_process_says_an_error(monkeypatch, rank, local_rank, error, started, says):
+    from zsq import distributed
+    from zsq.cli import says_error
+    from zsq.errors import ConfigError, ZsqError
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    distributed.reset_work()
+    if started:
+        distributed.begin_work()
+    try:
+        err = ConfigError("bad option") if error == "config" else ZsqError("no such file")
+        assert says_error(err) is says
+    finally:
+        distributed.reset_work()

@@ -369,10 +369,12 @@ def test_an_infinite_mask_buffer_is_a_teachers_own_but_nan_in_it_is_not(tmp_path
     state["attn_mask"][0] = float("nan")
     with pytest.raises(ZsqError, match="'attn_mask' holds 1 NaN value"):
         load_state_dict(_saved(tmp_path, state, name="nan.pt"))
-    state = resnet20().state_dict()
-    state["bn1.running_var"][3] = float("inf")
-    with pytest.raises(ZsqError, match="'bn1.running_var' holds 1 NaN or infinite"):
-        load_state_dict(_saved(tmp_path, state, name="inf.pt"))
+    for name in ("bn1.running_var", "pos_embed"):  # a buffer, and a parameter of a ViT's
+        state = resnet20().state_dict()
+        state[name] = state.get(name, torch.zeros(1, 4, 8)).clone()
+        state[name].view(-1)[3] = float("inf")
+        with pytest.raises(ZsqError, match=f"'{name}' holds 1 NaN or infinite"):
+            load_state_dict(_saved(tmp_path, state, name="inf.pt"))
 
 
 def test_a_sidecar_digest_that_no_longer_matches_is_refused(tmp_path):

@@ -155,7 +155,6 @@ def test_a_reference_run_resumes_under_auto_only_where_the_students_agree(tmp_pa
     recorded = check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=()), current)
     # recorded as it started, so that a later resume may name either placement
     assert recorded == {"quant.act_placement": "reference", "seed": 0}
-    assert differences(recorded, {"quant.act_placement": "reference", "seed": 0}) == []
     with pytest.raises(ConfigError, match="resume with act_placement reference"):
         check_resumed_placement(tmp_path, tmp_path, QuantSpec(quantized_inputs=("head",)), current)
 

@@ -9,7 +9,8 @@ import zsq
 from zsq.demo import digits_cnn
 from zsq.methods import MinMax
 from zsq.run import quantize as run_quantize
-from zsq.run.scores import FILE, cache_dir, tensors_digest
+from zsq.run.scores import FILE, cache_dir
+from zsq.runtime import module_digest
 
 
 def _run(teacher, **kwargs):
@@ -62,7 +63,7 @@ def test_a_damaged_cache_is_ignored_and_rewritten(counted, monkeypatch, tmp_path
 def test_the_digest_covers_every_tensor_byte():
     torch.manual_seed(0)
     model = digits_cnn()
-    before = tensors_digest(model)
+    before = module_digest(model)
     with torch.no_grad():
         model[1].running_mean[0] += 1e-6  # a buffer, not a parameter
-    assert tensors_digest(model) != before
+    assert module_digest(model) != before

@@ -156,6 +156,12 @@ def work_started() -> bool:
     return _WORK_STARTED
 
 
+def reset_work() -> None:
+    """Back to the checks (a new command in the same process)."""
+    global _WORK_STARTED
+    _WORK_STARTED = False
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """A seed for ``rank``'s own RNG stream, derived from the run's ``--seed``."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])

@@ -449,13 +449,13 @@ def is_utf8(text: str) -> bool:
 
 def sha256_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of the tensors, in name order (so the
-    order a file or a state dict lists them in does not matter)."""
+    order a file or a state dict lists them in does not matter), whatever their device. Image
+    caches and checkpoints store it (as a teacher's digest): its format must not change."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any
 
@@ -76,9 +75,6 @@ def device_description(device: torch.device) -> str:
 
 def module_digest(module: nn.Module) -> str:
     """sha256 over a module's state (names, dtypes, shapes and bytes), independent of device."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    from zsq.io import sha256_tensors
+
+    return sha256_tensors(module.state_dict())

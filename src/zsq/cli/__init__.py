@@ -15,7 +15,7 @@ import sys
 from zsq import distributed
 from zsq.cli import analyze, budget, demo, export, launch, quantize
 from zsq.cli import eval as evaluate
-from zsq.cli._common import Parser, flag_for
+from zsq.cli._common import Parser, flag_for, launched_rank
 from zsq.cli._signals import (
     Terminated,
     group_failure_message,
@@ -54,6 +54,18 @@ def error_text(err: ZsqError, args: argparse.Namespace) -> str:
     return str(err)
 
 
+def says_error(err: ZsqError) -> bool:
+    """Whether this process prints ``err``. Under torchrun every process checks the same
+    options, and a bad one is said once, by rank 0; the processes of one machine read the same
+    files, so an error in the checks before the work is said by one process per machine (the
+    first); an error once the work runs (a process's share of the data) by its process."""
+    if launched_rank() == 0:
+        return True
+    if isinstance(err, ConfigError):
+        return False
+    return distributed.work_started() or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     for stream in (sys.stdout, sys.stderr):  # a path of non-UTF-8 bytes prints as escapes
@@ -61,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = launch.namespace(argv) or parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's; the other ranks only warn
+    distributed.reset_work()
+    rank = launched_rank()  # torchrun's; the other ranks only warn
     logging.basicConfig(
         level=logging.WARNING if args.quiet or rank else logging.INFO,
         format=("" if not rank else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s",
@@ -73,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             return args.func(args)
     except ZsqError as err:
-        # under torchrun every rank refuses a bad option or input alike: rank 0 says it once;
-        # an error of one rank's own once the work started (its share of the data) is said by
-        # that rank
-        if rank == 0 or (distributed.work_started() and not isinstance(err, ConfigError)):
+        if says_error(err):
             prefix = f"[rank {rank}] " if rank else ""
             print(f"{prefix}zsq: error: {error_text(err, args)}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
     """Usage errors in one line on stderr, like every other zsq error (exit status 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank sees it: rank 0 says it
+        if launched_rank():  # under torchrun every process sees it alike: rank 0 says it
             self.exit(2)
         self.exit(2, f"zsq: error: {message}; see '{self.prog} --help'\n")
 
@@ -51,6 +51,11 @@ class Parser(argparse.ArgumentParser):
             return option
         matches = [name for name in self._option_string_actions if name.startswith(option)]
         return matches[0] if len(matches) == 1 else option
+
+
+def launched_rank() -> int:
+    """This process's rank under torchrun (``RANK``), 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
 
 
 REPEATABLE = (argparse._AppendAction, argparse._CountAction, argparse._HelpAction)

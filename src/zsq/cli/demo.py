@@ -47,5 +47,5 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("plot: skipped (matplotlib is not installed: pip install 'zsq[plots]')")
         return 0
-    print(f"plot: {save_plot(result, args.plot)}")
+    print(f"plot: {save_plot(result, plot)}")
     return 0

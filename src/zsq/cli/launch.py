@@ -38,7 +38,9 @@ def namespace(argv: list[str]) -> argparse.Namespace | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
@@ -60,8 +62,21 @@ def run(args: argparse.Namespace) -> int:
         torchrun(launcher)
     except ChildFailedError as err:  # each process has said what went wrong
         _, failure = err.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    except SignalException as stop:  # Ctrl-C or SIGTERM: torchrun stopped the processes
+        return 128 + int(stop.sigval)
+    except RendezvousError as err:
+        raise ZsqError(f"torchrun could not gather the processes: {_first_line(err)}") from None
+    except (ValueError, AssertionError) as err:  # torchrun's checks of its option values
+        raise ZsqError(
+            f"torchrun: {_first_line(err) or 'an option value it refuses'}; check torchrun's "
+            "options (see 'torchrun --help')"
+        ) from None
     return 0
+
+
+def _first_line(err: BaseException) -> str:
+    return next(iter(str(err).strip().splitlines()), "")
 
 
 def _quiet_launcher_logs() -> None:

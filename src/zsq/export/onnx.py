@@ -27,7 +27,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -322,7 +321,7 @@ def export_onnx(
         model = onnx.load(str(tmp))
         _strip_debug_info(model.graph)
         info = {"image_shape": list(image_shape), **(model_info or {})}
-        info[DIGEST_KEY] = graph_constants_sha256(model.graph)
+        info[DIGEST_KEY] = graph_sha256(model.graph)
         for key, value in info.items():
             model.metadata_props.add(key=f"zsq.{key}", value=json.dumps(value))
         onnx.save(model, str(tmp))
@@ -330,36 +329,23 @@ def export_onnx(
     return path
 
 
-DIGEST_KEY = "constants_sha256"
+DIGEST_KEY = "graph_sha256"
 
 
-def graph_constants_sha256(graph: Any) -> str:
-    """sha256 over the name, type, shape and bytes of every initializer and Constant of the
-    graph (the weights, codes, scales and zero points): a damaged or edited file is caught
-    however its protobuf is laid out."""
-    from onnx import numpy_helper
-
-    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    arrays[f"{node.output[0]}.{attr.name}"] = numpy_helper.to_array(attr.t)
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+def graph_sha256(graph: Any) -> str:
+    """sha256 of the graph as protobuf writes it deterministically: every node, attribute and
+    initializer (weights, codes, scales, zero points), so a damaged or edited file is caught;
+    the model's metadata, which holds the digest, is outside the graph."""
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _check_constants(path: Path, expected: str) -> None:
+def _check_graph(path: Path, expected: str) -> None:
     import onnx
 
-    if graph_constants_sha256(onnx.load(str(path)).graph) != expected:
+    if graph_sha256(onnx.load(str(path)).graph) != expected:
         raise ZsqError(
-            f"{path}: its weights do not match the sha256 its metadata records (damaged or "
-            "edited); export the run again"
+            f"{path}: its graph and weights do not match the sha256 its metadata records "
+            "(damaged or edited); export the run again"
         )
 
 
@@ -416,7 +402,7 @@ class OnnxRuntimeModel(nn.Module):
         self.info = {k[4:]: json.loads(v) for k, v in meta.items() if k.startswith("zsq.")}
         digest = self.info.pop(DIGEST_KEY, None)  # older exports record none
         if digest is not None:
-            _check_constants(Path(path), digest)
+            _check_graph(Path(path), digest)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: Tensor) -> Tensor:

@@ -236,11 +236,15 @@ def write_bits(allocation: Allocation, path: Path) -> None:
     write_json(path, allocation.to_dict())
 
 
+def bits_file(path: str | Path) -> Path:
+    """The bits.json a ``bits_from`` names: the file, or the one in a run's folder."""
+    path = Path(path)
+    return path / RunLayout.BITS if path.is_dir() else path
+
+
 def read_bits(path: str | Path) -> Allocation:
     """An allocation written by an earlier run (``DIR/bits.json``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RunLayout.BITS
+    path = bits_file(path)
     if not path.is_file():
         raise ConfigError(f"«bits_from» {path}: no such file; give a run's bits.json")
     try:

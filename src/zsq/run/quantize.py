@@ -323,7 +323,7 @@ def _check_teacher(plan: _Plan) -> None:
     if plan.mixed is not None and plan.mixed.bits_from is None:
         require_fit(plan.mixed.source, teacher, f"the allocation's source {plan.mixed.source}")
     if plan.mixed is not None and plan.mixed.bits_from is not None:
-        record.check_bits_source(Path(plan.mixed.bits_from))
+        record.check_bits_source(plan.mixed.bits_from)
     for config in configs:
         if config is not None:
             method_of(config).handler.check(config, plan.ctx)

@@ -18,6 +18,7 @@ from zsq.errors import ConfigError, ZsqError
 from zsq.io import read_marker, read_verified, sha256_file
 from zsq.layout import RunLayout
 from zsq.methods.base import MethodConfig, get_method
+from zsq.mixed.allocate import bits_file
 from zsq.models import ModelMeta
 from zsq.quant import QuantSpec
 
@@ -118,13 +119,12 @@ def check_file_digests(folder: Path, record: Mapping[str, Any]) -> None:
             )
 
 
-def check_bits_source(path: Path) -> None:
+def check_bits_source(bits_from: str | Path) -> None:
     """A ``bits.json`` reused from a finished run is the one it wrote."""
-    folder = path if path.is_dir() else path.parent
-    name = RunLayout.BITS if path.is_dir() else path.name
-    digest = ((read_marker(folder) or {}).get("files") or {}).get(name)
+    path = bits_file(bits_from)
+    digest = ((read_marker(path.parent) or {}).get("files") or {}).get(path.name)
     if digest is not None:
-        check_file_digests(folder, {"files": {name: digest}})
+        check_file_digests(path.parent, {"files": {path.name: digest}})
 
 
 def read_options(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from torch import nn
 
 from zsq._version import __version__
 from zsq.evaluate import EvalResult
-from zsq.io import sha256_tensors, write_json
+from zsq.io import write_json
+from zsq.runtime import module_digest
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,6 @@ def cache_dir() -> Path:
         return Path(os.environ["ZSQ_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "zsq"
-
-
-def tensors_digest(model: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every tensor in the state dict."""
-    return sha256_tensors(model.state_dict())
 
 
 def _data_identity(spec: str) -> dict[str, Any]:
@@ -68,7 +64,7 @@ def score_key(
     model: dict[str, Any] | None = None,
 ) -> str:
     parts = {
-        "teacher": tensors_digest(teacher),
+        "teacher": module_digest(teacher),
         "model": model,  # name, constructor arguments and the input normalisation
         **_data_identity(spec),
         "n": n,
