@@ -274,7 +274,8 @@ def test_ctrl_c_of_launch_stops_the_processes_without_a_launcher_traceback(tmp_p
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signal.SIGINT, err[-2000:]
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-2000:]
-    assert checkpoint.exists()  # the run can be resumed
+    assert checkpoint.exists()  # the run can be resumed, and the advice says how
+    assert "continue with: zsq launch --nproc-per-node=2 quantize" in err, err[-2000:]
 
 
 @pytest.mark.parametrize(

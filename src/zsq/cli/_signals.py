@@ -59,6 +59,9 @@ def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
     return "; continue with: " + shlex.join([*_launcher(), *_resume_argv(argv)])
 
 
+LAUNCHED_BY = "ZSQ_LAUNCHED_BY"  # set by ``zsq launch`` for the processes it starts
+
+
 def _launcher() -> list[str]:
     """``zsq``, or the torchrun command this process was started by (same process count)."""
     import os
@@ -67,6 +70,8 @@ def _launcher() -> list[str]:
     if size <= 1:
         return ["zsq"]
     per_node = os.environ.get("LOCAL_WORLD_SIZE", str(size))
+    if os.environ.get(LAUNCHED_BY) == "zsq launch":
+        return ["zsq", "launch", f"--nproc-per-node={per_node}"]
     return ["torchrun", f"--nproc-per-node={per_node}", "-m", "zsq"]
 
 

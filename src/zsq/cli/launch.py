@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any, NoReturn
 
+from zsq.cli._signals import LAUNCHED_BY
 from zsq.errors import ZsqError
 
 COMMAND = "quantize"  # the one command that runs over several processes
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     parser.error = refuse  # type: ignore[method-assign]
     launcher = parser.parse_args([*args.rest[:at], "--module", "zsq", *args.rest[at:]])
     _quiet_launcher_logs()
+    os.environ[LAUNCHED_BY] = "zsq launch"  # the processes' resume advice names zsq launch
     try:
         torchrun(launcher)
     except ChildFailedError as err:  # each process has said what went wrong
