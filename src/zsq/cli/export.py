@@ -91,9 +91,15 @@ def run_eval_export(args: argparse.Namespace) -> int:
         model = OnnxRuntimeModel(path)
         info, runtime = model.info, "onnxruntime (CPU)"
     elif path.suffix == ".safetensors":
-        from zsq.export import load_int, read_manifest
+        from zsq.export import read_manifest
+        from zsq.export.integer import int_student
 
-        model, info, runtime = load_int(path), read_manifest(path)[0]["model"], "zsq (PyTorch)"
+        manifest, tensors = read_manifest(path)
+        model, info, runtime = (
+            int_student(manifest, tensors, path),
+            manifest["model"],
+            "zsq (PyTorch)",
+        )
     else:
         raise ZsqError(f"{path}: give a .onnx or .safetensors file written by zsq export")
     if "image_shape" not in info or "num_classes" not in info:

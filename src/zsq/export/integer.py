@@ -202,13 +202,20 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return manifest, tensors
 
 
-@torch.no_grad()
 def load_int(path: str | Path) -> nn.Module:
     """The fake-quant student rebuilt from an integer export (weight ranges fixed to the
     exported ones, activation ranges frozen), in eval mode."""
+    return int_student(*read_manifest(path), where=path)
+
+
+@torch.no_grad()
+def int_student(
+    manifest: dict[str, Any], tensors: dict[str, Tensor], where: str | Path = "the export"
+) -> nn.Module:
+    """:func:`load_int` from what :func:`read_manifest` read (``where``: its file, for errors)."""
     from zsq.models import create_model
 
-    manifest, tensors = read_manifest(path)
+    path = where
     info = manifest["model"]
     model = create_model(
         info["name"],
