@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from zsq.cli import main
+from tests._cli import exit_code
 
 TEACHER = "{tmp}/digits.safetensors"  # the demo's digits CNN: 1 channel, 10 classes, 8x8
 SMALL = ["--model", "zsq.demo:digits_cnn", "--weights", TEACHER, "--image-size", "8"]
@@ -262,21 +261,13 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
     }
 
 
-def _exit_code(argv: list[str]) -> int:
-    """``main``'s status; argparse's own checks (choices, int) exit through SystemExit."""
-    try:
-        return main(argv)
-    except SystemExit as stop:
-        return stop.code
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_2_with_one_line(case, inputs, capsys, monkeypatch):
     argv, expected = CASES[case]
     argv = [arg.replace("{tmp}", str(inputs)) for arg in argv]
     monkeypatch.chdir(inputs)
     before = _snapshot(inputs)
-    code = _exit_code(argv)
+    code = exit_code(argv)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err

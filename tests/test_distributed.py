@@ -180,17 +180,23 @@ def _worker_pid(parent: int, rank: int, deadline: float) -> int:
     raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
-def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, small_teacher):
-    out = tmp_path / "run"
-    args = [*_run_args(small_teacher, epochs=5), "--device", "cpu", "--quiet"]
-    launcher = _torchrun([*args, "--out", out])
+def _first_checkpoint(launcher: subprocess.Popen, out: Path) -> tuple[Path, float]:
+    """Wait (at most 120 s) for the launched run's first checkpoint; its path and the deadline."""
     checkpoint = RunLayout(partial_dir(out)).checkpoint
     deadline = time.monotonic() + 120
     while not checkpoint.exists():
         assert launcher.poll() is None, launcher.communicate()[1][-2000:]
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.1)
+    return checkpoint, deadline
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, small_teacher):
+    out = tmp_path / "run"
+    args = [*_run_args(small_teacher, epochs=5), "--device", "cpu", "--quiet"]
+    launcher = _torchrun([*args, "--out", out])
+    checkpoint, deadline = _first_checkpoint(launcher, out)
     os.kill(_worker_pid(launcher.pid, 1, deadline), signal.SIGKILL)
     started = time.monotonic()
     _, err = launcher.communicate(timeout=90)
@@ -264,12 +270,7 @@ def test_ctrl_c_of_launch_stops_the_processes_without_a_launcher_traceback(tmp_p
     launcher = subprocess.Popen(
         [*command, *map(str, args), "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env
     )
-    checkpoint = RunLayout(partial_dir(out)).checkpoint
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():
-        assert launcher.poll() is None, launcher.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.1)
+    checkpoint, deadline = _first_checkpoint(launcher, out)
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signal.SIGINT, err[-2000:]

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tests._cli import exit_code
 
 from zsq.cli import main
 from zsq.demo import digits_cnn
@@ -220,20 +221,13 @@ def hashes(folder: Path) -> dict[str, str | None]:
     }
 
 
-def _exit_code(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as stop:  # argparse's own checks
-        return stop.code
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_case_is_one_line_and_changes_nothing(case, inputs, capsys, monkeypatch):
     argv, expected = CASES[case]
     argv = [arg.replace("{tmp}", str(inputs)) for arg in argv]
     monkeypatch.chdir(inputs)
     before = hashes(inputs)
-    code = _exit_code(argv)
+    code = exit_code(argv)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err
