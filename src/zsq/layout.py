@@ -29,6 +29,7 @@ class RunLayout:
     METRICS = "metrics.jsonl"  # per-epoch measurements of a distillation
     CHECKPOINT_DIR = "checkpoint"
     CHECKPOINT = "last.pt"
+    IMAGE_BATCHES = "images.pt"  # in CHECKPOINT_DIR: a pool's batches made so far (Genie-D)
     BITS = "bits.json"  # a mixed-precision allocation
     ALLOCATION_DIR = "allocation"  # the allocator's synthetic images
     CALIBRATION = "calibration.safetensors"  # synthetic calibration images, kept for a resume
@@ -102,6 +103,10 @@ class RunLayout:
     @property
     def checkpoint(self) -> Path:
         return self.checkpoint_dir / self.CHECKPOINT
+
+    @property
+    def image_batches(self) -> Path:
+        return self.checkpoint_dir / self.IMAGE_BATCHES
 
     @property
     def bits(self) -> Path:

@@ -116,8 +116,10 @@ def calibration_images(config: Calibrated, ctx: Context, keep: bool = True) -> C
     if not is_source(calib):
         return real_calibration(ctx.dataset(calib), size, ctx.seed, calib)
     folder = ctx.layout.folder if ctx.layout is not None else None
-    made = source_images(calib, ctx, size, config.calib_options, folder)
-    if keep and ctx.layout is not None and calib != NOISE:
+    resumable = keep and ctx.layout is not None and calib != NOISE
+    batches = ctx.layout.image_batches if resumable else None
+    made = source_images(calib, ctx, size, config.calib_options, folder, batches)
+    if resumable:
         _mark_resumable(ctx)
     return made
 
@@ -128,9 +130,11 @@ def source_images(
     size: int,
     options: Mapping[str, Any] | None = None,
     folder: Path | None = None,
+    batches: Path | None = None,
 ) -> CalibrationSet:
     """``size`` images from the sample source ``source`` for ``ctx``'s teacher, kept in
-    ``folder`` (and loaded from there when an earlier session made them)."""
+    ``folder`` (and loaded from there when an earlier session made them); ``batches``: where a
+    pool made batch by batch keeps its batches so far, the run marked resumable after each."""
     if source == NOISE:  # seeded on its own generator: the baseline's numbers stay fixed
         batches = gaussian_batches(size, ctx.image_shape, CALIB_BATCH, seed=ctx.seed)
         text = f"gaussian noise, {size} samples (data-free)"
@@ -145,6 +149,8 @@ def source_images(
         work_dir=folder,
         progress=ctx.progress,
         checked=True,  # by the config that names the source
+        batches=batches,
+        on_batch_saved=(lambda: _mark_resumable(ctx)) if batches is not None else None,
     )
 
 

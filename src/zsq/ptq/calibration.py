@@ -15,7 +15,7 @@ options and teacher (any bit width, any method) loads them from there instead of
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from zsq.errors import ZsqError
 from zsq.options import python_path, read_options, whole_number
 from zsq.synth import build_source, check_source_options, source_class
-from zsq.synth.cache import load_images, save_images
+from zsq.synth.cache import load_images, remove_batches, save_images
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,13 @@ def synthetic_calibration(
     work_dir: Path | None = None,
     progress: bool = True,
     checked: bool = False,
+    batches: Path | None = None,
+    on_batch_saved: Callable[[], None] | None = None,
 ) -> CalibrationSet:
     """``size`` images from the sample source ``name`` (trained first when it is a generator),
-    loaded from ``work_dir`` when an earlier session of the run made them."""
+    loaded from ``work_dir`` when an earlier session of the run made them. ``batches``: where a
+    source that makes its pool batch by batch keeps the batches made so far (and continues from
+    them); ``on_batch_saved`` runs after each save."""
     options = dict(source_options or {})
     shared = Path(options.pop("cache")) if "cache" in options else None
     train_steps = int(options.pop("train_steps", TRAIN_STEPS))
@@ -106,6 +110,8 @@ def synthetic_calibration(
     source = build_source(
         name, teacher, num_classes=num_classes, image_shape=image_shape, checked=checked, **options
     )
+    if batches is not None and getattr(source, "batched", False):
+        source.keep_batches(batches, on_batch_saved)
     try:
         report = _train(source, train_steps, train_batch, progress) if source.trainable else {}
         images = _draw(source, size)
@@ -118,6 +124,8 @@ def synthetic_calibration(
     for path in (cache, shared):
         if path is not None:
             save_images(path, images, key, teacher, report)
+    if batches is not None:
+        remove_batches(batches)
     return CalibrationSet(images, None, _describe(name, size), real=False, report=report)
 
 

@@ -1,5 +1,7 @@
 """Synthetic images kept on disk: a run directory keeps the images it calibrated on, and a
-resumed or repeated run loads them instead of making them again.
+resumed or repeated run loads them instead of making them again. A pool made batch by batch
+(Genie-D: an hour a batch on a CPU with the reference's settings) also keeps the batches made so
+far, so an interrupted run loses at most the batch in progress.
 
 A file records what made it (the source's options and the teacher's tensor digest); loading it
 for other options or another teacher is an error, never a silent reuse.
@@ -7,15 +9,18 @@ for other options or another teacher is an error, never a silent reuse.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from zsq.errors import ZsqError
-from zsq.io import read_safetensors, save_safetensors
-from zsq.runtime import module_digest
+from zsq.io import read_safetensors, read_verified, save_safetensors, write_verified
+from zsq.layout import digest_file
+from zsq.runtime import module_digest, rng_state, set_rng_state
 
 
 def save_images(
@@ -51,3 +56,51 @@ def load_images(
     if metadata.get("teacher_sha256") != module_digest(teacher):
         raise ZsqError(f"{path} holds images made for another teacher; delete it to make new ones")
     return images, json.loads(metadata.get("report", "{}"))
+
+
+def save_batches(
+    path: Path, images: Tensor, key: dict[str, Any], teacher: nn.Module, report: dict[str, Any]
+) -> None:
+    """The batches of a pool made so far (``images``), what made them, their report and the
+    random state after them, written atomically with a digest: a resumed run continues with the
+    next batch exactly as the interrupted one would have."""
+    state = {
+        "key": json.dumps(key, sort_keys=True),
+        "teacher_sha256": module_digest(teacher),
+        "images": images.detach().cpu(),
+        "report": json.dumps(report),
+        "rng": rng_state(),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_verified(path, buffer.getvalue())
+
+
+def load_batches(
+    path: Path, key: dict[str, Any], teacher: nn.Module
+) -> tuple[Tensor, dict[str, Any]] | None:
+    """The batches saved at ``path`` and their report, with the random state restored to what
+    it was after them; None when there is no file there."""
+    if not path.is_file():
+        return None
+    fix = f"delete {path} to make the images again"
+    try:
+        state = torch.load(io.BytesIO(read_verified(path, fix)), weights_only=True)
+        images, recorded, report = state["images"], state["key"], json.loads(state["report"])
+    except ZsqError:
+        raise
+    except Exception as err:  # torch's unpickler raises many types for a damaged payload
+        raise ZsqError(f"cannot read the images made so far, {path} ({err}); {fix}") from None
+    if recorded != json.dumps(key, sort_keys=True):
+        raise ZsqError(f"{path} holds images made with other options ({recorded}); {fix}")
+    if state["teacher_sha256"] != module_digest(teacher):
+        raise ZsqError(f"{path} holds images made for another teacher; {fix}")
+    set_rng_state(state["rng"])
+    return images, report
+
+
+def remove_batches(path: Path) -> None:
+    """Drop the batches file once the whole pool is kept."""
+    path.unlink(missing_ok=True)
+    digest_file(path).unlink(missing_ok=True)

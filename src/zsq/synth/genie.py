@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from zsq.errors import ZsqError
 from zsq.models.introspect import batchnorm_layers, require
 from zsq.options import Rule, flag, number, read_options, whole_number
 from zsq.synth.pool import PooledSource
@@ -158,9 +159,15 @@ def distill_genie(
     options: GenieOptions | None = None,
     *,
     progress: bool = True,
+    made: tuple[Tensor, dict[str, Any]] | None = None,
+    on_batch: Callable[[Tensor, dict[str, Any]], None] | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """``num_images`` Genie-D images (detached, on the teacher's device) and a report: the loss
-    of every batch at its first and last iteration, and the seconds taken."""
+    of every batch at its first and last iteration, and the seconds taken.
+
+    ``made``: the images and report of the first batches, kept by an interrupted session (the
+    random state already as it was after them); the batches after them are made. ``on_batch``
+    gets the images and report so far after every batch."""
     options = options or GenieOptions()
     require(teacher, "batchnorm", "genie")
     layers = batchnorm_layers(teacher)
@@ -174,20 +181,24 @@ def distill_genie(
     for p in frozen:
         p.requires_grad_(False)
     recorder, swing = _BnInputs(layers), _Swing(teacher) if options.swing else None
-    chunks, first, last = [], [], []
-    started = time.perf_counter()
+    chunks, report = _made_so_far(made, num_images, options.batch_size, device)
+    started = time.perf_counter() - report["seconds"]
     sizes = [
         min(options.batch_size, num_images - s) for s in range(0, num_images, options.batch_size)
     ]
     bar = tqdm(total=len(sizes) * options.iters, desc="genie images", disable=not progress)
+    bar.update(len(report["loss_last"]) * options.iters)
     try:
-        for size in sizes:
+        for size in sizes[len(report["loss_last"]) :]:
             images, losses = _distill_batch(
                 teacher, recorder, targets, size, image_shape, options, device, bar
             )
             chunks.append(images)
-            first.append(losses[0] if losses else float("nan"))
-            last.append(losses[-1] if losses else float("nan"))
+            report["loss_first"].append(round(losses[0], 6) if losses else float("nan"))
+            report["loss_last"].append(round(losses[-1], 6) if losses else float("nan"))
+            report["seconds"] = round(time.perf_counter() - started, 2)
+            if on_batch is not None:
+                on_batch(torch.cat(chunks).detach(), report)
     finally:
         bar.close()
         recorder.remove()
@@ -195,14 +206,26 @@ def distill_genie(
             swing.remove()
         for p in frozen:
             p.requires_grad_(True)
-    report = {
-        "images": num_images,
-        "iters": options.iters,
-        "loss_first": [round(v, 6) for v in first],
-        "loss_last": [round(v, 6) for v in last],
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    report.update(images=num_images, iters=options.iters)
+    report["seconds"] = round(time.perf_counter() - started, 2)
     return torch.cat(chunks).detach(), report
+
+
+def _made_so_far(
+    made: tuple[Tensor, dict[str, Any]] | None, num_images: int, batch_size: int, device: Any
+) -> tuple[list[Tensor], dict[str, Any]]:
+    """The kept batches as a list of images and the report to continue (empty at the start)."""
+    if made is None:
+        return [], {"loss_first": [], "loss_last": [], "seconds": 0.0}
+    images, report = made
+    batches = len(report.get("loss_last", []))
+    if len(images) != min(batches * batch_size, num_images) or len(images) >= num_images:
+        raise ZsqError(
+            f"the genie images kept so far ({len(images)} images in {batches} batches) do not "
+            f"fit {num_images} images in batches of {batch_size}; delete them to start again"
+        )
+    report = {k: report[k] for k in ("loss_first", "loss_last", "seconds")}
+    return [images.to(device)], report
 
 
 def _distill_batch(
@@ -259,6 +282,7 @@ class GenieSource(PooledSource):
     see :class:`~zsq.synth.pool.PooledSource` for the cache and sampling."""
 
     needs: ClassVar[str | None] = "batchnorm"
+    batched = True
     OPTIONS: ClassVar[dict[str, Rule]] = GENIE_OPTIONS
 
     def __init__(
@@ -292,8 +316,9 @@ class GenieSource(PooledSource):
 
     def make(self) -> tuple[Tensor, dict[str, Any]]:
         return distill_genie(
-            self.teacher, self.num_images, self.image_shape, self.options, progress=self.progress
-        )
+            self.teacher, self.num_images, self.image_shape, self.options,
+            progress=self.progress, made=self.batches_made(), on_batch=self.batch_made,
+        )  # fmt: skip
 
     def key(self) -> dict[str, Any]:
         return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from zsq.synth.base import SampleSource, SynthBatch, check_batch_size
-from zsq.synth.cache import load_images, save_images
+from zsq.synth.cache import load_batches, load_images, save_batches, save_images
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class PooledSource(SampleSource):
 
     trainable = False
     pooled = True
+    batched = False  # make() keeps each finished batch through batch_made (see keep_batches)
 
     def __init__(
         self,
@@ -46,6 +47,31 @@ class PooledSource(SampleSource):
         self.progress = progress
         self.report: dict[str, Any] = {}
         self._pool: Tensor | None = None
+        self._batches: Path | None = None
+        self._on_batch: Callable[[], None] | None = None
+
+    def keep_batches(self, path: Path, on_saved: Callable[[], None] | None = None) -> None:
+        """Keep the batches of the pool in ``path`` as they are made, and continue from the ones
+        found there (a source with ``batched``; others make their pool in one piece);
+        ``on_saved`` runs after each save (a run marks itself resumable)."""
+        self._batches, self._on_batch = Path(path), on_saved
+
+    def batches_made(self) -> tuple[Tensor, dict[str, Any]] | None:
+        """The batches an interrupted session kept and their report (the random state set to
+        what it was after them), None when there are none."""
+        if self._batches is None:
+            return None
+        made = load_batches(self._batches, self.key(), self.teacher)
+        if made is not None:
+            log.info("%s: %d images made before, continuing", self.key()["source"], len(made[0]))
+        return made
+
+    def batch_made(self, images: Tensor, report: dict[str, Any]) -> None:
+        """Keep the images made so far (when asked to, see :meth:`keep_batches`)."""
+        if self._batches is not None:
+            save_batches(self._batches, images, self.key(), self.teacher, report)
+            if self._on_batch is not None:
+                self._on_batch()
 
     @abstractmethod
     def make(self) -> tuple[Tensor, dict[str, Any]]:
