@@ -75,3 +75,19 @@ def test_differences_name_each_changed_option():
     assert differences(saved, {**saved, "method.init": None}) == []  # newer, unset
     sha = "ab" * 32
     assert differences({"t": sha}, {"t": "cd" * 32}) == [f"t {sha[:12]}... -> cdcdcdcdcdcd..."]
+
+
+def test_two_spellings_of_one_dataset_are_the_same_option(tmp_path, monkeypatch):
+    """A run records a spec as typed; a resume naming the same folder another way continues."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    saved = {"eval_data": "cifar10-jpeg:data", "method.calib": "fashion-mnist:data"}
+    same = {"eval_data": f"CIFAR10-JPEG:{tmp_path}/data/", "method.calib": "fashion-mnist:link"}
+    assert differences(saved, same) == []
+    other = {"eval_data": "cifar10:data", "method.calib": "fashion-mnist:elsewhere"}
+    assert differences(saved, other) == [
+        "eval_data cifar10-jpeg:data -> cifar10:data",
+        "method.calib fashion-mnist:data -> fashion-mnist:elsewhere",
+    ]
+    assert differences({"method.calib": "gdfq"}, {"method.calib": "zeroq"}) != []

@@ -10,6 +10,7 @@ from zsq.data.datasets import (
     load_dataset,
     load_dataset_for,
     read_idx,
+    same_dataset,
     spec_kinds,
     subset,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "load_dataset",
     "load_dataset_for",
     "read_idx",
+    "same_dataset",
     "spec_kinds",
     "subset",
 ]

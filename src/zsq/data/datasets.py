@@ -346,6 +346,18 @@ def _parse_spec(spec: str) -> tuple[str, Path | None]:
     return kind, Path(rest).expanduser()
 
 
+def same_dataset(spec: str, other: str) -> bool:
+    """Whether two dataset specs name the same data: the same kind and the same file or folder,
+    however each path is spelt (relative, absolute, through a symlink, with ``~``)."""
+    try:
+        (kind, path), (other_kind, other_path) = _parse_spec(spec), _parse_spec(other)
+    except ZsqError:
+        return False
+    if kind != other_kind or (path is None) != (other_path is None):
+        return False
+    return path is None or path.resolve() == other_path.resolve()
+
+
 def _require_dir(path: Path, kind: str, hint: str = "") -> Path:
     if not path.is_dir():
         raise ConfigError(

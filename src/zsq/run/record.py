@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zsq._version import __version__
+from zsq.data import same_dataset
 from zsq.errors import ConfigError, ZsqError
 from zsq.io import read_marker, read_verified, sha256_file
 from zsq.layout import RunLayout
@@ -212,6 +213,7 @@ def differences(
         if saved.get(key, UNSET) != current.get(key, UNSET)
         and not (key not in saved and current[key] is None)
         and not (key == PLACEMENT and _reference_then_auto(saved, current))
+        and not _same_data(saved.get(key), current.get(key))
     ]
     parts = [
         f"{f'«{key}»' if marked else key} {_short(saved.get(key, UNSET))} -> "
@@ -221,6 +223,12 @@ def differences(
     if len(names) > shown:
         parts.append(f"and {len(names) - shown} more")
     return parts
+
+
+def _same_data(saved: Any, current: Any) -> bool:
+    """Two spellings of one dataset spec (``cifar10:../data`` and ``cifar10:/work/data``): the
+    same data, so the same run. A run records a spec as it was typed."""
+    return isinstance(saved, str) and isinstance(current, str) and same_dataset(saved, current)
 
 
 def _short(value: Any) -> str:
