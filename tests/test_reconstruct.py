@@ -303,21 +303,20 @@ def test_a_run_stopped_while_making_genie_images_resumes_after_the_last_batch(
 
     teacher = tiny_teacher()
     plain = zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "plain")
-    distill, calls = genie_source._distill_batch, []
+    distill, calls, stop = genie_source._distill_batch, [], [True]
 
     def counting(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2 and stop:
+        if len(calls) == 2 and stop[0]:
             raise KeyboardInterrupt
         return distill(*args, **kwargs)
 
     monkeypatch.setattr(genie_source, "_distill_batch", counting)
-    stop = True
     with pytest.raises(KeyboardInterrupt):
         zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "cut")
     kept = tmp_path / "cut.partial" / "checkpoint" / "images.pt"
     assert kept.is_file() and (tmp_path / "cut.partial" / "checkpoint" / "last.pt").is_file()
-    stop, calls[:] = False, []
+    stop[0], calls[:] = False, []
     resumed = zsq.quantize(
         teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "cut", resume=True
     )
@@ -334,7 +333,8 @@ def test_kept_genie_batches_of_other_options_are_refused(tmp_path):
     from zsq.synth.cache import load_batches, save_batches
 
     teacher, path = tiny_teacher(), tmp_path / "images.pt"
-    save_batches(path, torch.zeros(4, 3, 8, 8), {"iters": 2}, teacher, {"loss_last": [1.0]})
+    kept = {"images": torch.zeros(4, 3, 8, 8)}
+    save_batches(path, kept, {"iters": 2}, teacher, {"loss_last": [1.0]})
     with pytest.raises(zsq.ZsqError, match="made with other options"):
         load_batches(path, {"iters": 3}, teacher)
     with pytest.raises(zsq.ZsqError, match="made for another teacher"):

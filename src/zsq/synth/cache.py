@@ -59,15 +59,20 @@ def load_images(
 
 
 def save_batches(
-    path: Path, images: Tensor, key: dict[str, Any], teacher: nn.Module, report: dict[str, Any]
+    path: Path,
+    tensors: dict[str, Tensor],
+    key: dict[str, Any],
+    teacher: nn.Module,
+    report: dict[str, Any],
 ) -> None:
-    """The batches of a pool made so far (``images``), what made them, their report and the
-    random state after them, written atomically with a digest: a resumed run continues with the
-    next batch exactly as the interrupted one would have."""
+    """The batches of a pool made so far (``tensors``: the images, and what else the source
+    needs to go on), what made them, their report and the random state after them, written
+    atomically with a digest: a resumed run continues with the next batch exactly as the
+    interrupted one would have."""
     state = {
         "key": json.dumps(key, sort_keys=True),
         "teacher_sha256": module_digest(teacher),
-        "images": images.detach().cpu(),
+        "tensors": {name: t.detach().cpu() for name, t in tensors.items()},
         "report": json.dumps(report),
         "rng": rng_state(),
     }
@@ -79,15 +84,15 @@ def save_batches(
 
 def load_batches(
     path: Path, key: dict[str, Any], teacher: nn.Module
-) -> tuple[Tensor, dict[str, Any]] | None:
-    """The batches saved at ``path`` and their report, with the random state restored to what
-    it was after them; None when there is no file there."""
+) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The tensors of the batches saved at ``path`` and their report, with the random state
+    restored to what it was after them; None when there is no file there."""
     if not path.is_file():
         return None
     fix = f"delete {path} to make the images again"
     try:
         state = torch.load(io.BytesIO(read_verified(path, fix)), weights_only=True)
-        images, recorded, report = state["images"], state["key"], json.loads(state["report"])
+        tensors, recorded, report = state["tensors"], state["key"], json.loads(state["report"])
     except ZsqError:
         raise
     except Exception as err:  # torch's unpickler raises many types for a damaged payload
@@ -97,7 +102,7 @@ def load_batches(
     if state["teacher_sha256"] != module_digest(teacher):
         raise ZsqError(f"{path} holds images made for another teacher; {fix}")
     set_rng_state(state["rng"])
-    return images, report
+    return tensors, report
 
 
 def remove_batches(path: Path) -> None:

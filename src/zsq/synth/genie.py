@@ -159,15 +159,15 @@ def distill_genie(
     options: GenieOptions | None = None,
     *,
     progress: bool = True,
-    made: tuple[Tensor, dict[str, Any]] | None = None,
-    on_batch: Callable[[Tensor, dict[str, Any]], None] | None = None,
+    made: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
+    on_batch: Callable[[dict[str, Tensor], dict[str, Any]], None] | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """``num_images`` Genie-D images (detached, on the teacher's device) and a report: the loss
     of every batch at its first and last iteration, and the seconds taken.
 
-    ``made``: the images and report of the first batches, kept by an interrupted session (the
-    random state already as it was after them); the batches after them are made. ``on_batch``
-    gets the images and report so far after every batch."""
+    ``made``: the images (``{"images": ...}``) and report of the first batches, kept by an
+    interrupted session (the random state already as it was after them); the batches after them
+    are made. ``on_batch`` gets the same after every batch."""
     options = options or GenieOptions()
     require(teacher, "batchnorm", "genie")
     layers = batchnorm_layers(teacher)
@@ -197,8 +197,8 @@ def distill_genie(
             report["loss_first"].append(round(losses[0], 6) if losses else float("nan"))
             report["loss_last"].append(round(losses[-1], 6) if losses else float("nan"))
             report["seconds"] = round(time.perf_counter() - started, 2)
-            if on_batch is not None:
-                on_batch(torch.cat(chunks).detach(), report)
+            if on_batch is not None and len(report["loss_last"]) < len(sizes):
+                on_batch({"images": torch.cat(chunks).detach()}, report)
     finally:
         bar.close()
         recorder.remove()
@@ -212,12 +212,15 @@ def distill_genie(
 
 
 def _made_so_far(
-    made: tuple[Tensor, dict[str, Any]] | None, num_images: int, batch_size: int, device: Any
+    made: tuple[dict[str, Tensor], dict[str, Any]] | None,
+    num_images: int,
+    batch_size: int,
+    device: Any,
 ) -> tuple[list[Tensor], dict[str, Any]]:
     """The kept batches as a list of images and the report to continue (empty at the start)."""
     if made is None:
         return [], {"loss_first": [], "loss_last": [], "seconds": 0.0}
-    images, report = made
+    images, report = made[0]["images"], made[1]
     batches = len(report.get("loss_last", []))
     if len(images) != min(batches * batch_size, num_images) or len(images) >= num_images:
         raise ZsqError(

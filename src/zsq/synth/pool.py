@@ -56,20 +56,21 @@ class PooledSource(SampleSource):
         ``on_saved`` runs after each save (a run marks itself resumable)."""
         self._batches, self._on_batch = Path(path), on_saved
 
-    def batches_made(self) -> tuple[Tensor, dict[str, Any]] | None:
-        """The batches an interrupted session kept and their report (the random state set to
-        what it was after them), None when there are none."""
+    def batches_made(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """The tensors of the batches an interrupted session kept (``images`` among them) and
+        their report (the random state set to what it was after them), None when none."""
         if self._batches is None:
             return None
         made = load_batches(self._batches, self.key(), self.teacher)
         if made is not None:
-            log.info("%s: %d images made before, continuing", self.key()["source"], len(made[0]))
+            count = len(made[0]["images"])
+            log.info("%s: %d images made before, continuing", self.key()["source"], count)
         return made
 
-    def batch_made(self, images: Tensor, report: dict[str, Any]) -> None:
+    def batch_made(self, tensors: dict[str, Tensor], report: dict[str, Any]) -> None:
         """Keep the images made so far (when asked to, see :meth:`keep_batches`)."""
         if self._batches is not None:
-            save_batches(self._batches, images, self.key(), self.teacher, report)
+            save_batches(self._batches, tensors, self.key(), self.teacher, report)
             if self._on_batch is not None:
                 self._on_batch()
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -212,9 +212,15 @@ def distill_images(
     options: ZeroQOptions | None = None,
     *,
     progress: bool = True,
+    made: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
+    on_batch: Callable[[dict[str, Tensor], dict[str, Any]], None] | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """``num_images`` distilled images (detached, on the teacher's device) and a report: loss
-    per batch at the start and end, and the final per-BN-layer mismatch."""
+    per batch at the start and end, and the final per-BN-layer mismatch.
+
+    ``made``: the passes an interrupted session kept (``images`` and their ``starts``) and
+    their report (``batches``), the random state already as it was after them; the passes after
+    them are made, at the kept passes' size. ``on_batch`` gets the same after every pass."""
     options = options or ZeroQOptions()
     require(teacher, "batchnorm", "zeroq")
     layers = batchnorm_layers(teacher)
@@ -223,17 +229,23 @@ def distill_images(
     batch = options.batch_size or num_images
     if options.batch_size is None and device.type == "cpu":
         batch = cpu_pass_size(teacher, layers, num_images, image_shape)
-    n_batches = math.ceil(num_images / batch)
     chunks, starts, losses = [], [], []
+    if made is not None:
+        chunks, starts = [made[0]["images"].to(device)], [made[0]["starts"].to(device)]
+        losses = list(made[1]["batches"])
+        batch = losses[0]["images"]  # the size the passes had (halved after out of memory)
+    done = sum(len(c) for c in chunks)
     bar = tqdm(
-        total=n_batches * options.steps, desc="zeroq distil", unit="step", disable=not progress
+        total=math.ceil((num_images - done) / batch) * options.steps,
+        desc="zeroq distil",
+        unit="step",
+        disable=not progress,
     )
     requires = [p.requires_grad for p in teacher.parameters()]
     for p in teacher.parameters():
         p.requires_grad_(False)
     recorder = _BnInputs(layers)
     try:
-        done = 0
         while done < num_images:
             size = min(batch, num_images - done)
             start_images = initial_images(size, image_shape, options.init, device)
@@ -246,12 +258,15 @@ def distill_images(
                 log.warning("zeroq: out of memory at %d images a pass; trying %d", size, batch)
                 recorder.inputs = []
                 torch.cuda.empty_cache()
-                bar.reset(total=math.ceil(num_images / batch) * options.steps)
+                bar.reset(total=math.ceil((num_images - done) / batch) * options.steps)
                 continue
             chunks.append(images)
             starts.append(start_images)
             losses.append({"images": size, "loss_start": first, "loss_end": last})
             done += size
+            if on_batch is not None and done < num_images:
+                kept = {"images": torch.cat(chunks), "starts": torch.cat(starts)}
+                on_batch(kept, {"batches": losses})
     finally:
         recorder.close()
         bar.close()
@@ -312,6 +327,7 @@ class ZeroQSource(PooledSource):
     teacher; see :class:`~zsq.synth.pool.PooledSource` for the cache and sampling."""
 
     needs: ClassVar[str | None] = "batchnorm"
+    batched = True
 
     def __init__(
         self,
@@ -343,8 +359,9 @@ class ZeroQSource(PooledSource):
 
     def make(self) -> tuple[Tensor, dict[str, Any]]:
         return distill_images(
-            self.teacher, self.num_images, self.image_shape, self.options, progress=self.progress
-        )
+            self.teacher, self.num_images, self.image_shape, self.options,
+            progress=self.progress, made=self.batches_made(), on_batch=self.batch_made,
+        )  # fmt: skip
 
     def key(self) -> dict[str, Any]:
         return {
