@@ -294,41 +294,6 @@ def test_a_reconstruction_resumes_after_any_unit_exactly(tmp_path, monkeypatch):
     assert [b["unit"] for b in resumed.report["genie"]["blocks"]] == ["0", "3", "8"]
 
 
-def test_a_run_stopped_while_making_genie_images_resumes_after_the_last_batch(
-    tmp_path, monkeypatch
-):
-    """Genie-D keeps every finished batch (hours each with the reference's settings): a run
-    stopped in its second batch makes only that batch again, and ends as an unbroken run."""
-    import zsq.synth.genie as genie_source
-
-    teacher = tiny_teacher()
-    plain = zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "plain")
-    distill, calls, stop = genie_source._distill_batch, [], [True]
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 and stop[0]:
-            raise KeyboardInterrupt
-        return distill(*args, **kwargs)
-
-    monkeypatch.setattr(genie_source, "_distill_batch", counting)
-    with pytest.raises(KeyboardInterrupt):
-        zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "cut")
-    kept = tmp_path / "cut.partial" / "checkpoint" / "images.pt"
-    assert kept.is_file() and (tmp_path / "cut.partial" / "checkpoint" / "last.pt").is_file()
-    stop[0], calls[:] = False, []
-    resumed = zsq.quantize(
-        teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "cut", resume=True
-    )
-    assert len(calls) == 1  # the second batch of two only
-    assert (tmp_path / "cut/student.safetensors").read_bytes() == (
-        tmp_path / "plain/student.safetensors"
-    ).read_bytes()
-    made, again = (r.report["calibration_report"] for r in (plain, resumed))
-    assert made["loss_last"] == again["loss_last"] and len(again["loss_first"]) == 2
-    assert not kept.exists()
-
-
 def test_kept_genie_batches_of_other_options_are_refused(tmp_path):
     from zsq.synth.cache import load_batches, save_batches
 

@@ -150,37 +150,3 @@ def test_bad_options_are_one_line_errors():
     for bad in ({"init": "perlin"}, {"steps": -1}, {"precision": "fp8"}, {"lr": 0}):
         with pytest.raises(ZsqError):
             ZeroQOptions(**bad)
-
-
-def test_a_run_stopped_in_a_zeroq_pass_resumes_after_the_last_finished_pass(tmp_path, monkeypatch):
-    """ZeroQ keeps each finished pass (its images and starting noise): a run stopped in the
-    second of two passes makes only that pass again and ends as an unbroken run."""
-    import zsq
-    import zsq.synth.zeroq as zeroq_source
-
-    teacher = tiny_teacher()
-    method = zsq.ZeroQ(calib_size=8, calib_options={"steps": 3, "batch_size": 4})
-    small = {"image_shape": (3, 8, 8), "num_classes": 10, "device": "cpu", "progress": False}
-    plain = zsq.quantize(teacher, method, **small, work_dir=tmp_path / "plain")
-    distill, calls, stop = zeroq_source._distill_batch, [], [True]
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 and stop[0]:
-            raise KeyboardInterrupt
-        return distill(*args, **kwargs)
-
-    monkeypatch.setattr(zeroq_source, "_distill_batch", counting)
-    with pytest.raises(KeyboardInterrupt):
-        zsq.quantize(teacher, method, **small, work_dir=tmp_path / "cut")
-    kept = tmp_path / "cut.partial" / "checkpoint" / "images.pt"
-    assert kept.is_file()
-    stop[0], calls[:] = False, []
-    resumed = zsq.quantize(teacher, method, **small, work_dir=tmp_path / "cut", resume=True)
-    assert len(calls) == 1
-    assert (tmp_path / "cut/student.safetensors").read_bytes() == (
-        tmp_path / "plain/student.safetensors"
-    ).read_bytes()
-    made, again = (r.report["calibration_report"] for r in (plain, resumed))
-    assert made == again  # losses of both passes, and the BN mismatch before and after
-    assert not kept.exists()
