@@ -433,3 +433,18 @@ def test_a_run_stopped_while_a_pool_is_made_resumes_after_its_last_finished_batc
     made.pop("seconds", None), again.pop("seconds", None)
     assert made == again  # every batch's losses (and ZeroQ's BN mismatch before and after)
     assert not kept.exists()
+
+
+def test_kept_batches_made_with_other_options_for_another_teacher_or_damaged_are_refused(tmp_path):
+    from zsq.synth.cache import load_batches, save_batches
+
+    teacher, path = tiny_teacher(), tmp_path / "images.pt"
+    kept = {"images": torch.zeros(4, 3, 8, 8)}
+    save_batches(path, kept, {"iters": 2}, teacher, {"loss_last": [1.0]})
+    with pytest.raises(ZsqError, match="made with other options"):
+        load_batches(path, {"iters": 3}, teacher)
+    with pytest.raises(ZsqError, match="made for another teacher"):
+        load_batches(path, {"iters": 2}, tiny_teacher(seed=1))
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(ZsqError, match="damaged.*delete .*images.pt"):
+        load_batches(path, {"iters": 2}, teacher)
