@@ -442,3 +442,58 @@ def test_stacked_search_matches_the_per_layer_search_in_layer_order(search):
         delta = (-1e-4 * m.weight.grad.double()).float()
         kappa, _ = search_kappa(m, w0, delta, rho=1e-2, cap=gi.cap, search=search)
         assert kappa == stats.kappa[i], i
+
+
+def _on_fixed_grids(student):
+    """The student's layers on fixed grids, as a reconstruction leaves them (the first on a
+    learned grid at 60% of its min/max step) or LAPQ (the second on a clipping range at 70% of
+    its weights' range): the codes the student computes with are no longer min/max codes."""
+    (_, first), (_, second) = quant_layers(student)
+    scale, zero_point = first.weight_qparams()
+    first.set_weight_grid(scale / 0.6, torch.round(zero_point / 0.6))
+    w = second.weight.detach()
+    second.set_weight_range(0.7 * w.amin(dim=1, keepdim=True), 0.7 * w.amax(dim=1, keepdim=True))
+    return student
+
+
+def _student_codes(student):
+    return [
+        m.quantized_weight().codes.reshape(m.weight.shape[0], -1) for _, m in quant_layers(student)
+    ]
+
+
+def test_codes_are_counted_on_a_fixed_grid_as_the_student_computes_them():
+    student = _on_fixed_grids(_student(wbits=2))
+    for counted, used in zip(_codes(student), _student_codes(student), strict=True):
+        assert torch.equal(counted, used)
+    reference = _student(wbits=2)  # the same weights on their min/max grids
+    assert not any(
+        torch.equal(a, b) for a, b in zip(_codes(student), _codes(reference), strict=True)
+    )
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_inundation_changes_a_share_rho_of_the_codes_on_a_fixed_grid(resumed):
+    """GI's kappa is searched on the codes the student uses: with a fixed grid, the share of
+    the student's own codes that one step changes is what GI reports, and reaches rho. A
+    resumed run sets the grids after GI was built (regroup), and counts the same."""
+    student = _on_fixed_grids(_student(wbits=2))
+    if resumed:
+        state = student.state_dict()
+        student = _student(wbits=2)
+    opt = OPTIMIZERS["sgd"](list(student.parameters()))
+    layers = list(quant_layers(student))
+    gi = GradientInundation(opt, layers, rho=1e-2)
+    if resumed:
+        from zsq.quant import prepare_buffers
+
+        prepare_buffers(student, state)
+        student.load_state_dict(state)
+        gi.regroup()
+    before = _student_codes(student)
+    _backward(student)
+    stats = gi.step()
+    for i, (old, new) in enumerate(zip(before, _student_codes(student), strict=True)):
+        share = (old != new).float().mean()
+        assert share == pytest.approx(float(stats.fraction[i]), abs=1e-7)
+        assert share >= 1e-2 * 0.99

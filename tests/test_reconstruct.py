@@ -318,6 +318,33 @@ def test_a_distillation_starts_from_the_reconstructed_student_exactly(monkeypatc
     assert json.loads(json.dumps(result.report["init"]))["genie"]["blocks"]
 
 
+def test_a_distillation_from_a_reconstructed_student_resumes_exactly(tmp_path, monkeypatch):
+    """--init genie with AIT, stopped after an epoch of GI and resumed: the resumed session
+    counts codes on the reconstruction's grids as the first did, and ends bit for bit as an
+    unbroken run."""
+    from zsq.distill import Distiller
+
+    teacher = tiny_teacher()
+    method = zsq.GDFQ(ait=True, recipe="demo", overrides=zsq.GDFQ.smoke().overrides,
+                      init=zsq.Genie.smoke())  # fmt: skip
+    zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "plain")
+    epoch = Distiller.train_epoch
+
+    def stopping(self, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return epoch(self, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Distiller, "train_epoch", stopping)
+        with pytest.raises(KeyboardInterrupt):
+            zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "cut")
+    zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut/student.safetensors").read_bytes() == (
+        tmp_path / "plain/student.safetensors"
+    ).read_bytes()
+
+
 @pytest.mark.parametrize(
     ("fields", "match"),
     [

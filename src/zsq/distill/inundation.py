@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -80,15 +80,34 @@ class InundationStats:
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How a layer's weights are quantized: what the code computation needs to know."""
+    """How a layer's weights are quantized: what the code computation needs to know.
+    ``fixed``: the layer quantizes on a fixed grid (a reconstruction's learned steps, LAPQ's
+    clipping range) instead of its weights' own min/max, so codes are counted on that grid
+    (:func:`fixed_grid`)."""
 
     bits: int
     per_channel: bool
     symmetric: bool
+    fixed: bool = False
 
     @classmethod
     def of(cls, layer: QuantLayer) -> WeightFormat:
-        return cls(layer.wbits, layer.w_channel_axis == 0, layer.w_symmetric)
+        fixed = layer.w_scale is not None or layer.w_range_min is not None
+        return cls(layer.wbits, layer.w_channel_axis == 0, layer.w_symmetric, fixed)
+
+
+Grid = tuple[Tensor, Tensor] | None  # (scale, zero point), each (..., out_channels, 1)
+
+
+def fixed_grid(layer: QuantLayer) -> Grid:
+    """The scale and zero point a layer with a fixed grid quantizes on, shaped (out, 1) to
+    broadcast over its flattened weights; None for a layer whose range follows its weights (the
+    reference's min/max, recomputed on every move)."""
+    if not WeightFormat.of(layer).fixed:
+        return None
+    out = layer.weight.shape[0]
+    scale, zero_point = layer.weight_qparams()
+    return tuple(t.detach().reshape(-1, 1).expand(out, 1) for t in (scale, zero_point))
 
 
 def check_count(count: str) -> None:
@@ -96,20 +115,25 @@ def check_count(count: str) -> None:
         raise ZsqError(f"unknown gradient-inundation count {count!r}; use one of {COUNTS}")
 
 
-def weight_integers(weights: Tensor, fmt: WeightFormat, count: Count = "codes") -> Tensor:
+def weight_integers(
+    weights: Tensor, fmt: WeightFormat, count: Count = "codes", grid: Grid = None
+) -> Tensor:
     """Integer code ``q`` (``count="codes"``) or level ``q + z`` (``"levels"``) of every weight of
-    ``weights`` (..., out_channels, fan_in), the range taken per output channel (last dim) or per
-    matrix (last two dims)."""
-    dims = (-1,) if fmt.per_channel else (-2, -1)
-    lo, hi = weights.amin(dim=dims, keepdim=True), weights.amax(dim=dims, keepdim=True)
-    scale, zero_point = qparams_from_range(lo, hi, fmt.bits, fmt.symmetric)
+    ``weights`` (..., out_channels, fan_in): on ``grid`` when the layers have a fixed one, else
+    with the range taken per output channel (last dim) or per matrix (last two dims)."""
+    if grid is not None:
+        scale, zero_point = grid
+    else:
+        dims = (-1,) if fmt.per_channel else (-2, -1)
+        lo, hi = weights.amin(dim=dims, keepdim=True), weights.amax(dim=dims, keepdim=True)
+        scale, zero_point = qparams_from_range(lo, hi, fmt.bits, fmt.symmetric)
     codes = quantize_codes(weights, scale, zero_point, fmt.bits)
     return codes if count == "codes" else codes + zero_point
 
 
 def layer_codes(layer: QuantLayer, weight2d: Tensor, count: Count = "codes") -> Tensor:
     """Codes (or levels) of one layer's weights, flattened to (out_channels, fan_in)."""
-    return weight_integers(weight2d, WeightFormat.of(layer), count)
+    return weight_integers(weight2d, WeightFormat.of(layer), count, fixed_grid(layer))
 
 
 def changed_share(new: Tensor, old: Tensor) -> Tensor:
@@ -126,6 +150,7 @@ def code_change_fraction(
     old_codes: Tensor,
     kappas: Tensor,
     count: Count = "codes",
+    grid: Grid = None,
 ) -> Tensor:
     """Share of codes (or levels) that differ from ``old_codes`` after moving ``old`` by
     ``kappa * delta`` (ranges recomputed on the moved weights).
@@ -138,7 +163,7 @@ def code_change_fraction(
     parts = []
     for k in kappas.split(chunk):
         moved = old + k[..., None, None] * delta
-        parts.append(changed_share(weight_integers(moved, fmt, count), old_codes))
+        parts.append(changed_share(weight_integers(moved, fmt, count, grid), old_codes))
     return torch.cat(parts)
 
 
@@ -148,13 +173,14 @@ def _doublings(
     old: Tensor,
     delta: Tensor,
     old_codes: Tensor,
+    grid: Grid,
     threshold: Tensor,
     ladder: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Evaluate every doubling at once. Returns the first kappa whose share reaches
     ``threshold`` (the top of the ladder if none does), its share, and its index."""
     candidates = ladder[:, None].expand(-1, old.shape[0])
-    fractions = code_change_fraction(fmt, old, delta, old_codes, candidates, count)
+    fractions = code_change_fraction(fmt, old, delta, old_codes, candidates, count, grid)
     reached = fractions >= threshold
     first = torch.where(reached.any(dim=0), reached.float().argmax(dim=0), len(ladder) - 1)
     return ladder[first], fractions.gather(0, first[None])[0], first
@@ -172,6 +198,7 @@ def search_reference_stacked(
     old: Tensor,
     delta: Tensor,
     old_codes: Tensor,
+    grid: Grid,
     rho: Tensor,
     tolerance: Tensor,
     ladder: Tensor,
@@ -183,12 +210,12 @@ def search_reference_stacked(
     rho/100) are float32 0-d tensors, so a compiled version serves every rho; ``ladder`` is
     1, 2, 4, ... up to the cap (:func:`kappa_ladder`). Returns kappa and its share, per layer.
     """
-    hi, fraction, first = _doublings(fmt, count, old, delta, old_codes, rho, ladder)
+    hi, fraction, first = _doublings(fmt, count, old, delta, old_codes, grid, rho, ladder)
     kappa, lo = hi, hi / 2
     done = first == 0  # f(1) reaches rho (or the cap is 1): kappa 1, no bisection
     for _ in range(search_steps):
         mid = (lo + hi) / 2
-        f_mid = code_change_fraction(fmt, old, delta, old_codes, mid[None], count)[0]
+        f_mid = code_change_fraction(fmt, old, delta, old_codes, mid[None], count, grid)[0]
         active = ~done
         kappa = torch.where(active, mid, kappa)
         fraction = torch.where(active, f_mid, fraction)
@@ -205,6 +232,7 @@ def search_nearest_above_stacked(
     old: Tensor,
     delta: Tensor,
     old_codes: Tensor,
+    grid: Grid,
     target: Tensor,
     slack: Tensor,
     tolerance: Tensor,
@@ -216,14 +244,16 @@ def search_nearest_above_stacked(
     ``target`` (the share to reach), ``slack`` (half a weight) and ``tolerance`` are 0-d tensors
     from :func:`nearest_above_settings`.
     """
-    hi, fraction, first = _doublings(fmt, count, old, delta, old_codes, target - slack, ladder)
+    hi, fraction, first = _doublings(
+        fmt, count, old, delta, old_codes, grid, target - slack, ladder
+    )
     kappa, lo = hi, hi / 2
     reached_any = fraction >= target - slack
     # kappa = 1 needs no search, nor does a cap that falls short, nor a first hit close enough
     done = (first == 0) | ~reached_any | ((fraction - target).abs() < tolerance)
     for _ in range(search_steps):
         mid = (lo + hi) / 2
-        f_mid = code_change_fraction(fmt, old, delta, old_codes, mid[None], count)[0]
+        f_mid = code_change_fraction(fmt, old, delta, old_codes, mid[None], count, grid)[0]
         active = ~done
         above = f_mid >= target - slack
         # a candidate must still reach the target; keep the one nearest to it
@@ -294,15 +324,17 @@ def search_kappa(
     """
     check_count(count)
     check_search(search)
-    fmt = WeightFormat.of(layer)
+    fmt, grid = WeightFormat.of(layer), fixed_grid(layer)
     rule, settings = SEARCH_RULES[search]
     old, delta = old[None], delta[None]
+    grid = None if grid is None else (grid[0][None], grid[1][None])
     kappa, fraction = rule(
         fmt,
         count,
         old,
         delta,
-        weight_integers(old, fmt, count),
+        weight_integers(old, fmt, count, grid),
+        grid,
         *settings(rho, old[0].numel(), tolerance, cap, old.device),
         search_steps,
     )
@@ -320,9 +352,17 @@ class _Stack:
     group: int | None  # the optimiser parameter group holding all of them, when known
     weights: list[torch.nn.Parameter]
     positions: list[int]  # where each layer sits in the caller's layer order
+    layers: list[QuantLayer] = field(default_factory=list)
 
     def flat(self) -> Tensor:
         return torch.stack([w.detach().reshape(w.shape[0], -1) for w in self.weights])
+
+    def grid(self) -> Grid:
+        """The layers' fixed grids stacked to (layers, out, 1), None when they have none."""
+        if not self.fmt.fixed:
+            return None
+        grids = [fixed_grid(layer) for layer in self.layers]
+        return torch.stack([g[0] for g in grids]), torch.stack([g[1] for g in grids])
 
     def write(self, values: Tensor) -> None:
         torch._foreach_copy_(
@@ -350,6 +390,7 @@ class LayerStacks:
             stack = stacks.setdefault((shape, fmt, group), _Stack(fmt, group, [], []))
             stack.weights.append(layer.weight)
             stack.positions.append(position)
+            stack.layers.append(layer)
         self.stacks = list(stacks.values())
         order = [p for s in self.stacks for p in s.positions]
         self._inverse = torch.argsort(torch.tensor(order))
@@ -550,11 +591,17 @@ class GradientInundation:
         self.search_steps = search_steps
         self.tolerance = tolerance
         self.count = count
-        self.stacks = LayerStacks(self.layers, lambda p: group_of[id(p)])
+        self._group_of = lambda p: group_of[id(p)]
+        self.regroup()
         rule, self._settings_for = SEARCH_RULES[search]
         self._search = compiled_function(rule, compile_mode) if compile_mode else rule
         self._exact = type(optimizer) in UPDATE_RULES
         self._settings: dict[tuple, tuple[Tensor, ...]] = {}
+
+    def regroup(self) -> None:
+        """Group the layers again by what they quantize on: after a resume has restored the
+        fixed grids a start (``init``) gave them."""
+        self.stacks = LayerStacks(self.layers, self._group_of)
 
     @property
     def cap(self) -> float:
@@ -587,16 +634,20 @@ class GradientInundation:
             if update is None:  # an optimiser without an update rule here: read back its step
                 update = (stack.flat() - old,) * 2
             applied, direction = update
-            old_codes = weight_integers(old, stack.fmt, self.count)
+            grid = stack.grid()
+            old_codes = weight_integers(old, stack.fmt, self.count, grid)
             settings = self._device_settings(stack, old.device)
             kappa, _ = self._search(
-                stack.fmt, self.count, old, direction, old_codes, *settings, self.search_steps
-            )
+                stack.fmt, self.count, old, direction, old_codes, grid, *settings,
+                self.search_steps,
+            )  # fmt: skip
             moved = old.to(applied.dtype) + kappa.to(applied.dtype)[:, None, None] * applied
             new = moved.to(old.dtype)
             stack.write(new)
             kappas.append(kappa)
-            fractions.append(changed_share(weight_integers(new, stack.fmt, self.count), old_codes))
+            fractions.append(
+                changed_share(weight_integers(new, stack.fmt, self.count, grid), old_codes)
+            )
         return InundationStats(
             self.stacks.in_layer_order(kappas), self.stacks.in_layer_order(fractions)
         )
@@ -626,17 +677,21 @@ class CrossingMeter:
         check_count(count)
         self.layers = [(n, m) for n, m in layers if m.wbits is not None]
         self.count = count
-        self.stacks = LayerStacks(self.layers)
+        self.regroup()
         self._before: list[Tensor] = []
+
+    def regroup(self) -> None:
+        """See :meth:`GradientInundation.regroup`."""
+        self.stacks = LayerStacks(self.layers)
 
     @torch.no_grad()
     def before(self) -> None:
-        self._before = [weight_integers(s.flat(), s.fmt, self.count) for s in self.stacks]
+        self._before = [weight_integers(s.flat(), s.fmt, self.count, s.grid()) for s in self.stacks]
 
     @torch.no_grad()
     def after(self) -> Tensor:
         fractions = [
-            changed_share(weight_integers(s.flat(), s.fmt, self.count), old)
+            changed_share(weight_integers(s.flat(), s.fmt, self.count, s.grid()), old)
             for s, old in zip(self.stacks, self._before, strict=True)
         ]
         return self.stacks.in_layer_order(fractions)

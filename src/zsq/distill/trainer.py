@@ -450,6 +450,9 @@ class Distiller:
         self.epoch = state["epoch"]
         prepare_buffers(self.student, state["student"])  # e.g. the grids a reconstruction left
         self.student.load_state_dict(state["student"])
+        self.crossings.regroup()  # the codes are counted on those grids
+        if self.gi is not None:
+            self.gi.regroup()
         self.source.load_state_dict(state["source"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.source.optimizer is not None:
