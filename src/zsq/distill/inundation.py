@@ -14,7 +14,9 @@ forms are then ``new - old``).
 
 **What counts as changed** (``count``): ``"codes"`` (default, paper Eq. 11 and the reference)
 compares the integer codes ``q`` of Eq. 1, with each range recomputed on the moved weights; a
-zero-point step shifts every ``q`` of a channel, so it counts the whole channel. ``"levels"``
+zero-point step shifts every ``q`` of a channel, so it counts the whole channel. A layer that
+quantizes on a fixed grid (a reconstruction's learned steps, under ``--init genie``) is counted
+on that grid, the codes its student computes with. ``"levels"``
 compares ``q + z``, which a zero-point step alone does not change. The share f(kappa) is
 ``changed / numel`` in float32, compared with rho in float32, as the reference does.
 
@@ -153,7 +155,7 @@ def code_change_fraction(
     grid: Grid = None,
 ) -> Tensor:
     """Share of codes (or levels) that differ from ``old_codes`` after moving ``old`` by
-    ``kappa * delta`` (ranges recomputed on the moved weights).
+    ``kappa * delta`` (ranges recomputed on the moved weights, or on ``grid`` when fixed).
 
     ``old``/``delta``/``old_codes``: (layers, out_channels, fan_in); ``kappas``: (k, layers), one
     kappa per candidate and layer. Returns (k, layers).
