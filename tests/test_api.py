@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from tests._interrupt import interrupt_at_call
 
 import zsq
 from zsq.cli import build_parser
@@ -208,15 +209,8 @@ def test_the_api_run_folder_is_the_clis_and_resumes(teacher, tmp_path, monkeypat
     method = Qimera(recipe="demo", overrides={**TINY, "epochs": 3})
     work = tmp_path / "run"
     plain = quantize(teacher, method, work_dir=tmp_path / "plain").student
-    train_epoch = Distiller.train_epoch
-
-    def stopping(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_epoch(self, epoch)
-
     with monkeypatch.context() as patch:
-        patch.setattr(Distiller, "train_epoch", stopping)
+        interrupt_at_call(patch, Distiller, "train_epoch", 2)  # in epoch index 1
         with pytest.raises(KeyboardInterrupt):
             quantize(teacher, method, work_dir=work)
     assert not work.exists() and (tmp_path / "run.partial" / "checkpoint" / "last.pt").is_file()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tests._interrupt import interrupt_at_call
 from tests._teachers import tiny_teacher
 from torch import nn
 
@@ -272,15 +273,8 @@ def test_a_reconstruction_resumes_after_any_unit_exactly(tmp_path, monkeypatch):
 
     teacher = tiny_teacher()
     zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "plain")
-    unit = Reconstruction._unit
-
-    def stopping(self, index):
-        if index == 2:
-            raise KeyboardInterrupt
-        return unit(self, index)
-
     with monkeypatch.context() as patch:
-        patch.setattr(Reconstruction, "_unit", stopping)
+        interrupt_at_call(patch, Reconstruction, "_unit", 3)  # in unit index 2
         with pytest.raises(KeyboardInterrupt):
             zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "cut")
     assert (tmp_path / "cut.partial" / "checkpoint" / "last.pt").is_file()
@@ -328,15 +322,8 @@ def test_a_distillation_from_a_reconstructed_student_resumes_exactly(tmp_path, m
     method = zsq.GDFQ(ait=True, recipe="demo", overrides=zsq.GDFQ.smoke().overrides,
                       init=zsq.Genie.smoke())  # fmt: skip
     zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "plain")
-    epoch = Distiller.train_epoch
-
-    def stopping(self, index):
-        if index == 2:
-            raise KeyboardInterrupt
-        return epoch(self, index)
-
     with monkeypatch.context() as patch:
-        patch.setattr(Distiller, "train_epoch", stopping)
+        interrupt_at_call(patch, Distiller, "train_epoch", 3)  # in epoch index 2
         with pytest.raises(KeyboardInterrupt):
             zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "cut")
     zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "cut", resume=True)

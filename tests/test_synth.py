@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _interrupt import interrupt_at_call
 from _teachers import tiny_source, tiny_teacher
 from zsq.errors import ZsqError
 from zsq.synth import (
@@ -410,20 +411,13 @@ def test_a_run_stopped_while_a_pool_is_made_resumes_after_its_last_finished_batc
     small = {"image_shape": (3, 8, 8), "num_classes": 10, "device": "cpu", "progress": False}
     teacher = tiny_teacher()
     plain = zsq.quantize(teacher, method, **small, work_dir=tmp_path / "plain")
-    distill, calls, armed = module._distill_batch, [], [True]
-
-    def stopping(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 and armed[0]:
-            raise KeyboardInterrupt
-        return distill(*args, **kwargs)
-
-    monkeypatch.setattr(module, "_distill_batch", stopping)
-    with pytest.raises(KeyboardInterrupt):
-        zsq.quantize(teacher, method, **small, work_dir=tmp_path / "cut")
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, module, "_distill_batch", 2)
+        with pytest.raises(KeyboardInterrupt):
+            zsq.quantize(teacher, method, **small, work_dir=tmp_path / "cut")
     kept = tmp_path / "cut.partial" / "checkpoint" / "images.pt"
     assert kept.is_file() and kept.with_name("last.pt").is_file()  # the run is resumable
-    armed[0], calls[:] = False, []
+    calls = interrupt_at_call(monkeypatch, module, "_distill_batch", None)
     resumed = zsq.quantize(teacher, method, **small, work_dir=tmp_path / "cut", resume=True)
     assert len(calls) == 1  # the second batch of two only
     assert (tmp_path / "cut/student.safetensors").read_bytes() == (

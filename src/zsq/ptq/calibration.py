@@ -110,7 +110,7 @@ def synthetic_calibration(
     source = build_source(
         name, teacher, num_classes=num_classes, image_shape=image_shape, checked=checked, **options
     )
-    if batches is not None and getattr(source, "batched", False):
+    if batches is not None and source.batched:
         source.keep_batches(batches, on_batch_saved)
     try:
         report = _train(source, train_steps, train_batch, progress) if source.trainable else {}

@@ -79,6 +79,7 @@ class SampleSource(nn.Module, ABC):
 
     trainable: ClassVar[bool] = False
     pooled: ClassVar[bool] = False  # a fixed pool of num_images images, made once
+    batched: ClassVar[bool] = False  # a pool made batch by batch, each kept (PooledSource)
     # what the source needs of the teacher: 'batchnorm', 'attention' (zsq.models.introspect)
     needs: ClassVar[str | None] = None
     # each constructor option's rule, so its value is checked before any work (build_source)

@@ -28,8 +28,7 @@ class PooledSource(SampleSource):
     (:meth:`key`)."""
 
     trainable = False
-    pooled = True
-    batched = False  # make() keeps each finished batch through batch_made (see keep_batches)
+    pooled = True  # batched sources: make() keeps each finished batch (see keep_batches)
 
     def __init__(
         self,
