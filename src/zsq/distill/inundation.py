@@ -47,6 +47,7 @@ of kernels per step depends on the number of distinct layer shapes, not on the n
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -359,8 +360,10 @@ class _Stack:
     def flat(self) -> Tensor:
         return torch.stack([w.detach().reshape(w.shape[0], -1) for w in self.weights])
 
+    @functools.cached_property
     def grid(self) -> Grid:
-        """The layers' fixed grids stacked to (layers, out, 1), None when they have none."""
+        """The layers' fixed grids stacked to (layers, out, 1), None when they have none; made
+        once (a grid stays fixed while the student trains; a resume regroups the layers)."""
         if not self.fmt.fixed:
             return None
         grids = [fixed_grid(layer) for layer in self.layers]
@@ -636,7 +639,7 @@ class GradientInundation:
             if update is None:  # an optimiser without an update rule here: read back its step
                 update = (stack.flat() - old,) * 2
             applied, direction = update
-            grid = stack.grid()
+            grid = stack.grid
             old_codes = weight_integers(old, stack.fmt, self.count, grid)
             settings = self._device_settings(stack, old.device)
             kappa, _ = self._search(
@@ -688,12 +691,12 @@ class CrossingMeter:
 
     @torch.no_grad()
     def before(self) -> None:
-        self._before = [weight_integers(s.flat(), s.fmt, self.count, s.grid()) for s in self.stacks]
+        self._before = [weight_integers(s.flat(), s.fmt, self.count, s.grid) for s in self.stacks]
 
     @torch.no_grad()
     def after(self) -> Tensor:
         fractions = [
-            changed_share(weight_integers(s.flat(), s.fmt, self.count, s.grid()), old)
+            changed_share(weight_integers(s.flat(), s.fmt, self.count, s.grid), old)
             for s, old in zip(self.stacks, self._before, strict=True)
         ]
         return self.stacks.in_layer_order(fractions)
