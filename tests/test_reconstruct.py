@@ -268,13 +268,14 @@ def test_export_of_a_reconstructed_student_is_bit_exact(reconstructed, tmp_path)
         assert torch.equal(reloaded(x), result.student.eval()(x))
 
 
-def test_a_reconstruction_resumes_after_any_unit_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("unit", [1, 3])  # in the first unit (only the images kept), in the third
+def test_a_reconstruction_resumes_after_any_unit_exactly(tmp_path, monkeypatch, unit):
     from zsq.ptq.reconstruct import Reconstruction
 
     teacher = tiny_teacher()
     zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "plain")
     with monkeypatch.context() as patch:
-        interrupt_at_call(patch, Reconstruction, "_unit", 3)  # in unit index 2
+        interrupt_at_call(patch, Reconstruction, "_unit", unit)
         with pytest.raises(KeyboardInterrupt):
             zsq.quantize(teacher, zsq.Genie.smoke(), **SMALL, work_dir=tmp_path / "cut")
     assert (tmp_path / "cut.partial" / "checkpoint" / "last.pt").is_file()
@@ -312,24 +313,41 @@ def test_a_distillation_starts_from_the_reconstructed_student_exactly(monkeypatc
     assert json.loads(json.dumps(result.report["init"]))["genie"]["blocks"]
 
 
-def test_a_distillation_from_a_reconstructed_student_resumes_exactly(tmp_path, monkeypatch):
-    """--init genie with AIT, stopped after an epoch of GI and resumed: the resumed session
-    counts codes on the reconstruction's grids as the first did, and ends bit for bit as an
-    unbroken run."""
+@pytest.mark.parametrize(
+    ("stop_in", "call", "units_again"),
+    [
+        ("train_epoch", 3, 0),  # after an epoch of GI: the start is in the checkpoint
+        ("train_epoch", 1, 0),  # the start made, nothing distilled yet: its own checkpoint
+        ("_unit", 3, 1),  # in the start's third (last) unit: it goes on with that unit
+    ],
+)
+def test_a_distillation_from_a_reconstructed_student_resumes_exactly(
+    tmp_path, monkeypatch, stop_in, call, units_again
+):
+    """--init genie with AIT, stopped while the start is reconstructed, before the first
+    epoch or after an epoch of GI, and resumed: the resumed session makes only the units not
+    made yet, counts codes on the reconstruction's grids as the first did, and ends bit for bit
+    as an unbroken run."""
     from zsq.distill import Distiller
+    from zsq.ptq.reconstruct import Reconstruction
 
     teacher = tiny_teacher()
     method = zsq.GDFQ(ait=True, recipe="demo", overrides=zsq.GDFQ.smoke().overrides,
                       init=zsq.Genie.smoke())  # fmt: skip
     zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "plain")
+    owner = Reconstruction if stop_in == "_unit" else Distiller
     with monkeypatch.context() as patch:
-        interrupt_at_call(patch, Distiller, "train_epoch", 3)  # in epoch index 2
+        interrupt_at_call(patch, owner, stop_in, call)
         with pytest.raises(KeyboardInterrupt):
             zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "cut")
-    zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "cut", resume=True)
+    with monkeypatch.context() as patch:
+        units = interrupt_at_call(patch, Reconstruction, "_unit", None)
+        resumed = zsq.quantize(teacher, method, **SMALL, work_dir=tmp_path / "cut", resume=True)
+    assert len(units) == units_again
     assert (tmp_path / "cut/student.safetensors").read_bytes() == (
         tmp_path / "plain/student.safetensors"
     ).read_bytes()
+    assert [b["unit"] for b in resumed.report["init"]["genie"]["blocks"]] == ["0", "3", "8"]
 
 
 @pytest.mark.parametrize(

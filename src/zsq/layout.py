@@ -136,9 +136,26 @@ class RunLayout:
         """What the method a distillation started from (``init``) reported."""
         return self.folder / f"init_{method}.json"
 
+    def init_checkpoint(self, method: str) -> Path:
+        """The checkpoint of a distillation's start made by ``method`` (``init``) while it is
+        made: beside the distillation's own, which takes over after its first epoch."""
+        return self.checkpoint_dir / f"init_{method}.pt"
+
+    def checkpoint_is_marker(self) -> bool:
+        """Whether the checkpoint is only the marker that keeps the run resumable (its images
+        are kept) before the method has a state of its own; see :func:`is_resume_marker`."""
+        with open(self.checkpoint, "rb") as file:
+            return is_resume_marker(file.read(1))
+
     def export(self, fmt: str) -> Path:
         """Where ``zsq export --format fmt`` writes by default."""
         return self.folder / EXPORT_FILES[fmt]
+
+
+def is_resume_marker(payload: bytes) -> bool:
+    """Whether checkpoint bytes are the resume marker (a JSON record, written when a run keeps
+    its calibration images) rather than a method's state (a torch file)."""
+    return payload[:1] == b"{"
 
 
 def digest_file(path: Path) -> Path:

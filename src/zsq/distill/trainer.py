@@ -31,7 +31,7 @@ from zsq.distill.inundation import CrossingMeter, GradientInundation, Inundation
 from zsq.errors import ZsqError
 from zsq.execution import Execution, compile_in_place, release_compiled
 from zsq.io import read_verified, write_text, write_verified
-from zsq.layout import RunLayout
+from zsq.layout import RunLayout, is_resume_marker
 from zsq.numerics import GradientMeter, cosine_similarity, grads_or_zeros
 from zsq.numerics.losses import kl_to_teacher, soft_cross_entropy
 from zsq.quant import prepare_buffers, quant_layers, quantizer_settings, set_observing
@@ -486,7 +486,8 @@ class Distiller:
         write_text(RunLayout(Path(self.work_dir)).metrics, lines)
 
     def resume(self) -> bool:
-        """Load ``checkpoint/last.pt`` if present (returns whether it did).
+        """Load ``checkpoint/last.pt`` if present (returns whether it did; not when it is only
+        the marker a run's start leaves before the distillation trains).
 
         Refuses (``ZsqError``) a checkpoint whose sha256 does not match, one made with another
         recipe, and one whose tensors do not fit this student and source (another teacher).
@@ -495,7 +496,7 @@ class Distiller:
         if path is None:
             return False
         payload = distributed.on_main(lambda: read_verified(path) if path.exists() else None)
-        if payload is None:
+        if payload is None or is_resume_marker(payload):  # a start's marker: nothing trained yet
             return False
         try:
             state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

@@ -106,21 +106,20 @@ class Calibrated(MethodConfig):
         return []
 
 
-def calibration_images(config: Calibrated, ctx: Context, keep: bool = True) -> CalibrationSet:
+def calibration_images(config: Calibrated, ctx: Context) -> CalibrationSet:
     """The run's calibration images: real ones from the config's dataset, else made by its
-    source (kept in the run folder, so a resumed run reuses them; ``keep`` marks the folder as
-    resumable meanwhile)."""
+    source (kept in the run folder, which is marked resumable, so a resumed run reuses them)."""
     calib, size = config.calib, config.calib_size
     if isinstance(calib, Dataset):
         return real_calibration(calib, size, ctx.seed, config.calib_text)
     if not is_source(calib):
         return real_calibration(ctx.dataset(calib), size, ctx.seed, calib)
     folder = ctx.layout.folder if ctx.layout is not None else None
-    resumable = keep and ctx.layout is not None and calib != NOISE
+    resumable = ctx.layout is not None and calib != NOISE
     batches = ctx.layout.image_batches if resumable else None
     made = source_images(calib, ctx, size, config.calib_options, folder, batches)
     if resumable:
-        _mark_resumable(ctx)
+        mark_resumable(ctx)
     return made
 
 
@@ -150,13 +149,14 @@ def source_images(
         progress=ctx.progress,
         checked=True,  # by the config that names the source
         batches=batches,
-        on_batch_saved=(lambda: _mark_resumable(ctx)) if batches is not None else None,
+        on_batch_saved=(lambda: mark_resumable(ctx)) if batches is not None else None,
     )
 
 
-def _mark_resumable(ctx: Context) -> None:
-    """A checkpoint marks the run as resumable: its calibration images are kept if it stops (a
-    checkpoint the method wrote already, e.g. after a reconstructed unit, stays as it is)."""
+def mark_resumable(ctx: Context) -> None:
+    """A checkpoint marks the run as resumable: what it made so far (its calibration images, a
+    distillation's start) is kept if it stops. A checkpoint the method wrote already (e.g. after
+    a reconstructed unit) stays as it is."""
     path = ctx.layout.checkpoint
     if path.exists():
         return

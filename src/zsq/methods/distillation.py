@@ -177,8 +177,7 @@ class DistillationHandler(MethodHandler):
         if config.init is not None:  # the student the start fits
             spec = method_of(config.init).handler.spec(config.init, spec, ctx.teacher)
         student = quantize_model(ctx.teacher, spec, ctx.image_shape).to(ctx.device)  # first
-        resuming = ctx.resume and ctx.layout is not None and ctx.layout.checkpoint.exists()
-        init = self._start(config, ctx, student, resuming)
+        init = self._start(config, ctx, student, self._distilled_before(ctx))
         options = config.source_defaults(ctx.layout, ctx.progress) | dict(config.source_options)
         source = build_source(
             config.SOURCE,
@@ -201,7 +200,9 @@ class DistillationHandler(MethodHandler):
                 progress=ctx.progress,
                 execution=config.execution,
             )
-            if ctx.resume and not trainer.resume():
+            # a run stopped while its start was made has no distillation state yet: the
+            # start went on above, the distillation begins now
+            if ctx.resume and not trainer.resume() and config.init is None:
                 raise ZsqError("no checkpoint to resume in the run folder; start it again")
             history = trainer.fit()
             _keep_source(source, ctx.layout)
@@ -228,13 +229,26 @@ class DistillationHandler(MethodHandler):
             report["real_data"] = init["real_data"]
         return Outcome(student, report, history, quant=spec)
 
-    def _start(self, config: Distillation, ctx: Context, student, resuming: bool) -> Any:
-        """The report of ``init``'s start: made now, or read back when resuming (the student's
-        start is then in the checkpoint)."""
+    @staticmethod
+    def _distilled_before(ctx: Context) -> bool:
+        """Whether the resumed run's checkpoint holds the distillation's state (not only the
+        marker its start's kept images and units leave)."""
+        layout = ctx.layout
+        return bool(
+            ctx.resume
+            and layout is not None
+            and layout.checkpoint.exists()
+            and not layout.checkpoint_is_marker()
+        )
+
+    def _start(self, config: Distillation, ctx: Context, student, distilled: bool) -> Any:
+        """The report of ``init``'s start: made now (going on from its own checkpoint when a
+        run stopped while making it), or read back once the distillation has a checkpoint
+        (the student's start is then in it)."""
         if config.init is None:
             return None
         name = config.init.method
-        if resuming:
+        if distilled:
             record = json.loads(ctx.layout.init_report(name).read_text())
         else:
             record = method_of(config.init).handler.start(config.init, ctx, student)

@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,8 +25,14 @@ from torch import nn
 
 from zsq.errors import ConfigError
 from zsq.io import read_verified, write_json, write_verified
+from zsq.layout import is_resume_marker
 from zsq.methods.base import Context, MethodHandler, Outcome, register_method
-from zsq.methods.calibration import Calibrated, calibration_images, calibration_report
+from zsq.methods.calibration import (
+    Calibrated,
+    calibration_images,
+    calibration_report,
+    mark_resumable,
+)
 from zsq.ptq.blocks import describe_blocks, find_blocks
 from zsq.ptq.reconstruct import Reconstruction, ReconstructionConfig
 from zsq.quant import QuantSpec, prepare_buffers, quantize_model
@@ -114,14 +121,18 @@ class GenieHandler(MethodHandler):
     def run(self, config: Genie, ctx: Context) -> Outcome:
         spec = genie_spec(config, ctx.quant, ctx.teacher)
         student = quantize_model(ctx.teacher, spec, ctx.image_shape).to(ctx.device)
-        report = self._reconstruct(config, ctx, student, keep=True)
+        checkpoint = ctx.layout.checkpoint if ctx.layout is not None else None
+        report = self._reconstruct(config, ctx, student, checkpoint)
         return Outcome(student, report, quant=spec)
 
     def spec(self, config: Genie, spec: QuantSpec, model: nn.Module) -> QuantSpec:
         return genie_spec(config, spec, model)
 
     def start(self, config: Genie, ctx: Context, student: nn.Module) -> dict[str, Any]:
-        report = self._reconstruct(config, ctx, student, keep=False)
+        # checkpointed unit by unit beside the distillation's checkpoint: a run stopped before
+        # the distillation's first epoch goes on with the next unit
+        checkpoint = ctx.layout.init_checkpoint("genie") if ctx.layout is not None else None
+        report = self._reconstruct(config, ctx, student, checkpoint)
         if ctx.layout is not None:
             write_json(ctx.layout.init_report("genie"), report)
         return report
@@ -137,20 +148,19 @@ class GenieHandler(MethodHandler):
             )
 
     def _reconstruct(
-        self, config: Genie, ctx: Context, student: nn.Module, keep: bool
+        self, config: Genie, ctx: Context, student: nn.Module, checkpoint: Path | None
     ) -> dict[str, Any]:
-        """Reconstruct ``student`` in place on the config's calibration images; ``keep``: the
-        run folder keeps a checkpoint after every unit, and a resumed run continues from it."""
+        """Reconstruct ``student`` in place on the config's calibration images, saving a
+        ``checkpoint`` after every unit (when given); a resumed run continues from it."""
         if config.recipe == DEFAULT_RECIPE and ctx.progress:
             log.info("genie with recipe paper: the reference's settings (hours on a CPU; "
                      "recipe short: minutes)")  # fmt: skip
-        images = calibration_images(config, ctx, keep=keep)
+        images = calibration_images(config, ctx)
         work = Reconstruction(
             ctx.teacher, student, images.images, config.reconstruction, blocks=config.blocks,
             device=ctx.device, progress=ctx.progress,
         )  # fmt: skip
         done, records = 0, []
-        checkpoint = ctx.layout.checkpoint if (keep and ctx.layout is not None) else None
         if checkpoint is not None and ctx.resume and checkpoint.exists():
             done, records = _resume(checkpoint, student)
         on_unit = None
@@ -159,6 +169,7 @@ class GenieHandler(MethodHandler):
             def on_unit(index: int, record: dict[str, Any]) -> None:
                 records.append(record)
                 _save(checkpoint, student, index + 1, records)
+                mark_resumable(ctx)  # (real calibration images leave no marker of their own)
 
         ran = work.run(done, on_unit)
         records = records if on_unit is not None else [*records, *ran]
@@ -196,7 +207,7 @@ def _save(path: Any, student: nn.Module, done: int, records: list[dict[str, Any]
 
 def _resume(path: Any, student: nn.Module) -> tuple[int, list[dict[str, Any]]]:
     payload = read_verified(path)
-    if payload.startswith(b"{"):  # the calibration images' marker: no unit was done yet
+    if is_resume_marker(payload):  # only the images were kept: no unit was done yet
         return 0, []
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

@@ -44,7 +44,7 @@ class LapqHandler(MethodHandler):
     can_start = True
 
     def run(self, config: LAPQ, ctx: Context) -> Outcome:
-        student, images, lapq = _lapq(config, ctx, keep=True)
+        student, images, lapq = _lapq(config, ctx)
         return Outcome(student, {**calibration_report(images), "lapq": lapq})
 
     def check_allocation(self, config: LAPQ) -> None:
@@ -55,7 +55,7 @@ class LapqHandler(MethodHandler):
             )
 
     def start(self, config: LAPQ, ctx: Context, student: nn.Module) -> dict[str, Any]:
-        start, images, lapq = _lapq(config, ctx, keep=False)
+        start, images, lapq = _lapq(config, ctx)
         carry_over(start, student)
         log.info("student initialised from LAPQ (calibration loss %.4f)", lapq["loss_final"])
         record = {"calibration": images.description, "real_data": images.real, "lapq": lapq}
@@ -68,9 +68,9 @@ class LapqHandler(MethodHandler):
         return lapq_spec(spec, model, report["lapq"]["config"]["layers"])
 
 
-def _lapq(config: LAPQ, ctx: Context, keep: bool) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """LAPQ's student on the config's calibration images (kept for a resume when ``keep``)."""
-    images = calibration_images(config, ctx, keep=keep)
+def _lapq(config: LAPQ, ctx: Context) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """LAPQ's student on the config's calibration images (kept in the run folder for a resume)."""
+    images = calibration_images(config, ctx)
     student, lapq = lapq_quantize(
         ctx.teacher, ctx.quant, images, config, device=ctx.device, progress=ctx.progress
     )

@@ -95,14 +95,16 @@ def synthetic_calibration(
         "train_steps": train_steps,
         "train_batch": train_batch,
     }
+    # the run's own copy keeps the random state after the images: a resumed run that loads it
+    # goes on exactly as the unbroken run (a shared cache is another run's and keeps none)
     cache = work_dir / CALIB_FILE if work_dir is not None else None
     for path in (cache, shared):
-        cached = load_images(path, key, teacher) if path is not None else None
+        cached = load_images(path, key, teacher, restore_rng=path == cache) if path else None
         if cached is not None:
             images, report = cached
             log.info("%d calibration images loaded from %s", len(images), path)
             if cache is not None and path != cache:
-                save_images(cache, images, key, teacher, report)
+                save_images(cache, images, key, teacher, report, with_rng=True)
             return CalibrationSet(images, None, _describe(name, size), real=False, report=report)
     if source_class(name).pooled:  # a pool of the calibration size
         options.setdefault("num_images", size)
@@ -123,7 +125,7 @@ def synthetic_calibration(
     images = images.detach().cpu().clone(memory_format=torch.contiguous_format)
     for path in (cache, shared):
         if path is not None:
-            save_images(path, images, key, teacher, report)
+            save_images(path, images, key, teacher, report, with_rng=path == cache)
     if batches is not None:
         remove_batches(batches)
     return CalibrationSet(images, None, _describe(name, size), real=False, report=report)

@@ -9,6 +9,7 @@ for other options or another teacher is an error, never a silent reuse.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
@@ -24,21 +25,33 @@ from zsq.runtime import module_digest, rng_state, set_rng_state
 
 
 def save_images(
-    path: Path, images: Tensor, key: dict[str, Any], teacher: nn.Module, report: dict[str, Any]
+    path: Path,
+    images: Tensor,
+    key: dict[str, Any],
+    teacher: nn.Module,
+    report: dict[str, Any],
+    with_rng: bool = False,
 ) -> None:
+    """``with_rng``: also the random state now (a run's own images: a resumed run that loads
+    them goes on as the run that made them did)."""
     metadata = {
         "key": json.dumps(key, sort_keys=True),
         "teacher_sha256": module_digest(teacher),
         "report": json.dumps(report),
     }
+    if with_rng:
+        buffer = io.BytesIO()
+        torch.save(rng_state(), buffer)
+        metadata["rng"] = base64.b64encode(buffer.getvalue()).decode("ascii")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors({"images": images}, path, metadata)
 
 
 def load_images(
-    path: Path, key: dict[str, Any], teacher: nn.Module
+    path: Path, key: dict[str, Any], teacher: nn.Module, restore_rng: bool = False
 ) -> tuple[Tensor, dict[str, Any]] | None:
-    """The images saved at ``path`` and their report, None when there is no file there."""
+    """The images saved at ``path`` and their report, None when there is no file there;
+    ``restore_rng``: the random state set to the one saved with them (when it was)."""
     if not path.is_file():
         return None
     try:
@@ -55,6 +68,9 @@ def load_images(
         )
     if metadata.get("teacher_sha256") != module_digest(teacher):
         raise ZsqError(f"{path} holds images made for another teacher; delete it to make new ones")
+    if restore_rng and "rng" in metadata:
+        payload = base64.b64decode(metadata["rng"])
+        set_rng_state(torch.load(io.BytesIO(payload), weights_only=True))
     return images, json.loads(metadata.get("report", "{}"))
 
 
