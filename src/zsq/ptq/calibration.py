@@ -99,7 +99,9 @@ def synthetic_calibration(
     # goes on exactly as the unbroken run (a shared cache is another run's and keeps none)
     cache = work_dir / CALIB_FILE if work_dir is not None else None
     for path in (cache, shared):
-        cached = load_images(path, key, teacher, restore_rng=path == cache) if path else None
+        if path is None:
+            continue
+        cached = load_images(path, key, teacher, restore_rng=path == cache)
         if cached is not None:
             images, report = cached
             log.info("%d calibration images loaded from %s", len(images), path)

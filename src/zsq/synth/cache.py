@@ -40,9 +40,7 @@ def save_images(
         "report": json.dumps(report),
     }
     if with_rng:
-        buffer = io.BytesIO()
-        torch.save(rng_state(), buffer)
-        metadata["rng"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+        metadata["rng"] = _rng_as_text()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors({"images": images}, path, metadata)
 
@@ -57,7 +55,8 @@ def load_images(
     try:
         tensors, metadata = read_safetensors(path)
         images = tensors["images"]
-    except Exception as err:  # safetensors raises its own error types for a damaged file
+        rng = _rng_from_text(metadata["rng"]) if restore_rng and "rng" in metadata else None
+    except Exception as err:  # safetensors and torch raise their own error types for damage
         raise ZsqError(
             f"cannot read synthetic images {path}: {err}; delete it to make new ones"
         ) from None
@@ -68,10 +67,20 @@ def load_images(
         )
     if metadata.get("teacher_sha256") != module_digest(teacher):
         raise ZsqError(f"{path} holds images made for another teacher; delete it to make new ones")
-    if restore_rng and "rng" in metadata:
-        payload = base64.b64decode(metadata["rng"])
-        set_rng_state(torch.load(io.BytesIO(payload), weights_only=True))
+    if rng is not None:
+        set_rng_state(rng)
     return images, json.loads(metadata.get("report", "{}"))
+
+
+def _rng_as_text() -> str:
+    """The random state now, as text for a safetensors header."""
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _rng_from_text(text: str) -> dict[str, Any]:
+    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
 
 
 def save_batches(
