@@ -1,10 +1,13 @@
 """Speed of the post-training methods on the shared ResNet-20 (CIFAR-10-JPEG) teacher.
 
     PATH=.venv/bin:$PATH python benchmarks/ptq_speed.py [--threads 2] [--zeroq fp32,bf16] [--lapq]
+        [--genie IMAGES]
     ZSQ_CPU_ALLOCATOR=system ... ptq_speed.py ...   # glibc's malloc defaults instead of the CLI's
 
 ZeroQ: distil 512 images (500 steps, the reference's settings) at each precision given.
 LAPQ: W4A4 on 512 real training images (the paper's calibration set size), every phase.
+Genie-D: IMAGES images in batches of 128 at the `short` recipe's 80 iterations per batch (1,024
+images: Genie `short`'s images, the largest part of its 15-minute target, issue 25).
 One JSON line per measurement: wall seconds, threads, device. Targets (issue 11): ZeroQ 512
 images under 5 minutes, LAPQ under 10 minutes, on the 2-core CPU.
 """
@@ -19,11 +22,13 @@ import torch
 
 from zsq.data import load_dataset
 from zsq.execution import tune_cpu_allocator
+from zsq.methods.genie import GENIE_RECIPES
 from zsq.models import load_teacher
 from zsq.paths import shared_data_dir
 from zsq.ptq import LapqConfig, lapq_quantize, real_calibration
 from zsq.quant import QuantSpec
 from zsq.synth import ZeroQOptions, distill_images
+from zsq.synth.genie import GenieOptions, distill_genie
 
 
 def main() -> None:
@@ -32,6 +37,13 @@ def main() -> None:
     parser.add_argument("--zeroq", default="fp32,bf16", help="precisions to time ('' for none)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lapq", action="store_true", help="also time LAPQ W4A4 (real data)")
+    parser.add_argument(
+        "--genie",
+        type=int,
+        default=0,
+        metavar="IMAGES",
+        help="also time Genie-D on this many images (recipe short's iterations)",
+    )
     args = parser.parse_args()
     allocator = "tuned" if tune_cpu_allocator() else "system"  # as the CLI
     torch.set_num_threads(args.threads)
@@ -90,6 +102,23 @@ def main() -> None:
                     "phases": report["seconds"],
                     "loss_evaluations": report["loss_evaluations"],
                     "loss_final": report["loss_final"],
+                    **common,
+                }
+            ),
+            flush=True,
+        )
+    if args.genie:
+        torch.manual_seed(0)
+        options = GenieOptions(iters=GENIE_RECIPES["short"]["distill"]["iters"])
+        started = time.perf_counter()
+        _, report = distill_genie(teacher, args.genie, (3, 32, 32), options, progress=False)
+        print(
+            json.dumps(
+                {
+                    "measure": f"genie-d {args.genie} images",
+                    "iters": options.iters,
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "loss_last": report["loss_last"],
                     **common,
                 }
             ),

@@ -32,7 +32,7 @@ from zsq.ptq.rounding import (
     rounding_regularizer,
 )
 from zsq.quant import QuantSpec, act_quantizers, quant_layers, quantize_model
-from zsq.synth.genie import swing
+from zsq.synth.genie import std_mean, swing
 
 SMALL = {"image_shape": (3, 8, 8), "num_classes": 10, "device": "cpu", "progress": False}
 
@@ -146,6 +146,26 @@ def test_reconstruction_error_sums_features_and_averages_the_rest():
     assert float(reconstruction_error(a, b)) == 3.0  # sum over 3 channels, mean elsewhere
     tokens_a, tokens_b = torch.zeros(2, 5, 7), torch.ones(2, 5, 7)
     assert float(reconstruction_error(tokens_a, tokens_b)) == 7.0  # sum over features
+
+
+def test_genie_d_std_mean_by_hand():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # column means 2, 4; unbiased stds sqrt 2, sqrt 8
+    std, mean = std_mean(x, [0])
+    assert torch.allclose(mean, torch.tensor([2.0, 4.0]))
+    assert torch.allclose(std, torch.tensor([2.0, 8.0]).sqrt())
+
+
+@pytest.mark.parametrize("dims", [[0, 2, 3], [2, 3]])  # a BN layer's input, the image prior
+def test_genie_d_std_mean_is_torchs_in_value_and_gradient(dims):
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    std, mean = std_mean(ours, dims)
+    std_ref, mean_ref = torch.std_mean(theirs, dim=dims)
+    assert torch.allclose(std, std_ref) and torch.allclose(mean, mean_ref)
+    w_std, w_mean = torch.randn_like(std_ref), torch.randn_like(mean_ref)
+    ((w_std * std).sum() + (w_mean * mean).sum()).backward()
+    ((w_std * std_ref).sum() + (w_mean * mean_ref).sum()).backward()
+    assert torch.allclose(ours.grad, theirs.grad)
 
 
 def test_swing_at_the_centre_is_the_plain_convolution():

@@ -22,7 +22,8 @@ As the official code (SamsungLabs/Genie, ``distill.py``) does it, read as facts:
 Ours: the swing offsets come from torch's generator (the reference's numpy one), so a seeded run
 is reproducible with zsq's seeding; images of any size (the second upsampling goes to the exact
 size) and channel count; the generator computes in channels-last memory format (1.8x faster on
-a CPU; only the order of float sums changes).
+a CPU) and the statistics' std and mean are two plain passes (a cheaper backward than
+``torch.std_mean``'s); in both only the order of float sums changes.
 """
 
 from __future__ import annotations
@@ -99,6 +100,16 @@ class GenieGenerator(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         out = self.linear(z).view(z.shape[0], -1, *self.start)
         return self.layers(out.contiguous(memory_format=torch.channels_last))
+
+
+def std_mean(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """``torch.std_mean(x, dims)`` (unbiased std) as two plain passes, the mean then the squared
+    deviations: on a CPU its backward is cheaper than ``std_mean``'s (Genie-D takes 19 of them
+    per iteration on ResNet-20); the values agree up to the order of float sums."""
+    mean = x.mean(dim=dims, keepdim=True)
+    count = x.numel() // mean.numel()
+    var = (x - mean).square().sum(dim=dims) / (count - 1)
+    return var.sqrt(), mean.squeeze(dims)
 
 
 def _l2(target: Tensor, value: Tensor) -> Tensor:
@@ -259,11 +270,11 @@ def _distill_batch(
         opt_g.zero_grad()
         images = generator(z)
         teacher(images)
-        std, mean = torch.std_mean(images, dim=[2, 3])
+        std, mean = std_mean(images, [2, 3])
         mean_loss, std_loss = _l2(prior_mean, mean), _l2(prior_std, std)
         for index, (running_mean, running_std) in enumerate(targets):
             x = recorder.inputs[index].float()
-            std, mean = torch.std_mean(x, dim=[0, 2, 3] if x.dim() == 4 else [0])
+            std, mean = std_mean(x, [0, 2, 3] if x.dim() == 4 else [0])
             mean_loss = mean_loss + _l2(running_mean, mean)
             std_loss = std_loss + _l2(running_std, std)
         loss = mean_loss + std_loss
