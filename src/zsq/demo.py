@@ -1,4 +1,4 @@
-"""``zsq demo``: the problem and each method's answer in about two minutes, no files, no network.
+"""``zsq demo``: the problem and each method's answer in under a minute, no files, no network.
 
 A small CNN teacher is trained on scikit-learn's built-in 8x8 digits (a real dataset shipped with
 that package), then quantized at a width where rounding alone breaks it (``DEMO_BITS``, W2A2) by
@@ -116,7 +116,7 @@ def _genie(scale: float) -> Any:
     )  # fmt: skip
 
 
-# the demo's sizes, chosen for about two minutes on two CPU cores (docs/results.md section 3)
+# the demo's sizes: 37 s on two idle CPU cores (docs/results.md section 3)
 DEMO_DISTILL = {"epochs": 8, "iters_per_epoch": 20, "lr_milestones": (4, 6), "eval_every": 8}
 DEMO_GENIE = {"images": 256, "distill_iters": 100, "iters": 400}
 

@@ -1,4 +1,4 @@
-"""``zsq demo``: the problem and each method's answer in about two minutes, no files needed."""
+"""``zsq demo``: the problem and each method's answer in under a minute, no files needed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="train a digits CNN and quantize it at W2A2 with min/max, GDFQ, GDFQ+AIT and Genie "
-        "(about 2 minutes on 2 CPU cores; no files, no network); prints the table and writes "
+        "(about 40 seconds on 2 CPU cores; no files, no network); prints the table and writes "
         "a PNG of accuracy against seconds",
     )
     p.add_argument(

@@ -28,12 +28,12 @@ DOWNLOAD_HELP = (
 )
 RECIPE_HELP = (
     "distillation schedule: paper-cifar (default: the papers' 400 epochs x 200 iterations "
-    "at batch 200, 80,000 iterations, about 100 hours on a 2-core CPU for ResNet-20), "
+    "at batch 200, 80,000 iterations, about 2 days on a 2-core CPU for ResNet-20), "
     "paper-imagenet, short (22 x 25 at batch 32, 5-6 minutes on 2 idle CPU cores), demo; a run "
     "logs its size first and a time estimate after its first iterations. For genie: paper "
     "(default: the reference's 4,000 distillation iterations per batch of 128 and 20,000 "
-    "reconstruction iterations per block, days on a 2-core CPU) or short (about 15 minutes "
-    "for ResNet-20 on 1,024 images on 2 idle CPU cores)"
+    "reconstruction iterations per block, an estimated 8 hours for ResNet-20 on 1,024 images on a "
+    "2-core CPU) or short (about 15 minutes for ResNet-20 on 1,024 images on 2 idle CPU cores)"
 )
 
 
@@ -112,11 +112,14 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group(f"post-training ({method_list('post-training')}; and --init)")
     g.add_argument(
         "--calib",
-        help="calibration images: a sample source, gaussian, zeroq, gdfq, qimera or arc "
-        "(data-free; default gaussian for minmax, zeroq for lapq and --init lapq), or a dataset "
+        help="calibration images: a sample source, gaussian, zeroq, gdfq, qimera, arc, genie, "
+        "psaq or mimiq (data-free; default gaussian for minmax, zeroq for lapq and --init lapq, "
+        "genie for genie and --init genie), or a dataset "
         "spec (real training images: not zero-shot, and the report says so)",
     )
-    g.add_argument("--calib-size", type=int, help="calibration images (default 512)")
+    g.add_argument(
+        "--calib-size", type=int, help="calibration images (default 512; 1,024 for genie)"
+    )
     g.add_argument(
         "--calib-opt",
         action="append",

@@ -1,7 +1,7 @@
 """ONNX export with QuantizeLinear/DequantizeLinear, run by onnxruntime.
 
 The student is copied into an export form, then exported with torch's ONNX exporter
-(``torch.onnx.export(..., dynamo=True)``, opset 21):
+(``torch.onnx.export(..., dynamo=True)``, opset 19):
 
 - a quantized weight becomes an integer initializer (its codes ``q``) and a per-channel
   ``DequantizeLinear`` (scale ``1/S``, zero point ``-z``: ONNX computes ``(q - zp) * scale``,

@@ -168,14 +168,14 @@ class MethodHandler:
     """How a registered method runs. Override :meth:`run`; the class attributes tell the run
     what it must know before it starts.
 
-    ``resumable``: the method keeps state in the run folder and an interrupted run continues
-    (``--resume``). ``multi_process``: it runs over several processes under torchrun.
+    ``multi_process``: it runs over several processes under torchrun.
     ``writes``: file names of its own in the run folder beyond :class:`RunLayout`'s (so
     ``--overwrite`` recognises them as zsq's). ``can_start``: its student can be the start of a
-    distillation (``init``), through :meth:`start`.
+    distillation (``init``), through :meth:`start`. An interrupted run can be resumed once the
+    handler has written ``ctx.layout.checkpoint`` (its state, or the marker of
+    :func:`~zsq.methods.calibration.mark_resumable` when only its images are kept).
     """
 
-    resumable: ClassVar[bool] = False
     multi_process: ClassVar[bool] = False
     writes: ClassVar[tuple[str, ...]] = ()
     can_start: ClassVar[bool] = False

@@ -157,7 +157,6 @@ class DistillationHandler(MethodHandler):
     """Builds the student (from ``init``'s result when given) and the sample source, then trains
     with :class:`~zsq.distill.Distiller`, resuming from the run folder's checkpoint."""
 
-    resumable = True
     multi_process = True
 
     def run(self, config: Distillation, ctx: Context) -> Outcome:

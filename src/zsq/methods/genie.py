@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 CONVENTIONS = ("paper", "all")
 # presets: the reference's settings, and a CPU-sized one (ResNet-20 on 1,024 images in about
-# 10 minutes on 2 cores; docs/results.md)
+# 15 minutes on 2 cores; docs/results.md)
 GENIE_RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"reconstruction": {}, "distill": {"iters": 4000}},
     # short: 80 Genie-D iterations per batch, 1,500 per unit; measured in docs/results.md §12
@@ -115,7 +115,6 @@ class Genie(Calibrated):
 
 
 class GenieHandler(MethodHandler):
-    resumable = True  # unit by unit: the student after each unit is checkpointed
     can_start = True
 
     def run(self, config: Genie, ctx: Context) -> Outcome:

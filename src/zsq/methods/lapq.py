@@ -40,7 +40,6 @@ class LAPQ(Calibrated, LapqConfig):
 
 
 class LapqHandler(MethodHandler):
-    resumable = True  # its synthetic calibration images are kept (the phases are rerun)
     can_start = True
 
     def run(self, config: LAPQ, ctx: Context) -> Outcome:

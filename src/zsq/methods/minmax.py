@@ -22,8 +22,6 @@ class MinMax(Calibrated):
 
 
 class MinMaxHandler(MethodHandler):
-    resumable = True  # synthetic calibration images are kept: a resumed run does not remake them
-
     def run(self, config: MinMax, ctx: Context) -> Outcome:
         images = calibration_images(config, ctx)
         batches = images.batches(CALIB_BATCH, ctx.device)

@@ -113,9 +113,10 @@ def quantize(
 
     ``image_shape`` (channels, height, width) and ``num_classes``: what the teacher takes and
     returns. ``quant``: bit widths and scheme (default W4A4, per-channel asymmetric weights, the
-    paper's placement); ``mixed``: per-layer widths chosen under a budget first. ``meta``: what
-    else describes the teacher (normalisation, to read dataset specs; its name and weights file,
-    so that ``zsq export`` can rebuild the student); the CLI gives the one it loaded.
+    ``auto`` activation placement); ``mixed``: per-layer widths chosen under a budget first.
+    ``meta``: what else describes the teacher (normalisation, to read dataset specs; its name and
+    weights file, so that ``zsq export`` can rebuild the student); the CLI gives the one it
+    loaded.
     ``eval_data``: a dataset spec or a labelled Dataset, measured only (the report's top-1, the
     log of a distillation), never trained on; ``eval_limit`` its first images.
     ``work_dir``: the run folder, written atomically (``WORK_DIR.partial`` meanwhile, with a
