@@ -208,6 +208,64 @@ CASES = {
         "once",
     ),
     "--lapq-opt on gdfq without --init": (quantize(*GDFQ, "--lapq-opt", "maxiter=2"), "--lapq"),
+    # --- the reconstruction line (genie) ----------------------------------------------------------
+    "genie --loss": (
+        quantize("--method", "genie", "--loss", "kl"),
+        "--loss has no effect with --method genie (an option of gdfq",
+    ),
+    "a misspelt --calib source": (
+        quantize("--method", "genie", "--calib", "geni"),
+        "--calib 'geni' is neither a sample source",
+    ),
+    "genie: fewer images than a reconstruction batch": (
+        quantize("--method", "genie", "--recipe", "short", "--calib-size", "16"),
+        "--calib-size 16 is fewer images than the reconstruction's batch of 32; raise "
+        "--calib-size or lower batch_size in --set",
+    ),
+    "genie: the image count as a --calib-opt": (
+        quantize("--method", "genie", "--calib-opt", "num_images=5"),
+        "num_images is set by --calib-size",
+    ),
+    "genie: a folder as the image cache": (
+        quantize("--method", "genie", "--calib-opt", "cache={tmp}"),
+        "cache takes a file path (not a folder)",
+    ),
+    "genie: --method-opt overrides of another type": (
+        quantize("--method", "genie", "--method-opt", "overrides=5"),
+        "overrides must be a dict",
+    ),
+    "genie: --method-opt blocks=null": (
+        quantize("--method", "genie", "--method-opt", "blocks=null"),
+        "blocks must be a list of class names",
+    ),
+    "--init lapq: a genie option names --init": (
+        quantize(*GDFQ, "--init", "lapq", "--convention", "all"),
+        "--convention has no effect with --init lapq (an option of genie)",
+    ),
+    "--init genie: an unknown --init-opt": (
+        quantize(*GDFQ, "--init", "genie", "--init-opt", "iterz=3"),
+        "unknown reconstruction field(s) in --init-opt: iterz",
+    ),
+    "two flags set one field": (
+        quantize(*GDFQ, "--init", "genie", "--convention", "all", "--init-opt", "convention=paper"),
+        "--convention and --init-opt convention both set convention",
+    ),
+    "--recipe and --method-opt recipe": (
+        quantize("--method", "genie", "--recipe", "short", "--method-opt", "recipe=paper"),
+        "--recipe and --method-opt recipe both set recipe",
+    ),
+    "one --set key, two values": (
+        quantize("--method", "genie", "--set", "iters=5", "--set", "iters=6"),
+        "iters=5 and iters=6 contradict each other",
+    ),
+    "one recipe --set key, two values": (
+        quantize(*GDFQ, "--set", "epochs=1", "--set", "epochs=2"),
+        "recipe override epochs=1 and epochs=2 contradict each other",
+    ),
+    "--init genie: --init-opt overrides of another type": (
+        quantize(*GDFQ, "--init", "genie", "--init-opt", "overrides=5"),
+        "overrides must be a dict",
+    ),
     # --- promises (issue 9 item 8): the cifar10 hint names a flag that exists -----------------
     "cifar10 folder missing": (evaluate(data="cifar10:{tmp}/absent"), "--download"),
 }

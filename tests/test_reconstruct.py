@@ -375,15 +375,64 @@ def test_a_distillation_from_a_reconstructed_student_resumes_exactly(
     [
         ({"recipe": "fast"}, "unknown recipe 'fast' for method genie"),
         ({"convention": "8bit"}, "convention must be one of paper, all"),
-        ({"overrides": {"iterations": 5}}, "overrides iterations are not reconstruction fields"),
+        ({"overrides": {"iterations": 5}}, "reconstruction field.* in overrides: iterations"),
         ({"overrides": {"drop_prob": 2}}, "drop_prob takes a number in \\[0, 1\\]"),
         ({"calib_options": {"itres": 5}}, "does not take option"),
+        # wrong types: one line naming the field, not a TypeError from inside the check
+        ({"recipe": ["short"]}, "unknown recipe \\['short'\\]"),
+        ({"convention": ["all"]}, "convention must be one of"),
+        ({"blocks": None}, "blocks must be a list of class names, got None"),
+        ({"blocks": "BasicBlock"}, "blocks must be a list of class names"),
+        ({"overrides": 5}, "overrides must be a dict"),
+        ({"overrides": "iters"}, "overrides must be a dict"),  # not split into letters
+        ({"calib_options": None}, "calib_options must be a dict"),
+        ({"calib_options": 5}, "calib_options must be a dict"),
+        ({"calib": "geni"}, "calib 'geni' is neither a sample source \\(.*genie"),
+        # the count is calib_size's; progress follows the run
+        ({"calib_options": {"num_images": 5}}, "num_images is set by calib_size"),
+        ({"calib_options": {"progress": False}}, "progress is set by the run"),
+        ({"calib_options": {"cache": "."}}, "cache takes a file path \\(not a folder\\)"),
+        # no whole batch to reconstruct on (the optimisation would never take a step)
+        ({"calib_size": 16, "recipe": "short"}, "calib_size 16 is fewer images than .* of 32"),
+        ({"calib_size": 64, "overrides": {"batch_size": 128}}, "calib_size 64 is fewer"),
     ],
 )
 def test_bad_options_are_one_line_errors(fields, match):
     with pytest.raises(zsq.ZsqError, match=match) as info:
         zsq.Genie(**fields)
     assert "\n" not in str(info.value)
+
+
+def test_fewer_images_than_a_batch_is_an_error_not_an_endless_loop():
+    """Real calibration data can hold fewer images than asked: the reconstruction refuses
+    before it starts (it steps on whole batches only, so it would never take one)."""
+    from zsq.ptq.reconstruct import Reconstruction
+
+    teacher = tiny_teacher()
+    student = quantize_model(teacher, QuantSpec(wbits=4, abits=4), (3, 8, 8))
+    config = ReconstructionConfig(iters=5, batch_size=8)
+    with pytest.raises(zsq.ZsqError, match="batches of 8 images but has 7 calibration images"):
+        Reconstruction(teacher, student, torch.rand(7, 3, 8, 8), config, device=torch.device("cpu"))
+    Reconstruction(teacher, student, torch.rand(8, 3, 8, 8), config, device=torch.device("cpu"))
+
+
+def test_a_checkpoint_of_another_student_is_refused_in_one_line(tmp_path):
+    """A reconstruction checkpoint that passes its digest but holds another model's tensors
+    (or is no torch file) is a one-line error, not a traceback from load_state_dict."""
+    import io
+
+    from zsq.io import write_verified
+    from zsq.methods.genie import _resume
+
+    student = quantize_model(tiny_teacher(), QuantSpec(wbits=4, abits=4), (3, 8, 8))
+    path = tmp_path / "last.pt"
+    buffer = io.BytesIO()
+    torch.save({"genie_units_done": 1, "student": {"foo.weight": torch.zeros(1)}}, buffer)
+    for payload in (buffer.getvalue(), b"not a torch file"):
+        write_verified(path, payload)
+        with pytest.raises(zsq.ZsqError, match="not a reconstruction checkpoint of this") as info:
+            _resume(path, student)
+        assert "\n" not in str(info.value)
 
 
 def test_a_bit_allocation_needs_the_all_convention():
@@ -443,8 +492,9 @@ def test_the_cli_sets_genies_fields_and_its_init_by_name(tmp_path, capsys):
     assert (report["genie"]["convention"], report["genie"]["units"]) == ("all", "1 Sequential")
     assert report["genie"]["reconstruction"]["iters"] == 4
     assert report["calibration_report"]["iters"] == 2
-    init = ["--init", "genie", "--init-opt", "recipe=short", "--init-opt",
-            'overrides={"iters": 3, "batch_size": 4}', "--convention", "all", *small]  # fmt: skip
+    # a reconstruction field is an --init-opt of its own (it goes to the start's overrides)
+    init = ["--init", "genie", "--init-opt", "recipe=short", "--init-opt", "iters=3",
+            "--init-opt", "batch_size=4", "--convention", "all", *small]  # fmt: skip
     gdfq = ["--method", "gdfq", "--ait", "--recipe", "demo"]
     for name, value in zsq.GDFQ.smoke().overrides.items():
         text = ",".join(map(str, value)) if isinstance(value, tuple) else value
@@ -455,7 +505,7 @@ def test_the_cli_sets_genies_fields_and_its_init_by_name(tmp_path, capsys):
     assert init["genie"]["reconstruction"]["iters"] == 3
     bad = [*teacher, "--method", "genie", "--set", "iterations=4", "--out", str(tmp_path / "b")]
     assert main(["quantize", *bad]) == 2
-    assert "--set iterations are not reconstruction fields" in capsys.readouterr().err
+    assert "unknown reconstruction field(s) in --set: iterations" in capsys.readouterr().err
     bad = [*teacher, "--method", "genie", "--block", "Blok", "--out", str(tmp_path / "b")]
     assert main(["quantize", *bad]) == 2
     assert "--block Blok: no module of that class in the model" in capsys.readouterr().err

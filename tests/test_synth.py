@@ -429,6 +429,23 @@ def test_a_run_stopped_while_a_pool_is_made_resumes_after_its_last_finished_batc
     assert not kept.exists()
 
 
+def test_kept_images_unlike_their_own_record_are_refused_in_one_line(tmp_path):
+    """A file whose header names the right options and teacher but whose images have another
+    shape or count (written by other code) is refused when loaded, not met later as a shape
+    error inside a forward."""
+    from zsq.synth.cache import load_images, save_images
+
+    teacher, path = tiny_teacher(), tmp_path / "images.safetensors"
+    key = {"source": "genie", "size": 4, "image_shape": [3, 8, 8]}
+    save_images(path, torch.zeros(4, 3, 8, 8), key, teacher, {})
+    assert load_images(path, key, teacher)[0].shape == (4, 3, 8, 8)
+    for wrong in (torch.zeros(4, 1, 8, 8), torch.zeros(3, 3, 8, 8), torch.zeros(4, 3, 8, 8).int()):
+        save_images(path, wrong, key, teacher, {})
+        with pytest.raises(ZsqError, match="not the \\[4, 3, 8, 8\\] its record names") as info:
+            load_images(path, key, teacher)
+        assert "\n" not in str(info.value)
+
+
 def test_kept_batches_made_with_other_options_for_another_teacher_or_damaged_are_refused(tmp_path):
     from zsq.synth.cache import load_batches, save_batches
 

@@ -10,6 +10,7 @@ mixed-precision options and the method configs read their options through here.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,14 +141,27 @@ def optional(rule: Rule, unset: str) -> Rule:
 
 
 def python_path() -> Rule:
-    """A file path, as text or a ``Path``."""
+    """A file path, as text or a ``Path``: not a folder, and where a missing file can be
+    written (so a file written after hours of work does not fail then)."""
 
     def read(value: Any) -> Any:
         if not isinstance(value, (str, Path)) or not str(value):
             raise TypeError(value)
+        path = Path(value).expanduser()
+        if path.is_dir() or (not path.exists() and not _can_create(path)):
+            raise TypeError(value)
         return value
 
-    return Rule("a file path", "images.safetensors", read)
+    return Rule("a file path (not a folder) in a writable folder", "images.safetensors", read)
+
+
+def _can_create(path: Path) -> bool:
+    """Whether ``path`` can be made: its nearest existing folder is writable (the folders in
+    between are made)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
 
 
 def python_object(kind: type, what: str) -> Rule:

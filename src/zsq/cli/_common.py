@@ -82,7 +82,17 @@ def parse_option(item: str, what: str) -> tuple[str, Any]:
 
 
 def parse_options(items: list[str], what: str) -> dict[str, Any]:
-    return dict(parse_option(item, what) for item in items)
+    """Each ``KEY=VALUE`` once: a key given again with another value is refused (as a flag
+    given twice with two values is), not silently the last."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_option(item, what)
+        if key in options and options[key] != value:
+            raise ZsqError(
+                f"{what} {key}={options[key]!r} and {key}={value!r} contradict each other; give one"
+            )
+        options[key] = value
+    return options
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -214,6 +214,11 @@ class Fields:
         self.flags: dict[str, str] = {}
 
     def set(self, field: str, value: Any, flag: str) -> None:
+        if field in self.values and self.values[field] != value:  # two flags, one field
+            raise ZsqError(
+                f"{self.flags[field]} and {flag} both set {field} ({self.values[field]!r} and "
+                f"{value!r}); give one"
+            )
         self.values[field] = value
         self.flags[field] = flag
 
@@ -228,11 +233,11 @@ def method_config(args: argparse.Namespace, typed: dict[str, str]):
     calibration = Fields()
     _calibration_fields(args, calibration)
     if args.init is not None:
-        init_type = get_method(args.init).config
-        for name, value in parse_options(args.init_opt, "init option").items():
-            calibration.set(name, value, f"--init-opt {name}")
+        _init_option_fields(args, calibration)
         typed.update(calibration.flags)
-        own.set("init", init_type.from_fields(calibration.values), "--init")
+        typed["method"] = "--init"  # a refusal of the start's config names the method it starts
+        own.set("init", get_method(args.init).config.from_fields(calibration.values), "--init")
+        typed.pop("method")
     elif args.init_opt:
         raise ZsqError("--init-opt sets a field of the --init method; give --init too")
     else:
@@ -245,10 +250,29 @@ def method_config(args: argparse.Namespace, typed: dict[str, str]):
     return config_type.from_fields(own.values)
 
 
+def _init_option_fields(args: argparse.Namespace, fields: Fields) -> None:
+    """``--init-opt KEY=VALUE``: a field of the start's config, or, for a start that has
+    ``overrides`` (genie's reconstruction fields), a key of those."""
+    from dataclasses import fields as config_fields
+
+    from zsq.methods import get_method
+
+    names = {f.name for f in config_fields(get_method(args.init).config) if f.init}
+    overrides: dict[str, Any] = {}
+    for name, value in parse_options(args.init_opt, "init option").items():
+        if name not in names and "overrides" in names:
+            overrides[name] = value
+        else:
+            fields.set(name, value, f"--init-opt {name}")
+    if overrides:
+        fields.set("overrides", overrides, "--init-opt")
+
+
 def _schedule_fields(args: argparse.Namespace, fields: Fields, config_type: type) -> None:
     """The recipe and its overrides (a distillation's recipe fields, or for another method its
     own ``overrides``, e.g. genie's reconstruction fields), precision and compilation."""
     from zsq.execution import Execution
+    from zsq.methods.base import method_list
     from zsq.methods.distillation import Distillation
     from zsq.recipes import parse_overrides
 
@@ -262,6 +286,13 @@ def _schedule_fields(args: argparse.Namespace, fields: Fields, config_type: type
     given = [shortcuts[k] for k in overrides] + (["--set"] if args.set else [])
     if issubclass(config_type, Distillation):
         overrides.update(parse_overrides(args.set))
+    elif overrides:  # a distillation's shortcuts, not fields of this method's overrides
+        shown = ", ".join(shortcuts[k] for k in overrides)
+        raise ZsqError(
+            f"{shown} {'has' if len(overrides) == 1 else 'have'} no effect with --method "
+            f"{args.method} (an option of {method_list('distillation')}); drop "
+            f"{'it' if len(overrides) == 1 else 'them'}"
+        )
     else:
         overrides.update(parse_options(args.set, "override"))
     if overrides:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
+from zsq.data.datasets import spec_kinds
 from zsq.errors import ConfigError
 from zsq.io import write_verified
 from zsq.methods.base import Context, MethodConfig, dataset_label
@@ -72,6 +73,7 @@ class Calibrated(MethodConfig):
         if isinstance(calib, str):
             calib = calib.strip()
             object.__setattr__(self, "calib", calib.lower() if is_source(calib) else calib)
+            _check_calib_name(self.calib)
         elif not isinstance(calib, Dataset):
             raise ConfigError(
                 f"«calib» must be a sample source name, a dataset spec or a labelled Dataset, got "
@@ -104,6 +106,18 @@ class Calibrated(MethodConfig):
         if isinstance(self.calib, str) and not is_source(self.calib):
             return [(self.calib, "calib")]
         return []
+
+
+def _check_calib_name(calib: str) -> None:
+    """A name that is neither a source nor a dataset spec (a misspelt source, most likely) is
+    refused with both lists, before the teacher is loaded."""
+    kind = calib.partition(":")[0].strip().lower()
+    if is_source(calib) or kind in spec_kinds():
+        return
+    raise ConfigError(
+        f"«calib» {calib!r:.60} is neither a sample source ({', '.join(available_sources())}) "
+        f"nor a dataset spec (KIND:PATH with KIND one of {', '.join(spec_kinds())})"
+    )
 
 
 def calibration_images(config: Calibrated, ctx: Context) -> CalibrationSet:

@@ -73,31 +73,49 @@ class Genie(Calibrated):
     reconstruction: ReconstructionConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.recipe not in GENIE_RECIPES:
+        if not isinstance(self.recipe, str) or self.recipe not in GENIE_RECIPES:
             raise ConfigError(
-                f"unknown «recipe» {self.recipe!r} for method genie; use one of "
+                f"unknown «recipe» {self.recipe!r:.60} for method genie; use one of "
                 f"{', '.join(GENIE_RECIPES)}"
             )
-        if self.convention not in CONVENTIONS:
+        if not isinstance(self.convention, str) or self.convention not in CONVENTIONS:
             raise ConfigError(
-                f"«convention» must be one of {', '.join(CONVENTIONS)}, got {self.convention!r}"
+                f"«convention» must be one of {', '.join(CONVENTIONS)}, got {self.convention!r:.60}"
             )
-        if isinstance(self.blocks, str) or not all(isinstance(b, str) for b in self.blocks):
-            raise ConfigError(f"«blocks» must be class names, got {self.blocks!r:.60}")
+        if not isinstance(self.blocks, (list, tuple)) or not all(
+            isinstance(b, str) for b in self.blocks
+        ):
+            raise ConfigError(f"«blocks» must be a list of class names, got {self.blocks!r:.60}")
         object.__setattr__(self, "blocks", tuple(self.blocks))
-        preset = GENIE_RECIPES[self.recipe]
-        unknown = sorted(set(self.overrides) - set(ReconstructionConfig().to_dict()))
+        self._check_calibration()  # before the recipe's Genie-D options are merged into them
+        object.__setattr__(self, "reconstruction", self._resolve_reconstruction())
+        if self.calib == "genie":  # the recipe's distillation, under the user's options
+            options = {**GENIE_RECIPES[self.recipe]["distill"], **self.calib_options}
+            object.__setattr__(self, "calib_options", options)
+        batch = self.reconstruction.batch_size
+        if self.calib_size < batch:  # no whole batch to reconstruct on
+            raise ConfigError(
+                f"«calib_size» {self.calib_size} is fewer images than the reconstruction's batch "
+                f"of {batch}; raise «calib_size» or lower batch_size in «overrides»"
+            )
+
+    def _resolve_reconstruction(self) -> ReconstructionConfig:
+        """The recipe's reconstruction settings under the user's ``overrides``."""
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(
+                "«overrides» must be a dict of reconstruction field -> value, got "
+                f"{self.overrides!r:.60}"
+            )
+        fields = list(ReconstructionConfig().to_dict())
+        unknown = sorted(set(self.overrides) - set(fields))
         if unknown:
             raise ConfigError(
-                f"«overrides» {', '.join(unknown)} are not reconstruction fields; they are "
-                f"{', '.join(ReconstructionConfig().to_dict())}"
+                f"unknown reconstruction field(s) in «overrides»: {', '.join(unknown)}; the "
+                f"fields are {', '.join(fields)}"
             )
-        settings = {**preset["reconstruction"], **self.overrides}
-        object.__setattr__(self, "reconstruction", ReconstructionConfig(**settings))
-        if self.calib == "genie":  # the recipe's distillation, under the user's options
-            options = {**preset["distill"], **self.calib_options}
-            object.__setattr__(self, "calib_options", options)
-        self._check_calibration()
+        return ReconstructionConfig(
+            **{**GENIE_RECIPES[self.recipe]["reconstruction"], **self.overrides}
+        )
 
     @classmethod
     def smoke(cls) -> Genie:
@@ -208,15 +226,22 @@ def _resume(path: Any, student: nn.Module) -> tuple[int, list[dict[str, Any]]]:
     payload = read_verified(path)
     if is_resume_marker(payload):  # only the images were kept: no unit was done yet
         return 0, []
+    unreadable = ConfigError(
+        f"cannot resume from {path}: it is not a reconstruction checkpoint of this run's "
+        "student (damaged, or written by other code); start the run again with «overwrite=True»"
+    )
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as err:  # a calibration marker, or another method's checkpoint
-        raise ConfigError(f"cannot read the reconstruction checkpoint {path} ({err})") from None
+    except Exception:  # torch's unpickler raises many types for a damaged payload
+        raise unreadable from None
     if not isinstance(state, dict) or "genie_units_done" not in state:
         return 0, []  # the images were kept, no unit was done yet
-    prepare_buffers(student, state["student"])
-    student.load_state_dict(state["student"])
-    set_rng_state(state["rng"])
+    try:
+        prepare_buffers(student, state["student"])
+        student.load_state_dict(state["student"])
+        set_rng_state(state["rng"])
+    except Exception:  # another model's tensors, a missing entry
+        raise unreadable from None
     log.info("resumed the reconstruction after %d units", state["genie_units_done"])
     return int(state["genie_units_done"]), json.loads(state["records"])
 

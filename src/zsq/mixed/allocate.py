@@ -179,7 +179,7 @@ class MixedConfig:
         if self.penalty is not None and not 0 <= self.penalty < float("inf"):
             raise ConfigError(f"«penalty» must be a finite number >= 0, got {self.penalty}")
         read_options("allocation", MIXED_RULES, {k: getattr(self, k) for k in MIXED_RULES})
-        check_calibration_options(self.source, dict(self.source_options))
+        check_calibration_options(self.source, dict(self.source_options), size_field="samples")
 
     def _refuse_with_reuse(self) -> None:
         """A reused allocation is not searched: the search's options would do nothing."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from zsq.errors import ZsqError
+from zsq.errors import ConfigError, ZsqError
 from zsq.options import python_path, read_options, whole_number
 from zsq.synth import build_source, check_source_options, source_class
 from zsq.synth.cache import load_images, remove_batches, save_images
@@ -140,11 +140,20 @@ CALIBRATION_RULES = {  # options of the calibration procedure itself, not of the
 }
 
 
-def check_calibration_options(name: str, options: dict[str, Any]) -> None:
+def check_calibration_options(
+    name: str, options: dict[str, Any], size_field: str = "calib_size"
+) -> None:
     """One-line errors for the options of calibration images from source ``name``: the
-    procedure's own (``cache``, ``train_steps``, ``train_batch``), then the source's."""
+    procedure's own (``cache``, ``train_steps``, ``train_batch``), then the source's. The
+    source options the procedure sets itself are refused: the image count (the caller's
+    ``size_field``) and progress (the run's)."""
+    owners = {"num_images": f"«{size_field}»", "progress": "the run's progress setting"}
+    for key, owner in owners.items():
+        if key in options:
+            raise ConfigError(f"calibration option {key} is set by {owner}; drop it")
     read_options("calibration", CALIBRATION_RULES, options)
-    check_source_options(name, {k: v for k, v in options.items() if k not in CALIBRATION_RULES})
+    source_options = {k: v for k, v in options.items() if k not in CALIBRATION_RULES}
+    check_source_options(name, source_options, hidden=tuple(owners))
 
 
 def _describe(name: str, size: int) -> str:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from zsq.errors import ZsqError
 from zsq.options import number, read_options, whole_number
 from zsq.ptq.blocks import find_blocks
 from zsq.ptq.rounding import (
@@ -268,6 +269,12 @@ class Reconstruction:
         device: torch.device,
         progress: bool = True,
     ) -> None:
+        if len(images) < config.batch_size:  # it steps on whole batches only
+            raise ZsqError(
+                f"the reconstruction takes batches of {config.batch_size} images but has "
+                f"{len(images)} calibration images; give at least {config.batch_size} or lower "
+                "its batch_size"
+            )
         self.teacher = teacher.eval()
         self.student = student.eval()
         self.images = images

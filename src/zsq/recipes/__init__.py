@@ -306,7 +306,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep:
             raise ConfigError(f"bad recipe override {item!r}; write FIELD=VALUE, e.g. epochs=10")
         _check_field(key, known)
-        values[key] = _convert(known[key], text, key)
+        value = _convert(known[key], text, key)
+        if key in values and values[key] != value:  # not silently the last one
+            raise ConfigError(
+                f"recipe override {key}={values[key]!r} and {key}={value!r} contradict each "
+                "other; give one"
+            )
+        values[key] = value
     return values
 
 

@@ -100,9 +100,10 @@ def require_fit(name: str, teacher: nn.Module, what: str | None = None) -> None:
     )
 
 
-def check_source_options(name: str, options: dict[str, Any]) -> None:
-    """One-line errors for an unknown source, a misspelt option (naming those that exist) or a
-    value its rule refuses; needs no teacher, so a run can check before any work."""
+def check_source_options(name: str, options: dict[str, Any], hidden: tuple[str, ...] = ()) -> None:
+    """One-line errors for an unknown source, a misspelt option (naming those that exist, but
+    the ``hidden`` ones the caller sets itself) or a value its rule refuses; needs no teacher,
+    so a run can check before any work."""
     key = name.strip().lower()
     if key not in _SOURCES:
         raise ZsqError(
@@ -112,7 +113,8 @@ def check_source_options(name: str, options: dict[str, Any]) -> None:
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [n for n in params if n not in ("self", "teacher", "num_classes", "image_shape")]
+    internal = ("self", "teacher", "num_classes", "image_shape", *hidden)
+    accepted = [n for n in params if n not in internal]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ZsqError(

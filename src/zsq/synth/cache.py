@@ -67,9 +67,22 @@ def load_images(
         )
     if metadata.get("teacher_sha256") != module_digest(teacher):
         raise ZsqError(f"{path} holds images made for another teacher; delete it to make new ones")
+    _check_images(path, images, key)
     if rng is not None:
         set_rng_state(rng)
     return images, json.loads(metadata.get("report", "{}"))
+
+
+def _check_images(path: Path, images: Tensor, key: dict[str, Any]) -> None:
+    """The images are what the file's own record says (count and shape): a file written over
+    by other code is refused here, not met later as a shape error deep in a forward."""
+    count = key.get("size", key.get("num_images", len(images)))
+    shape = [count, *key.get("image_shape", images.shape[1:])]
+    if not images.is_floating_point() or list(images.shape) != shape:
+        raise ZsqError(
+            f"{path} holds {images.dtype} images of shape {list(images.shape)}, not the {shape} "
+            "its record names (damaged or written by other code); delete it to make new ones"
+        )
 
 
 def _rng_as_text() -> str:
