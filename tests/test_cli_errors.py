@@ -70,7 +70,10 @@ CASES = {
         "num-classes",
     ),
     "unknown model": (["quantize", "--model", "resnet21", *OUT, *RUN], "unknown model"),
-    "bits out of range": (quantize("--wbits", "9"), "out of range"),
+    "bits out of range": (
+        quantize("--wbits", "9"),
+        "bit width 9 is out of range; use 2..8 or 'off'",
+    ),
     "bits not a number": (quantize("--abits", "four"), "not a number"),
     "missing eval data": (quantize("--eval-data", "npz:{tmp}/missing.npz"), "not found"),
     "unknown dataset kind": (evaluate(data="mnist:{tmp}"), "unknown dataset spec"),

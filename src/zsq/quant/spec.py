@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from zsq.errors import ZsqError
 from zsq.quant.modules import OBSERVERS
-from zsq.quant.quantizer import check_bits
+from zsq.quant.quantizer import MAX_BITS, MIN_BITS, check_bits
 
 Placement = Literal["auto", "input", "reference"]
 PLACEMENTS = ("auto", "reference", "input")
@@ -23,7 +23,8 @@ def parse_bits(value: str | int | None) -> int | None:
         bits = int(value)
     except (TypeError, ValueError):
         raise ZsqError(f"bit width {value!r} is not a number; use 2..8 or 'off'") from None
-    check_bits(bits)
+    if not MIN_BITS <= bits <= MAX_BITS:  # worded as this text is written, not as Python's None
+        raise ZsqError(f"bit width {bits} is out of range; use 2..8 or 'off'")
     return bits
 
 
