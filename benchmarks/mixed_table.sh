@@ -6,25 +6,26 @@
 #   PATH=.venv/bin:$PATH DATASETS=cifar10-jpeg BUDGETS=4 ROWS="uniform sensitivity" bash benchmarks/mixed_table.sh
 #   python benchmarks/summarize_mixed.py runs/mixed-table      # the markdown table and the plot
 #
-# Environment: OUT (runs/mixed-table), SEED (0), DATASETS ("cifar10-jpeg fashion-mnist"),
+# Environment: RUNS (runs/mixed-table), SEED (0), DATASETS ("cifar10-jpeg fashion-mnist"),
 # BUDGETS ("4 3": wbits=B, activations 4 bits; "bops4": the BOPs of uniform W4A4, where the
 # sensitivity row chooses activation widths too and "sensitivity-w" keeps them at 4),
 # ROWS (below), METHODS ("minmax ait"),
 # UNIFORM ("2 5 6 8": extra uniform min/max widths for the size plot). A finished row is skipped.
 # Rows: uniform (--wbits B), sensitivity, hessian, constrained, penalty (--budget wbits=B),
 # sensitivity-w (bops budgets: --act-choices off).
-# The allocators see 64 ZeroQ images (data-free), distilled once per teacher (OUT/cache); the
+# The allocators see 64 ZeroQ images (data-free), distilled once per teacher (RUNS/cache); the
 # GDFQ+AIT rows reuse the min/max row's bits.json (--bits-from), so both share one allocation.
 set -euo pipefail
+source "$(dirname "$0")/_env.sh"
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
-OUT=${OUT:-runs/mixed-table}
+RUNS=${RUNS:-runs/mixed-table}
 SEED=${SEED:-0}
 DATASETS=${DATASETS:-"cifar10-jpeg fashion-mnist"}
 BUDGETS=${BUDGETS:-"4 3"}
 ROWS=${ROWS:-"uniform sensitivity hessian constrained penalty"}
 METHODS=${METHODS:-"minmax ait"}
 UNIFORM=${UNIFORM:-"2 5 6 8"}
-mkdir -p "$OUT/cache"
+mkdir -p "$RUNS/cache"
 
 teacher_flags() {  # data-name
   case $1 in
@@ -59,13 +60,13 @@ PY
 }
 
 row_flags() {  # method row budget data-name
-  local alloc=(--alloc-opt "cache=$OUT/cache/$4-zeroq64.safetensors")
+  local alloc=(--alloc-opt "cache=$RUNS/cache/$4-zeroq64.safetensors")
   local method=(--method minmax)
   local folder="w$3" budget="wbits=$3" acts=""
   case $3 in bops*) folder=$3 budget="bops=$(bops_of_uniform "$4" "${3#bops}")" ;; esac
   [ "$1" = ait ] && method=(--method gdfq --ait --recipe short)
   if [ "$2" = uniform ]; then echo "${method[*]} --wbits ${3#bops}"; return; fi
-  if [ "$1" = ait ]; then echo "${method[*]} --bits-from $OUT/$4/$folder/minmax-$2"; return; fi
+  if [ "$1" = ait ]; then echo "${method[*]} --bits-from $RUNS/$4/$folder/minmax-$2"; return; fi
   local allocator=$2
   [ "$2" = sensitivity-w ] && allocator=sensitivity acts="--act-choices off"
   echo "${method[*]} --budget $budget --allocator $allocator $acts ${alloc[*]}"
@@ -78,11 +79,11 @@ for data in $DATASETS; do
         # shellcheck disable=SC2046
         folder="w$bits"
         case $bits in bops*) folder=$bits ;; esac
-        run "$data" "$OUT/$data/$folder/$method-$row" $(row_flags "$method" "$row" "$bits" "$data")
+        run "$data" "$RUNS/$data/$folder/$method-$row" $(row_flags "$method" "$row" "$bits" "$data")
       done
     done
   done
   for bits in $UNIFORM; do
-    run "$data" "$OUT/$data/w$bits/minmax-uniform" --method minmax --wbits "$bits"
+    run "$data" "$RUNS/$data/w$bits/minmax-uniform" --method minmax --wbits "$bits"
   done
 done

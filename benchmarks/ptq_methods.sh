@@ -6,9 +6,9 @@
 #   PATH=.venv/bin:$PATH ROWS="zeroq lapq-zeroq" BITS="4/4" DATASETS=cifar10-jpeg bash benchmarks/ptq_methods.sh
 #   python benchmarks/summarize_ptq.py runs/ptq-methods                # the markdown tables
 #
-# Environment: OUT (runs/ptq-methods), SEED (0), DEVICE (cpu), DATASETS ("cifar10-jpeg
+# Environment: RUNS (runs/ptq-methods), SEED (0), DEVICE (cpu), DATASETS ("cifar10-jpeg
 # fashion-mnist"), BITS ("4/4 4/8 8/4 8/8", W/A), ROWS (below). A finished row is skipped.
-# ZeroQ and GDFQ calibration images are made once per teacher (OUT/cache) and reused by every bit
+# ZeroQ and GDFQ calibration images are made once per teacher (RUNS/cache) and reused by every bit
 # width and method: the runs that load them report it in their log.
 # Rows:
 #   minmax                 min/max, Gaussian calibration (data-free)
@@ -22,21 +22,22 @@
 #   ait ait-init           GDFQ+AIT short recipe, from the float copy / from LAPQ on ZeroQ data
 #   ait-init-qa            ... from LAPQ's layer-wise + quadratic-p solution on ZeroQ data
 set -euo pipefail
+source "$(dirname "$0")/_env.sh"
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
-OUT=${OUT:-runs/ptq-methods}
+RUNS=${RUNS:-runs/ptq-methods}
 SEED=${SEED:-0}
 BITS=${BITS:-"4/4 4/8 8/4 8/8"}
 ROWS=${ROWS:-"minmax zeroq lapq-real lapq-zeroq lapq-gdfq lapq-lw lapq-qa lapq-nobc lapq-paper ait ait-init"}
-mkdir -p "$OUT/cache"
+mkdir -p "$RUNS/cache"
 
 row_flags() {  # row data-name train-spec
-  local zq="--source-opt cache=$OUT/cache/$2-zeroq.safetensors"
+  local zq="--source-opt cache=$RUNS/cache/$2-zeroq.safetensors"
   case $1 in
     minmax)     echo "--method minmax" ;;
     zeroq)      echo "--method zeroq $zq" ;;
     lapq-real)  echo "--method lapq --calib $3" ;;
     lapq-zeroq) echo "--method lapq --calib zeroq $zq" ;;
-    lapq-gdfq)  echo "--method lapq --calib gdfq --source-opt cache=$OUT/cache/$2-gdfq.safetensors" ;;
+    lapq-gdfq)  echo "--method lapq --calib gdfq --source-opt cache=$RUNS/cache/$2-gdfq.safetensors" ;;
     lapq-lw)    echo "--method lapq --calib $3 --lapq-opt stages=lw" ;;
     lapq-qa)    echo "--method lapq --calib $3 --lapq-opt stages=lw+qa" ;;
     lapq-zeroq-lw) echo "--method lapq --calib zeroq $zq --lapq-opt stages=lw" ;;
@@ -44,15 +45,15 @@ row_flags() {  # row data-name train-spec
     lapq-nobc)  echo "--method lapq --calib $3 --lapq-opt bias_correction=false" ;;
     lapq-paper) echo "--method lapq --calib $3 --lapq-layers paper" ;;
     ait)        echo "--method gdfq --ait --recipe short" ;;
-    ait-init)   echo "--method gdfq --ait --recipe short --init lapq --calib-opt cache=$OUT/cache/$2-zeroq.safetensors" ;;
-    ait-init-qa) echo "--method gdfq --ait --recipe short --init lapq --lapq-opt stages=lw+qa --calib-opt cache=$OUT/cache/$2-zeroq.safetensors" ;;
+    ait-init)   echo "--method gdfq --ait --recipe short --init lapq --calib-opt cache=$RUNS/cache/$2-zeroq.safetensors" ;;
+    ait-init-qa) echo "--method gdfq --ait --recipe short --init lapq --lapq-opt stages=lw+qa --calib-opt cache=$RUNS/cache/$2-zeroq.safetensors" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }
 
 run_row() {  # data-name weights eval-spec train-spec image-size row bits
   local name=$1 weights=$2 data=$3 train=$4 size=$5 row=$6 w=${7%/*} a=${7#*/}
-  local dir="$OUT/$name/w${w}a${a}/$row"
+  local dir="$RUNS/$name/w${w}a${a}/$row"
   [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; return; }
   local where=(--out "$dir")
   [ -d "$dir.partial/checkpoint" ] && where=(--resume "$dir")

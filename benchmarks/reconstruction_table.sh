@@ -7,10 +7,10 @@
 #   PATH=.venv/bin:$PATH ROWS="genie" BITS="4/4" DATASETS=cifar10-jpeg bash benchmarks/reconstruction_table.sh
 #   python benchmarks/summarize_reconstruction.py runs/reconstruction      # the markdown tables
 #
-# Environment: OUT (runs/reconstruction), SEED (0), DEVICE (cpu), DATASETS ("cifar10-jpeg
+# Environment: RUNS (runs/reconstruction), SEED (0), DEVICE (cpu), DATASETS ("cifar10-jpeg
 # fashion-mnist"), BITS ("4/4 3/3 2/4", W/A), ROWS (below). A finished row is skipped; an
 # interrupted one resumes. Genie, GDFQ and ZeroQ images (1,024 per teacher; LAPQ's GDFQ images:
-# 512, as section 7) are made once per teacher (OUT/cache) and reused by every bit width and row:
+# 512, as section 7) are made once per teacher (RUNS/cache) and reused by every bit width and row:
 # only the first run that needs them pays for them (its log says so).
 # Every row quantizes all layers at the given widths (convention "all") but genie-paperconv.
 # Rows:
@@ -25,15 +25,16 @@
 #   genie-ait        GDFQ+AIT short started from Genie (recipe short)
 #   genie-paper      Genie with recipe paper (the reference's iterations; hours on a CPU)
 set -euo pipefail
+source "$(dirname "$0")/_env.sh"
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
-OUT=${OUT:-runs/reconstruction}
+RUNS=${RUNS:-runs/reconstruction}
 SEED=${SEED:-0}
 BITS=${BITS:-"4/4 3/3 2/4"}
 ROWS=${ROWS:-"minmax lapq-gdfq ait genie genie-paperconv recon-gdfq recon-zeroq recon-real genie-ait"}
-mkdir -p "$OUT/cache"
+mkdir -p "$RUNS/cache"
 
 row_flags() {  # row data-name train-spec
-  local cache="$OUT/cache/$2"
+  local cache="$RUNS/cache/$2"
   local genie="--recipe short --calib-opt cache=$cache-genie.safetensors --convention all"
   case $1 in
     minmax)          echo "--method minmax" ;;
@@ -52,7 +53,7 @@ row_flags() {  # row data-name train-spec
 
 run_row() {  # data-name weights eval-spec train-spec image-size row bits
   local name=$1 weights=$2 data=$3 train=$4 size=$5 row=$6 w=${7%/*} a=${7#*/}
-  local dir="$OUT/$name/w${w}a${a}/$row"
+  local dir="$RUNS/$name/w${w}a${a}/$row"
   [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; return; }
   local where=(--out "$dir")
   [ -d "$dir.partial/checkpoint" ] && where=(--resume "$dir")

@@ -5,15 +5,16 @@
 #
 #   PATH=.venv/bin:$PATH bash benchmarks/reconstruction_vit.sh
 #
-# Environment: OUT (runs/reconstruction-vit), SEED (0), DEVICE (cpu), BITS ("4/8 4/4").
+# Environment: RUNS (runs/reconstruction-vit), SEED (0), DEVICE (cpu), BITS ("4/8 4/4").
 set -euo pipefail
+source "$(dirname "$0")/_env.sh"
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
-OUT=${OUT:-runs/reconstruction-vit}
+RUNS=${RUNS:-runs/reconstruction-vit}
 BITS=${BITS:-"4/8 4/4"}
-mkdir -p "$OUT/cache"
+mkdir -p "$RUNS/cache"
 for bits in $BITS; do
   w=${bits%/*} a=${bits#*/}
-  dir="$OUT/w${w}a${a}/recon-psaq"
+  dir="$RUNS/w${w}a${a}/recon-psaq"
   [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; continue; }
   where=(--out "$dir")
   [ -d "$dir.partial/checkpoint" ] && where=(--resume "$dir")
@@ -21,7 +22,7 @@ for bits in $BITS; do
   zsq quantize --weights "$SHARED/weights/vit_fashionmnist.safetensors" --wbits "$w" --abits "$a" \
     --eval-data "fashion-mnist:$SHARED/fashion-mnist" --seed "${SEED:-0}" \
     --device "${DEVICE:-cpu}" --quiet --json --method genie --recipe short --convention all \
-    --calib psaq --calib-size 32 --calib-opt "cache=$OUT/cache/psaq32.safetensors" \
+    --calib psaq --calib-size 32 --calib-opt "cache=$RUNS/cache/psaq32.safetensors" \
     "${where[@]}" > "$dir.json" 2> "$dir.log"
   echo "done $dir"
 done

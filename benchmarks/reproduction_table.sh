@@ -5,7 +5,7 @@
 #   PATH=.venv/bin:$PATH ROWS="gdfq gdfq+ait" DATASETS=cifar10-jpeg bash benchmarks/reproduction_table.sh
 #   python benchmarks/summarize_runs.py runs/reproduction                 # the markdown tables
 #
-# Environment: BITS (4), OUT (runs/reproduction), SEED (0), RECIPE (short), DEVICE (cpu),
+# Environment: BITS (4), RUNS (runs/reproduction), SEED (0), RECIPE (short), DEVICE (cpu),
 # DATASETS ("cifar10-jpeg fashion-mnist"), EXTRA (more flags for the distillation rows, e.g.
 # "--precision tf32"), ROWS (below). A finished row is skipped; an interrupted one resumes.
 # Rows (paper Table 1, Table 2 ablation, Table 3 optimisers, and our named options):
@@ -19,13 +19,14 @@
 #   ait-levels                          GDFQ+AIT counting levels q+z (--set gi_count=levels)
 #   ait-nearest                         GDFQ+AIT with our kappa rule (--set gi_search=nearest-above)
 set -euo pipefail
+source "$(dirname "$0")/_env.sh"
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
 BITS=${BITS:-4}
-OUT=${OUT:-runs/reproduction}
+RUNS=${RUNS:-runs/reproduction}
 SEED=${SEED:-0}
 RECIPE=${RECIPE:-short}
 ROWS=${ROWS:-"minmax gdfq gdfq+ait kl-only kl-high-lr gdfq+gi ce+gi qimera qimera+ait arc arc+ait gdfq-adam gdfq-rmsprop ait-adam ait-rmsprop ait-input ait-levels"}
-mkdir -p "$OUT"
+mkdir -p "$RUNS"
 
 row_flags() {  # the flags that define a row
   case $1 in
@@ -47,7 +48,7 @@ row_flags() {  # the flags that define a row
 
 run_row() {  # data-name weights eval-spec image-size row
   local name=$1 weights=$2 data=$3 size=$4 row=$5
-  local dir="$OUT/$name/$row"
+  local dir="$RUNS/$name/$row"
   [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; return; }
   local flags extra=()
   flags=$(row_flags "$row")
@@ -57,7 +58,7 @@ run_row() {  # data-name weights eval-spec image-size row
   # shellcheck disable=SC2086
   zsq quantize --model resnet20 --weights "$weights" --image-size "$size" --wbits "$BITS" \
     --abits "$BITS" --eval-data "$data" --seed "$SEED" --device "${DEVICE:-cpu}" --quiet --json \
-    $flags "${extra[@]}" "${where[@]}" > "$OUT/$name.$row.json" 2> "$OUT/$name.$row.log"
+    $flags "${extra[@]}" "${where[@]}" > "$RUNS/$name.$row.json" 2> "$RUNS/$name.$row.log"
   echo "done $dir"
 }
 

@@ -7,25 +7,26 @@
 #   PATH=.venv/bin:$PATH bash benchmarks/vit_table.sh
 #   python benchmarks/summarize_runs.py runs/vit-table     # or read each DIR/report.json
 #
-# Environment: OUT (runs/vit-table), SEED (0), BITS ("8/8 4/8 4/4"), ROWS (below), RECIPE (short),
-# DEVICE (cpu). Synthetic images are made once (OUT/cache) and reused by every bit width.
+# Environment: RUNS (runs/vit-table), SEED (0), BITS ("8/8 4/8 4/4"), ROWS (below), RECIPE (short),
+# DEVICE (cpu). Synthetic images are made once (RUNS/cache) and reused by every bit width.
 # Rows: minmax, psaq, mimiq, mimiq+ait, noise.
 set -euo pipefail
+source "$(dirname "$0")/_env.sh"
 SHARED=${ZSQ_SHARED_DATA:-../shared/data}
-OUT=${OUT:-runs/vit-table}
+RUNS=${RUNS:-runs/vit-table}
 SEED=${SEED:-0}
 BITS=${BITS:-"8/8 4/8 4/4"}
 ROWS=${ROWS:-"minmax psaq mimiq mimiq+ait noise"}
 RECIPE=${RECIPE:-short}
-mkdir -p "$OUT/cache"
+mkdir -p "$RUNS/cache"
 
 row_flags() {
   case $1 in
     minmax) echo "--method minmax" ;;
-    psaq) echo "--method minmax --calib psaq --calib-size 32 --calib-opt cache=$OUT/cache/psaq.safetensors" ;;
-    mimiq) echo "--method mimiq --recipe $RECIPE --source-opt cache=$OUT/cache/mimiq.safetensors" ;;
-    mimiq+ait) echo "--method mimiq --ait --recipe $RECIPE --source-opt cache=$OUT/cache/mimiq.safetensors" ;;
-    noise) echo "--method mimiq --recipe $RECIPE --source-opt steps=0 --source-opt cache=$OUT/cache/noise.safetensors" ;;
+    psaq) echo "--method minmax --calib psaq --calib-size 32 --calib-opt cache=$RUNS/cache/psaq.safetensors" ;;
+    mimiq) echo "--method mimiq --recipe $RECIPE --source-opt cache=$RUNS/cache/mimiq.safetensors" ;;
+    mimiq+ait) echo "--method mimiq --ait --recipe $RECIPE --source-opt cache=$RUNS/cache/mimiq.safetensors" ;;
+    noise) echo "--method mimiq --recipe $RECIPE --source-opt steps=0 --source-opt cache=$RUNS/cache/noise.safetensors" ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }
@@ -33,7 +34,7 @@ row_flags() {
 for bits in $BITS; do
   for row in $ROWS; do
     w=${bits%/*} a=${bits#*/}
-    dir="$OUT/w${w}a${a}/$row"
+    dir="$RUNS/w${w}a${a}/$row"
     [ -f "$dir/report.json" ] && { echo "skip $dir (done)"; continue; }
     where=(--out "$dir")
     [ -d "$dir.partial/checkpoint" ] && where=(--resume "$dir")

@@ -413,16 +413,18 @@ def _execute(
     ctx = replace(plan.ctx, layout=layout, dataset=data.datasets.__getitem__)
     ctx.evaluate = _evaluator(data.eval_set, plan.ctx.device)
     allocation = None
-    if plan.mixed is not None:
-        allocation = distributed.broadcast_object(
-            run_allocation(plan.mixed, ctx, layout) if distributed.world().is_main else None
-        )
-        ctx.quant = allocation.apply(ctx.quant)
-    outcome = plan.registered.handler.run(plan.method, ctx)
-    quant = outcome.quant or ctx.quant
     execution = getattr(plan.method, "execution", None) or Execution()
-    with execution.tensor_core_scope():  # fp32 means fp32 (no cuDNN TF32) in the report too
+    # fp32 means fp32: no cuDNN TF32 (PyTorch's default for convolutions) in the allocation, the
+    # method's work (a post-training method's included) or the report's scores
+    with execution.tensor_core_scope():
+        if plan.mixed is not None:
+            allocation = distributed.broadcast_object(
+                run_allocation(plan.mixed, ctx, layout) if distributed.world().is_main else None
+            )
+            ctx.quant = allocation.apply(ctx.quant)
+        outcome = plan.registered.handler.run(plan.method, ctx)
         scores = _scores(plan, data.eval_set, outcome.student)
+    quant = outcome.quant or ctx.quant
     report = build_report(
         method=plan.method.method,
         quant=quant,
