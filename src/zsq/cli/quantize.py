@@ -32,7 +32,7 @@ RECIPE_HELP = (
     "paper-imagenet, short (22 x 25 at batch 32, 5-6 minutes on 2 idle CPU cores), demo; a run "
     "logs its size first and a time estimate after its first iterations. For genie: paper "
     "(default: the reference's 4,000 distillation iterations per batch of 128 and 20,000 "
-    "reconstruction iterations per block, an estimated 8 hours for ResNet-20 on 1,024 images on a "
+    "reconstruction iterations per block, an estimated 9 hours for ResNet-20 on 1,024 images on a "
     "2-core CPU) or short (about 15 minutes for ResNet-20 on 1,024 images on 2 idle CPU cores)"
 )
 
