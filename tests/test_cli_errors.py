@@ -220,6 +220,14 @@ CASES = {
         quantize("--method", "genie", "--calib", "geni"),
         "--calib 'geni' is neither a sample source",
     ),
+    "genie: nothing quantized": (
+        quantize("--method", "genie", "--convention", "all", "--wbits", "off", "--abits", "off"),
+        "genie has nothing to quantize: --wbits and --abits are both off and no --layer sets",
+    ),
+    "lapq: nothing quantized, as a distillation's start": (
+        quantize(*GDFQ, "--init", "lapq", "--wbits", "off", "--abits", "off"),
+        "lapq has nothing to quantize",
+    ),
     "genie: fewer images than a reconstruction batch": (
         quantize("--method", "genie", "--recipe", "short", "--calib-size", "16"),
         "--calib-size 16 is fewer images than the reconstruction's batch of 32; raise "

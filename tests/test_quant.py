@@ -181,6 +181,14 @@ def test_module_swap_cifar_resnet20_and_overrides():
     assert parse_override("layer1.*=4/8") == ("layer1.*", {"wbits": 4, "abits": 8})
 
 
+def test_quantizes_nothing_only_when_no_width_is_set_anywhere():
+    assert QuantSpec(wbits=None, abits=None).quantizes_nothing()
+    assert QuantSpec(wbits=None, abits=None, overrides={"fc": {"wbits": None}}).quantizes_nothing()
+    assert not QuantSpec(wbits=None, abits=None, overrides={"fc": {"abits": 8}}).quantizes_nothing()
+    assert not QuantSpec(wbits=4, abits=None).quantizes_nothing()
+    assert not QuantSpec(wbits=None, abits=2).quantizes_nothing()
+
+
 @pytest.mark.parametrize("placement", ["reference", "input"])
 def test_quantizers_are_made_on_the_models_device(placement):
     """A teacher on another device (here 'meta', as CUDA would be) gets a student wholly there,

@@ -243,6 +243,7 @@ FLAGS = {
     "choices": "--bit-choices",
     "act_choices": "--act-choices",
     "penalty": "--penalty",
+    "wbits": "--wbits",
     "abits": "--abits",
     # the run record's keys (a refused resume names them)
     "method.ait": "--ait",

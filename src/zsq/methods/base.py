@@ -204,6 +204,16 @@ class MethodHandler:
         return spec
 
 
+def refuse_full_precision(method: str, spec: QuantSpec) -> None:
+    """A method that learns quantization parameters has nothing to learn on a full-precision
+    student: refused before its calibration images are made."""
+    if spec.quantizes_nothing():
+        raise ConfigError(
+            f"{method} has nothing to quantize: «wbits» and «abits» are both off and no "
+            "«quant overrides|layer override» sets a width; give a weight or activation width"
+        )
+
+
 # --- the registry -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:

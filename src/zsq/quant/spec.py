@@ -94,6 +94,11 @@ class QuantSpec:
                 resolved = replace(resolved, **values)
         return resolved
 
+    def quantizes_nothing(self) -> bool:
+        """Weights and activations full precision everywhere: no width and no override sets one."""
+        widths = [self.wbits, self.abits, *(v for o in self.overrides.values() for v in o.values())]
+        return all(bits is None for bits in widths)
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
