@@ -377,6 +377,7 @@ def test_a_distillation_from_a_reconstructed_student_resumes_exactly(
         ({"convention": "8bit"}, "convention must be one of paper, all"),
         ({"overrides": {"iterations": 5}}, "reconstruction field.* in overrides: iterations"),
         ({"overrides": {"drop_prob": 2}}, "drop_prob takes a number in \\[0, 1\\]"),
+        ({"overrides": {"beta_end": 30}}, "beta_end=30 is above beta_start=20.0; .* anneals"),
         ({"calib_options": {"itres": 5}}, "does not take option"),
         # wrong types: one line naming the field, not a TypeError from inside the check
         ({"recipe": ["short"]}, "unknown recipe \\['short'\\]"),

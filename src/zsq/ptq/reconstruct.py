@@ -78,6 +78,12 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         read_options("reconstruction", RECONSTRUCTION_RULES, asdict(self))
+        if self.beta_end > self.beta_start:
+            raise ZsqError(
+                f"reconstruction option beta_end={self.beta_end} is above beta_start="
+                f"{self.beta_start}; the rounding regulariser's exponent anneals down (the "
+                "reference's 20 -> 2): lower beta_end or raise beta_start"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
