@@ -20,6 +20,7 @@ SMALL = ["--model", "zsq.demo:digits_cnn", "--weights", TEACHER, "--image-size",
 OUT = ["--out", "{tmp}/out"]
 RUN = ["--device", "cpu", "--quiet"]
 GDFQ = ["--method", "gdfq", "--recipe", "demo"]
+FP_BUDGET = ["--budget", "wbits=3", "--layer", "0=off"]
 
 
 def quantize(*extra):
@@ -227,6 +228,10 @@ CASES = {
     "lapq: nothing quantized, as a distillation's start": (
         quantize(*GDFQ, "--init", "lapq", "--wbits", "off", "--abits", "off"),
         "lapq has nothing to quantize",
+    ),
+    "lapq: nothing quantized but an allocation, which sets the widths": (
+        quantize("--method", "lapq", "--wbits", "off", "--abits", "off", *FP_BUDGET),
+        "per-layer overrides and a bit allocation",  # past the full-precision refusal
     ),
     "genie: fewer images than a reconstruction batch": (
         quantize("--method", "genie", "--recipe", "short", "--calib-size", "16"),

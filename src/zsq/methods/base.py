@@ -171,14 +171,17 @@ class MethodHandler:
     ``multi_process``: it runs over several processes under torchrun.
     ``writes``: file names of its own in the run folder beyond :class:`RunLayout`'s (so
     ``--overwrite`` recognises them as zsq's). ``can_start``: its student can be the start of a
-    distillation (``init``), through :meth:`start`. An interrupted run can be resumed once the
-    handler has written ``ctx.layout.checkpoint`` (its state, or the marker of
+    distillation (``init``), through :meth:`start`. ``learns_quantization``: it learns ranges or
+    rounding, so a student with nothing quantized (and no bit allocation) is refused before any
+    work. An interrupted run can be resumed once the handler has written
+    ``ctx.layout.checkpoint`` (its state, or the marker of
     :func:`~zsq.methods.calibration.mark_resumable` when only its images are kept).
     """
 
     multi_process: ClassVar[bool] = False
     writes: ClassVar[tuple[str, ...]] = ()
     can_start: ClassVar[bool] = False
+    learns_quantization: ClassVar[bool] = False
 
     def run(self, config: Any, ctx: Context) -> Outcome:
         raise NotImplementedError
@@ -202,16 +205,6 @@ class MethodHandler:
         """The spec a finished run's student was built with, from its report (export rebuilds
         the student from it); default: the run's spec."""
         return spec
-
-
-def refuse_full_precision(method: str, spec: QuantSpec) -> None:
-    """A method that learns quantization parameters has nothing to learn on a full-precision
-    student: refused before its calibration images are made."""
-    if spec.quantizes_nothing():
-        raise ConfigError(
-            f"{method} has nothing to quantize: «wbits» and «abits» are both off and no "
-            "«quant overrides|layer override» sets a width; give a weight or activation width"
-        )
 
 
 # --- the registry -----------------------------------------------------------------------------

@@ -26,13 +26,7 @@ from torch import nn
 from zsq.errors import ConfigError
 from zsq.io import read_verified, write_json, write_verified
 from zsq.layout import is_resume_marker
-from zsq.methods.base import (
-    Context,
-    MethodHandler,
-    Outcome,
-    refuse_full_precision,
-    register_method,
-)
+from zsq.methods.base import Context, MethodHandler, Outcome, register_method
 from zsq.methods.calibration import (
     Calibrated,
     calibration_images,
@@ -140,6 +134,7 @@ class Genie(Calibrated):
 
 class GenieHandler(MethodHandler):
     can_start = True
+    learns_quantization = True
 
     def run(self, config: Genie, ctx: Context) -> Outcome:
         spec = genie_spec(config, ctx.quant, ctx.teacher)
@@ -161,7 +156,6 @@ class GenieHandler(MethodHandler):
         return report
 
     def check(self, config: Genie, ctx: Context) -> None:
-        refuse_full_precision("genie", genie_spec(config, ctx.quant, ctx.teacher))
         find_blocks(ctx.teacher, config.blocks)  # a class the model lacks: refused before work
 
     def check_allocation(self, config: Genie) -> None:

@@ -15,13 +15,7 @@ from torch import nn
 
 from zsq.errors import ConfigError
 from zsq.io import write_json
-from zsq.methods.base import (
-    Context,
-    MethodHandler,
-    Outcome,
-    refuse_full_precision,
-    register_method,
-)
+from zsq.methods.base import Context, MethodHandler, Outcome, register_method
 from zsq.methods.calibration import Calibrated, calibration_images, calibration_report
 from zsq.ptq.lapq import LapqConfig, lapq_quantize, lapq_spec
 from zsq.quant import QuantSpec, act_quantizers, quant_layers
@@ -47,13 +41,11 @@ class LAPQ(Calibrated, LapqConfig):
 
 class LapqHandler(MethodHandler):
     can_start = True
+    learns_quantization = True
 
     def run(self, config: LAPQ, ctx: Context) -> Outcome:
         student, images, lapq = _lapq(config, ctx)
         return Outcome(student, {**calibration_report(images), "lapq": lapq})
-
-    def check(self, config: LAPQ, ctx: Context) -> None:
-        refuse_full_precision("lapq", lapq_spec(ctx.quant, ctx.teacher, config.layers))
 
     def check_allocation(self, config: LAPQ) -> None:
         if config.layers == "paper":

@@ -326,10 +326,23 @@ def _check_teacher(plan: _Plan) -> None:
     if plan.mixed is not None and plan.mixed.bits_from is not None:
         record.check_bits_source(plan.mixed.bits_from)
     for config in configs:
-        if config is not None:
-            method_of(config).handler.check(config, plan.ctx)
+        if config is None:
+            continue
+        handler = method_of(config).handler
+        if handler.learns_quantization and plan.mixed is None:  # an allocation sets widths
+            _refuse_full_precision(config.method, handler.spec(config, plan.ctx.quant, teacher))
+        handler.check(config, plan.ctx)
     if plan.mixed is not None:
         check_budget(plan.mixed, plan.method, teacher, plan.ctx.image_shape, plan.ctx.quant)
+
+
+def _refuse_full_precision(method: str, spec: QuantSpec) -> None:
+    """A method that learns ranges or rounding has nothing to learn on a full-precision student."""
+    if spec.quantizes_nothing():
+        raise ConfigError(
+            f"{method} has nothing to quantize: «wbits» and «abits» are both off and no "
+            "«quant overrides|layer override» sets a width; give a weight or activation width"
+        )
 
 
 def _check_class_count(logits: Any, num_classes: int) -> None:
